@@ -1,0 +1,1277 @@
+"""agent_core.py — the Mini Agent: LLM clients, tools and the agent loop.
+
+What this is
+    The part of Mini Agent Web that thinks and acts, with no web server in it.
+    `agent_web.py` drives it for the browser; `python agent_core.py` drives the
+    very same loop from a terminal:
+
+        python agent_core.py                 # interactive, workspace = ./workspace
+        python agent_core.py -w DIR -t "list the files"   # one task, then exit
+
+How one user message flows through this file
+    1. The caller keeps a *history*: a list of plain dicts in a neutral shape
+       (see "Conversation" below) and appends {"role": "user", ...}.
+    2. `Agent.run(history)` is an async generator.  Each step it asks the LLM
+       client to stream a reply.  Text and thinking fragments come out as
+       `delta` events; the finished reply becomes `thinking`, `message` and
+       `tool_call` events and is appended to the history.
+    3. Each tool call is (optionally) approved, run by the `Toolbox`, and
+       reported as a `tool_result`; the result goes into the history and the
+       loop asks the LLM again.  A reply with no tool calls ends the run with a
+       `done` event.  Every event is a dict shaped as in DESIGN.md, without
+       `seq`/`session_id`/`ts`: the server's store adds those.
+    4. `Agent.cancel()` stops the run at any moment (mid-stream, mid-tool,
+       while waiting for approval).  The generator then closes every open tool
+       call with a result that says so and yields `done` with `cancelled`, so
+       the history is always one the providers accept.
+
+LLM protocols (raw httpx, streaming Server-Sent Events, no vendor SDK)
+    AnthropicClient  POST {base}/v1/messages          (also MiniMax's endpoint)
+    OpenAIClient     POST {base}/chat/completions     (OpenAI, Ollama, vLLM, ...)
+    DemoClient       offline; honest that it is a demo; still calls a tool.
+    `stream_with_retries` wraps any of them: 429/5xx/529/time-outs are retried
+    with exponential back-off and jitter (honouring Retry-After); 400/401/403/
+    404 are reported once and not retried.
+
+What this is not
+    A sandbox.  `bash` runs real commands as the user running the server; the
+    file tools refuse paths outside the workspace, `bash` cannot be confined.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import httpx
+
+# =============================================================================
+# Configuration
+# =============================================================================
+
+DEFAULT_MAX_STEPS = 30            # LLM calls per user message before `max_steps`
+DEFAULT_MAX_TOKENS = 8192         # output budget per LLM call
+BASH_TIMEOUT_DEFAULT = 120        # seconds, when the model gives none
+BASH_TIMEOUT_MAX = 600            # the model may not ask for more
+OUTPUT_HEAD_CHARS = 12_000        # long tool output keeps this much of its start
+OUTPUT_TAIL_CHARS = 8_000         # ... and this much of its end
+READ_FILE_MAX_BYTES = 10_000_000  # read_file refuses bigger files outright
+READ_FILE_MAX_CHARS = 100_000     # and cuts what it returns at this size
+RETRY_ATTEMPTS = 5                # tries per LLM call, the first one included
+RETRY_BASE_DELAY = 1.0            # seconds; doubles each retry, with jitter
+RETRY_MAX_DELAY = 60.0            # no single wait is longer than this
+ANTHROPIC_VERSION = "2023-06-01"
+MINIMAX_BASE_URL = "https://api.minimax.io/anthropic"
+
+DEFAULT_MODELS = {
+    "anthropic": "claude-sonnet-4-5",
+    "openai": "gpt-4.1-mini",
+    "minimax": "MiniMax-M2",
+    "demo": "demo (offline)",
+}
+
+SYSTEM_PROMPT = """You are Mini Agent, a capable assistant working in a \
+workspace folder on the user's machine. You can run shell commands with `bash` \
+and read, write and edit files with the file tools. Paths are relative to the \
+workspace. Work step by step, check your results, and finish with a short \
+summary of what you did."""
+
+APPROVAL_MODES = ("auto", "ask", "ask-all")   # see needs_approval()
+WRITE_TOOLS = {"bash", "write_file", "edit_file"}
+
+
+@dataclass
+class LLMConfig:
+    """Where and how to reach the model.  `provider` picks the wire protocol."""
+    provider: str                 # "anthropic" | "openai" | "demo"
+    model: str
+    api_key: str = ""
+    base_url: str = ""
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    thinking_budget: int = 0      # >0 asks Anthropic models for extended thinking
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0   # silence on an open stream before we give up
+    retry_attempts: int = RETRY_ATTEMPTS
+    retry_base_delay: float = RETRY_BASE_DELAY
+
+    @property
+    def label(self) -> str:
+        return "demo" if self.provider == "demo" else f"{self.provider}:{self.model}"
+
+
+def config_from_env(provider: str | None = None, model: str | None = None,
+                    env: dict[str, str] | None = None) -> LLMConfig:
+    """Settings the way the official SDKs read them; flags (arguments) win.
+
+    MINIMAX_API_KEY selects the Anthropic protocol at MiniMax's endpoint; with
+    no key at all we fall back to the offline demo model rather than failing,
+    so `python agent_web.py` always shows the whole loop working.
+    """
+    env = os.environ if env is None else env
+    provider = provider or env.get("AGENT_PROVIDER") or ""
+    model = model or env.get("AGENT_MODEL") or ""
+    extra = {}
+    if env.get("AGENT_LLM_READ_TIMEOUT"):
+        extra["read_timeout"] = float(env["AGENT_LLM_READ_TIMEOUT"])
+    if env.get("AGENT_RETRY_BASE_DELAY"):
+        extra["retry_base_delay"] = float(env["AGENT_RETRY_BASE_DELAY"])
+    if env.get("AGENT_THINKING_BUDGET"):
+        extra["thinking_budget"] = int(env["AGENT_THINKING_BUDGET"])
+
+    if not provider:
+        if env.get("ANTHROPIC_API_KEY"):
+            provider = "anthropic"
+        elif env.get("MINIMAX_API_KEY"):
+            provider = "minimax"
+        elif env.get("OPENAI_API_KEY"):
+            provider = "openai"
+        else:
+            provider = "demo"
+    if provider == "minimax":
+        return LLMConfig("anthropic", model or DEFAULT_MODELS["minimax"],
+                         env.get("MINIMAX_API_KEY", ""),
+                         env.get("MINIMAX_BASE_URL", MINIMAX_BASE_URL), **extra)
+    if provider == "anthropic":
+        return LLMConfig("anthropic", model or DEFAULT_MODELS["anthropic"],
+                         env.get("ANTHROPIC_API_KEY") or env.get("MINIMAX_API_KEY", ""),
+                         env.get("ANTHROPIC_BASE_URL", "https://api.anthropic.com"), **extra)
+    if provider == "openai":
+        return LLMConfig("openai", model or DEFAULT_MODELS["openai"],
+                         env.get("OPENAI_API_KEY", ""),
+                         env.get("OPENAI_BASE_URL", "https://api.openai.com/v1"), **extra)
+    if provider == "demo":
+        return LLMConfig("demo", DEFAULT_MODELS["demo"], **extra)
+    raise ValueError(f"unknown provider {provider!r} (anthropic, openai, minimax or demo)")
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+class LLMError(Exception):
+    """A failed LLM call.  `retryable` decides whether we try again."""
+
+    def __init__(self, message: str, *, retryable: bool = False,
+                 retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+class ToolError(Exception):
+    """A tool failed in a way the model should read and can recover from."""
+
+
+class RunCancelled(Exception):
+    """Raised inside the agent loop when `Agent.cancel()` was called."""
+
+
+# =============================================================================
+# Conversation: the neutral history and how to rebuild it from events
+# =============================================================================
+#
+# history entries:
+#   {"role": "user", "content": str}
+#   {"role": "assistant", "message_id": str, "text": str,
+#    "thinking": [{"thinking": str, "signature": str} | {"redacted": str}],
+#    "tool_calls": [{"id": str, "name": str, "input": dict}]}
+#   {"role": "tool", "call_id": str, "tool": str, "output": str, "is_error": bool}
+#
+# Each provider client turns this into its own wire format, so a session can
+# even switch provider between runs.
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def history_from_events(events: list[dict]) -> list[dict]:
+    """Rebuild the neutral history from stored events (after a restart, say).
+
+    `delta`s are skipped (the `message` supersedes them); a `message` marked
+    `incomplete` (a cut stream or a cancel) is shown to the user but was never
+    part of the conversation, so it is skipped too.
+    """
+    history: list[dict] = []
+    turns: dict[str, dict] = {}
+
+    def turn(mid: str) -> dict:
+        if mid not in turns:
+            turns[mid] = {"role": "assistant", "message_id": mid, "text": "",
+                          "thinking": [], "tool_calls": []}
+            history.append(turns[mid])
+        return turns[mid]
+
+    for ev in events:
+        kind = ev.get("type")
+        if kind == "message" and ev.get("role") == "user":
+            history.append({"role": "user", "content": ev["content"]})
+        elif kind == "message" and ev.get("role") == "assistant" and not ev.get("incomplete"):
+            turn(ev["message_id"])["text"] = ev["content"]
+        elif kind == "thinking":
+            block = ({"redacted": ev["redacted"]} if ev.get("redacted")
+                     else {"thinking": ev["content"], "signature": ev.get("signature", "")})
+            turn(ev["message_id"])["thinking"].append(block)
+        elif kind == "tool_call":
+            turn(ev["message_id"])["tool_calls"].append(
+                {"id": ev["call_id"], "name": ev["tool"], "input": ev["input"]})
+        elif kind == "tool_result":
+            history.append({"role": "tool", "call_id": ev["call_id"], "tool": ev["tool"],
+                            "output": ev["output"], "is_error": bool(ev["is_error"])})
+    # An assistant turn that ended up with nothing in it (only an incomplete
+    # message) must not reach a provider: empty content is a 400 there.
+    return [h for h in history if h["role"] != "assistant"
+            or h["text"] or h["thinking"] or h["tool_calls"]]
+
+
+def pending_tool_calls(history: list[dict]) -> list[dict]:
+    """Tool calls of the last assistant turn that have no result yet."""
+    for i in range(len(history) - 1, -1, -1):
+        if history[i]["role"] == "assistant":
+            done = {h["call_id"] for h in history[i + 1:] if h["role"] == "tool"}
+            return [c for c in history[i]["tool_calls"] if c["id"] not in done]
+        if history[i]["role"] == "user":
+            return []
+    return []
+
+
+@dataclass
+class Turn:
+    """One finished assistant reply, as a client assembled it from the stream."""
+    text: str = ""
+    thinking: list[dict] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)   # id, name, input, input_error
+    stop_reason: str = ""
+    usage: dict = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+
+
+# =============================================================================
+# LLM clients
+# =============================================================================
+#
+# Every client has `async stream(history, tools) -> AsyncIterator[tuple]`
+# yielding ("text", str) and ("thinking", str) fragments and, last, ("turn",
+# Turn).  A client raises LLMError for anything that went wrong, and it never
+# yields a "turn" for a stream that did not finish: a half-received tool call
+# is never run.
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """Parse a text/event-stream body into (event, data) pairs (WHATWG rules)."""
+    event, data = "", []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield event or "message", "\n".join(data)
+            event, data = "", []
+        elif line.startswith(":"):
+            continue                     # a comment / keep-alive
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+    if data:                             # a last event with no blank line after it
+        yield event or "message", "\n".join(data)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None                      # an HTTP date: rare; fall back to back-off
+
+
+async def _raise_for_status(response: httpx.Response, url: str) -> None:
+    """Turn an HTTP error answer into one clear LLMError."""
+    if response.status_code < 400:
+        return
+    body = (await response.aread()).decode("utf-8", "replace")
+    detail = body[:300]
+    try:
+        err = json.loads(body).get("error")
+        detail = err.get("message", detail) if isinstance(err, dict) else str(err or detail)
+    except (ValueError, AttributeError):
+        pass
+    code = response.status_code
+    if code in (401, 403):
+        msg = f"API key rejected ({code}) by {url}: {detail}"
+    elif code == 404:
+        msg = f"Not found (404) at {url} — check the base URL and model name: {detail}"
+    else:
+        msg = f"LLM error {code} from {url}: {detail}"
+    retryable = code in (408, 409, 429, 529) or code >= 500
+    raise LLMError(msg, retryable=retryable, retry_after=_retry_after(response), status=code)
+
+
+def _parse_tool_input(raw: str) -> tuple[dict, str | None]:
+    """Arguments arrive as JSON text in fragments; bad JSON is the model's error."""
+    if not raw.strip():
+        return {}, None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        return {}, f"arguments are not valid JSON ({exc.msg}): {raw[:200]}"
+    if not isinstance(value, dict):
+        return {}, f"arguments must be a JSON object, got: {raw[:200]}"
+    return value, None
+
+
+class AnthropicClient:
+    """Anthropic Messages API, streaming.  Also MiniMax's Anthropic endpoint."""
+
+    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient):
+        self.cfg, self.http = cfg, http
+        self.url = cfg.base_url.rstrip("/") + "/v1/messages"
+
+    def _messages(self, history: list[dict]) -> list[dict]:
+        out: list[dict] = []
+
+        def add(role: str, blocks: list[dict]) -> None:
+            # Consecutive same-role entries (tool results, then a user message
+            # after a cancel) are merged: the API wants roles to alternate.
+            if out and out[-1]["role"] == role:
+                out[-1]["content"].extend(blocks)
+            else:
+                out.append({"role": role, "content": blocks})
+
+        for h in history:
+            if h["role"] == "user":
+                add("user", [{"type": "text", "text": h["content"]}])
+            elif h["role"] == "tool":
+                add("user", [{"type": "tool_result", "tool_use_id": h["call_id"],
+                              "content": h["output"] or "(no output)",
+                              "is_error": h["is_error"]}])
+            else:
+                blocks = []
+                for t in h["thinking"]:    # sent back verbatim, signature and all
+                    if "redacted" in t:
+                        blocks.append({"type": "redacted_thinking", "data": t["redacted"]})
+                    else:
+                        blocks.append({"type": "thinking", "thinking": t["thinking"],
+                                       "signature": t.get("signature", "")})
+                if h["text"]:
+                    blocks.append({"type": "text", "text": h["text"]})
+                for c in h["tool_calls"]:
+                    blocks.append({"type": "tool_use", "id": c["id"], "name": c["name"],
+                                   "input": c["input"]})
+                if blocks:
+                    add("assistant", blocks)
+        return out
+
+    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
+        body: dict[str, Any] = {
+            "model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
+            "system": SYSTEM_PROMPT, "messages": self._messages(history), "stream": True,
+            "tools": [{"name": t["name"], "description": t["description"],
+                       "input_schema": t["schema"]} for t in tools],
+        }
+        if self.cfg.thinking_budget:
+            body["thinking"] = {"type": "enabled", "budget_tokens": self.cfg.thinking_budget}
+        headers = {"x-api-key": self.cfg.api_key, "anthropic-version": ANTHROPIC_VERSION,
+                   "content-type": "application/json", "accept": "text/event-stream"}
+        turn, blocks, finished = Turn(), {}, False
+        async with self.http.stream("POST", self.url, json=body, headers=headers) as resp:
+            await _raise_for_status(resp, self.url)
+            async for event, data in sse_events(resp):
+                try:
+                    msg = json.loads(data)
+                except ValueError:
+                    raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
+                                   retryable=True) from None
+                kind = msg.get("type", event)
+                if kind == "message_start":
+                    usage = msg.get("message", {}).get("usage", {})
+                    turn.usage["input_tokens"] = (usage.get("input_tokens", 0)
+                                                  + usage.get("cache_read_input_tokens", 0)
+                                                  + usage.get("cache_creation_input_tokens", 0))
+                    turn.usage["output_tokens"] = usage.get("output_tokens", 0)
+                elif kind == "content_block_start":
+                    block = dict(msg["content_block"])
+                    block.setdefault("partial_json", "")
+                    blocks[msg["index"]] = block
+                elif kind == "content_block_delta":
+                    block, delta = blocks[msg["index"]], msg["delta"]
+                    dtype = delta.get("type")
+                    if dtype == "text_delta":
+                        block["text"] = block.get("text", "") + delta["text"]
+                        yield ("text", delta["text"])
+                    elif dtype == "thinking_delta":
+                        block["thinking"] = block.get("thinking", "") + delta["thinking"]
+                        yield ("thinking", delta["thinking"])
+                    elif dtype == "signature_delta":
+                        block["signature"] = block.get("signature", "") + delta["signature"]
+                    elif dtype == "input_json_delta":
+                        block["partial_json"] += delta["partial_json"]
+                elif kind == "content_block_stop":
+                    blocks[msg["index"]]["stopped"] = True
+                elif kind == "message_delta":
+                    turn.stop_reason = msg.get("delta", {}).get("stop_reason") or turn.stop_reason
+                    usage = msg.get("usage") or {}
+                    if "output_tokens" in usage:     # cumulative, per the API
+                        turn.usage["output_tokens"] = usage["output_tokens"]
+                elif kind == "message_stop":
+                    finished = True
+                    break
+                elif kind == "error":
+                    err = msg.get("error", {})
+                    etype = err.get("type", "error")
+                    raise LLMError(f"{etype} from {self.url}: {err.get('message', '')}",
+                                   retryable=etype in ("overloaded_error", "api_error",
+                                                       "rate_limit_error"))
+                # "ping" and event types added later are ignored on purpose.
+        if not finished:
+            raise LLMError(f"the stream from {self.url} ended before message_stop",
+                           retryable=True)
+        for index in sorted(blocks):
+            b = blocks[index]
+            if b["type"] == "text":
+                turn.text += b.get("text", "")
+            elif b["type"] == "thinking":
+                turn.thinking.append({"thinking": b.get("thinking", ""),
+                                      "signature": b.get("signature", "")})
+            elif b["type"] == "redacted_thinking":
+                turn.thinking.append({"redacted": b.get("data", "")})
+            elif b["type"] == "tool_use":
+                raw = b["partial_json"]
+                if not raw and b.get("input"):
+                    raw = json.dumps(b["input"])
+                args, problem = _parse_tool_input(raw)
+                turn.tool_calls.append({"id": b["id"], "name": b["name"], "input": args,
+                                        "input_error": problem})
+        yield ("turn", turn)
+
+
+class OpenAIClient:
+    """OpenAI Chat Completions, streaming; any OpenAI-compatible server."""
+
+    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient):
+        self.cfg, self.http = cfg, http
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+
+    @staticmethod
+    def _messages(history: list[dict]) -> list[dict]:
+        out: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for h in history:
+            if h["role"] == "user":
+                out.append({"role": "user", "content": h["content"]})
+            elif h["role"] == "tool":
+                out.append({"role": "tool", "tool_call_id": h["call_id"],
+                            "content": h["output"] or "(no output)"})
+            else:
+                msg: dict[str, Any] = {"role": "assistant", "content": h["text"] or None}
+                if h["tool_calls"]:
+                    msg["tool_calls"] = [
+                        {"id": c["id"], "type": "function",
+                         "function": {"name": c["name"], "arguments": json.dumps(c["input"])}}
+                        for c in h["tool_calls"]]
+                if msg["content"] is not None or h["tool_calls"]:
+                    out.append(msg)
+        return out
+
+    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
+        body = {
+            "model": self.cfg.model, "messages": self._messages(history), "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_completion_tokens": self.cfg.max_tokens,
+            "tools": [{"type": "function", "function": {
+                "name": t["name"], "description": t["description"], "parameters": t["schema"]}}
+                for t in tools],
+        }
+        headers = {"authorization": f"Bearer {self.cfg.api_key}",
+                   "content-type": "application/json", "accept": "text/event-stream"}
+        turn, calls, finished = Turn(), {}, False
+        async with self.http.stream("POST", self.url, json=body, headers=headers) as resp:
+            await _raise_for_status(resp, self.url)
+            async for _event, data in sse_events(resp):
+                if data.strip() == "[DONE]":
+                    finished = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
+                                   retryable=True) from None
+                if chunk.get("error"):
+                    err = chunk["error"]
+                    text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    raise LLMError(f"error from {self.url} mid-stream: {text}", retryable=True)
+                if chunk.get("usage"):
+                    turn.usage["input_tokens"] = chunk["usage"].get("prompt_tokens", 0)
+                    turn.usage["output_tokens"] = chunk["usage"].get("completion_tokens", 0)
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    # DeepSeek and vLLM say reasoning_content; Ollama/OpenRouter say reasoning.
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning:
+                        yield ("thinking", reasoning)
+                        if not turn.thinking:
+                            turn.thinking.append({"thinking": "", "signature": ""})
+                        turn.thinking[0]["thinking"] += reasoning
+                    if delta.get("content"):
+                        turn.text += delta["content"]
+                        yield ("text", delta["content"])
+                    for tc in delta.get("tool_calls") or []:
+                        slot = calls.setdefault(tc.get("index", 0),
+                                                {"id": "", "name": "", "arguments": ""})
+                        fn = tc.get("function") or {}
+                        slot["id"] = tc.get("id") or slot["id"]
+                        slot["name"] += fn.get("name") or ""
+                        slot["arguments"] += fn.get("arguments") or ""
+                    if choice.get("finish_reason"):
+                        turn.stop_reason = choice["finish_reason"]
+        # Some compatible servers end without [DONE]; a finish_reason will do.
+        if not finished and not turn.stop_reason:
+            raise LLMError(f"the stream from {self.url} ended before [DONE]", retryable=True)
+        for index in sorted(calls):
+            c = calls[index]
+            args, problem = _parse_tool_input(c["arguments"])
+            turn.tool_calls.append({"id": c["id"] or new_id("call"), "name": c["name"],
+                                    "input": args, "input_error": problem})
+        yield ("turn", turn)
+
+
+class DemoClient:
+    """An offline stand-in model.  It says it is one, and still runs the loop.
+
+    Ask it to "list the files" and it calls `bash ls -la`; write a command in
+    backticks ("run `date`") and it runs that; anything else gets an honest
+    explanation of how to connect a real model.
+    """
+
+    WORD_DELAY = 0.02   # seconds between streamed words, so streaming is visible
+
+    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient | None = None):
+        self.cfg = cfg
+
+    async def _words(self, text: str, channel: str) -> AsyncIterator[tuple]:
+        for word in re.findall(r"\S+\s*", text):
+            await asyncio.sleep(self.WORD_DELAY)
+            yield (channel, word)
+
+    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
+        last = history[-1] if history else {"role": "user", "content": ""}
+        turn = Turn(usage={"input_tokens": 0, "output_tokens": 0})
+        if last["role"] == "tool":
+            lines = last["output"].strip().splitlines()
+            shown = "\n".join(lines[:15]) + ("\n…" if len(lines) > 15 else "")
+            verdict = "failed" if last["is_error"] else "finished"
+            text = (f"The `{last['tool']}` call {verdict} with {len(lines)} line(s) of "
+                    f"output:\n\n```\n{shown}\n```\n\nThat is the whole loop: I streamed "
+                    "text, called a tool, and read its result. (Demo model — set an API "
+                    "key for real answers.)")
+        else:
+            prompt = last.get("content", "")
+            thought = f"The user wrote {len(prompt)} characters. I am the offline demo model."
+            async for item in self._words(thought, "thinking"):
+                yield item
+            turn.thinking.append({"thinking": thought, "signature": ""})
+            command = re.search(r"`([^`]+)`", prompt)
+            if command or re.search(r"\b(list|files|ls)\b|文件|列出", prompt, re.I):
+                cmd = command.group(1) if command else "ls -la"
+                text = f"I'll run `{cmd}` in the workspace."
+                turn.tool_calls.append({"id": new_id("demo"), "name": "bash",
+                                        "input": {"command": cmd}, "input_error": None})
+            else:
+                text = ("**This is the offline demo model**, not a real LLM. It can show "
+                        "you the whole agent loop: ask me to *list the files*, or to run "
+                        "a command in backticks such as `uname -a`.\n\nFor real answers, "
+                        "restart with a key: `ANTHROPIC_API_KEY=… python agent_web.py` "
+                        "(or `OPENAI_API_KEY`, or `MINIMAX_API_KEY`).")
+        async for item in self._words(text, "text"):
+            yield item
+        turn.text = text
+        turn.usage["output_tokens"] = len(text.split())
+        turn.stop_reason = "tool_use" if turn.tool_calls else "end_turn"
+        yield ("turn", turn)
+
+
+def make_llm(cfg: LLMConfig, http: httpx.AsyncClient):
+    return {"anthropic": AnthropicClient, "openai": OpenAIClient,
+            "demo": DemoClient}[cfg.provider](cfg, http)
+
+
+def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
+                            write=30.0, pool=30.0)
+    return httpx.AsyncClient(timeout=timeout)
+
+
+def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float:
+    """Exponential back-off with full jitter; the server's Retry-After wins."""
+    if retry_after is not None:
+        return min(retry_after, RETRY_MAX_DELAY)
+    return min(RETRY_MAX_DELAY, base * (2 ** attempt)) * (0.5 + random.random() / 2)
+
+
+async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
+                              tools: list[dict]) -> AsyncIterator[tuple]:
+    """Like llm.stream(), plus ("retry", message, partial) items between tries.
+
+    `partial` is True when fragments of the failed try were already yielded,
+    so the caller can close that message as incomplete and start a new one.
+    """
+    for attempt in range(cfg.retry_attempts):
+        yielded = False
+        try:
+            async for item in llm.stream(history, tools):
+                yielded = yielded or item[0] != "turn"
+                yield item
+            return
+        except (LLMError, httpx.TransportError) as exc:
+            if isinstance(exc, httpx.TransportError):
+                what = type(exc).__name__
+                err = LLMError(f"cannot reach {getattr(llm, 'url', 'the LLM')}: "
+                               f"{what}{': ' + str(exc) if str(exc) else ''}", retryable=True)
+            else:
+                err = exc
+            if not err.retryable or attempt + 1 >= cfg.retry_attempts:
+                if err.retryable:
+                    err.message += f" (gave up after {cfg.retry_attempts} tries)"
+                raise err from None
+            delay = backoff_delay(attempt, cfg.retry_base_delay, err.retry_after)
+            yield ("retry", f"{err.message} — retrying in {delay:.1f} s "
+                            f"(try {attempt + 2} of {cfg.retry_attempts})", yielded)
+            await asyncio.sleep(delay)
+
+
+# =============================================================================
+# Tools
+# =============================================================================
+
+def validate_args(schema: dict, args: Any) -> str | None:
+    """A small JSON-Schema check (object, required, property types, no extras).
+
+    Enough for our flat tool schemas; returns a message for the model or None.
+    """
+    if not isinstance(args, dict):
+        return "arguments must be a JSON object"
+    props = schema.get("properties", {})
+    for name in schema.get("required", []):
+        if name not in args:
+            return f"missing required argument {name!r}"
+    py_types = {"string": str, "integer": int, "boolean": bool, "number": (int, float)}
+    for name, value in args.items():
+        if name not in props:
+            return f"unknown argument {name!r} (expected: {', '.join(props)})"
+        want = props[name].get("type")
+        ok = isinstance(value, py_types[want]) if want in py_types else True
+        if want in ("integer", "number") and isinstance(value, bool):
+            ok = False
+        if not ok:
+            return f"argument {name!r} must be of type {want}, got {type(value).__name__}"
+    return None
+
+
+def clip_output(text: str, head: int = OUTPUT_HEAD_CHARS, tail: int = OUTPUT_TAIL_CHARS) -> str:
+    if len(text) <= head + tail:
+        return text
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n\n… [{cut:,} characters cut] …\n\n{text[-tail:]}"
+
+
+class Toolbox:
+    """The tools the model sees, bound to one workspace folder."""
+
+    def __init__(self, workspace: str | Path):
+        self.workspace = Path(workspace).resolve()
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.tools: dict[str, tuple[dict, Callable[[dict], Awaitable[str]]]] = {
+            "bash": (BASH_SCHEMA, self.bash),
+            "read_file": (READ_SCHEMA, self.read_file),
+            "write_file": (WRITE_SCHEMA, self.write_file),
+            "edit_file": (EDIT_SCHEMA, self.edit_file),
+        }
+
+    def specs(self) -> list[dict]:
+        return [{"name": name, "description": schema["description"],
+                 "schema": {k: v for k, v in schema.items() if k != "description"}}
+                for name, (schema, _) in self.tools.items()]
+
+    async def execute(self, name: str, args: dict, input_error: str | None = None
+                      ) -> tuple[str, bool]:
+        """Run one tool call; returns (output, is_error).  Never raises ToolError."""
+        if name not in self.tools:
+            return f"Error: unknown tool {name!r}. Available: {', '.join(self.tools)}.", True
+        if input_error:
+            return f"Error: {input_error}", True
+        schema, fn = self.tools[name]
+        problem = validate_args(schema, args)
+        if problem:
+            return f"Error: {problem}", True
+        try:
+            return await fn(args), False
+        except ToolError as exc:
+            return f"Error: {exc}", True
+
+    # -- paths ---------------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        """A path inside the workspace, or ToolError.  Symlinks are followed
+        first, so a link that leads out of the workspace is refused too."""
+        if "\x00" in path:
+            raise ToolError("path contains a NUL byte")
+        target = (self.workspace / path).resolve()
+        if target != self.workspace and self.workspace not in target.parents:
+            raise ToolError(f"path {path!r} is outside the workspace ({self.workspace}); "
+                            "use a path inside it")
+        return target
+
+    # -- bash ----------------------------------------------------------------
+    async def bash(self, args: dict) -> str:
+        timeout = min(max(int(args.get("timeout", BASH_TIMEOUT_DEFAULT)), 1), BASH_TIMEOUT_MAX)
+        # A new session makes the shell a process-group leader, so one killpg
+        # reaches every child it started, background ones included.
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/bash", "-c", args["command"], cwd=self.workspace,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        head, tail = bytearray(), bytearray()
+        total = 0
+
+        async def read_capped() -> None:
+            # Keep the head and a rolling tail, never the whole output, so a
+            # command that prints gigabytes costs a few kilobytes of memory.
+            nonlocal total
+            while chunk := await proc.stdout.read(65536):
+                total += len(chunk)
+                room = OUTPUT_HEAD_CHARS - len(head)
+                if room > 0:
+                    head.extend(chunk[:room])
+                    chunk = chunk[room:]
+                tail.extend(chunk)
+                del tail[:-OUTPUT_TAIL_CHARS]
+
+        reader = asyncio.ensure_future(read_capped())
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                timed_out = True
+            # The shell has exited; a background child may still hold the pipe
+            # open.  Give the output a moment to drain, then end the group.
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        finally:
+            # Runs on success, time-out and cancellation alike.
+            _kill_group(proc.pid)
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
+                await asyncio.wait_for(asyncio.shield(reader), 2)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                reader.cancel()
+        text = head.decode("utf-8", "replace")
+        cut = total - len(head) - len(tail)
+        if tail:
+            if cut > 0:
+                text += f"\n\n… [{cut:,} bytes cut] …\n\n"
+            text += tail.decode("utf-8", "replace")
+        if timed_out:
+            raise ToolError(f"command timed out after {timeout} s and was killed "
+                            f"(with its child processes). Output so far:\n{text}")
+        if proc.returncode:
+            raise ToolError(f"exit code {proc.returncode}\n{text}")
+        return text or "(no output)"
+
+    # -- files (blocking file I/O goes to a thread) ----------------------------
+    async def read_file(self, args: dict) -> str:
+        path = self.resolve(args["path"])
+        offset = max(1, int(args.get("offset", 1)))
+        limit = max(1, int(args.get("limit", 2000)))
+
+        def read() -> str:
+            if not path.is_file():
+                raise ToolError(f"no such file: {args['path']}")
+            if path.stat().st_size > READ_FILE_MAX_BYTES:
+                raise ToolError(f"{args['path']} is larger than {READ_FILE_MAX_BYTES:,} bytes; "
+                                "use bash (head, grep, sed -n) to read parts of it")
+            out, size = [], 0
+            with path.open(encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if number < offset:
+                        continue
+                    if number >= offset + limit or size > READ_FILE_MAX_CHARS:
+                        out.append(f"… (more lines; continue with offset={number})")
+                        break
+                    row = f"{number:6}\t{line.rstrip(chr(10))}"
+                    out.append(row)
+                    size += len(row)
+            return "\n".join(out) if out else "(empty file or offset past the end)"
+
+        return await asyncio.to_thread(read)
+
+    async def write_file(self, args: dict) -> str:
+        path = self.resolve(args["path"])
+
+        def write() -> str:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(args["content"], encoding="utf-8")
+            return f"Wrote {len(args['content'].encode())} bytes to {args['path']}"
+
+        return await asyncio.to_thread(write)
+
+    async def edit_file(self, args: dict) -> str:
+        path = self.resolve(args["path"])
+
+        def edit() -> str:
+            if not path.is_file():
+                raise ToolError(f"no such file: {args['path']}")
+            text = path.read_text(encoding="utf-8")
+            count = text.count(args["old_str"]) if args["old_str"] else 0
+            if count != 1:
+                raise ToolError(f"old_str occurs {count} times in {args['path']}; it must "
+                                "occur exactly once (add surrounding lines to make it unique)")
+            path.write_text(text.replace(args["old_str"], args["new_str"], 1), encoding="utf-8")
+            return f"Edited {args['path']}"
+
+        return await asyncio.to_thread(edit)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+BASH_SCHEMA = {
+    "description": "Run a bash command in the workspace. stdout and stderr are merged; "
+                   "long output is cut in the middle. Default time-out 120 s, at most 600.",
+    "type": "object",
+    "properties": {"command": {"type": "string", "description": "the command line"},
+                   "timeout": {"type": "integer", "description": "seconds (1-600)"}},
+    "required": ["command"], "additionalProperties": False,
+}
+READ_SCHEMA = {
+    "description": "Read a text file of the workspace, with line numbers.",
+    "type": "object",
+    "properties": {"path": {"type": "string"},
+                   "offset": {"type": "integer", "description": "first line, from 1"},
+                   "limit": {"type": "integer", "description": "how many lines"}},
+    "required": ["path"], "additionalProperties": False,
+}
+WRITE_SCHEMA = {
+    "description": "Write a whole file in the workspace (parent folders are created).",
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+    "required": ["path", "content"], "additionalProperties": False,
+}
+EDIT_SCHEMA = {
+    "description": "Replace old_str by new_str in a file; old_str must occur exactly once.",
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "old_str": {"type": "string"},
+                   "new_str": {"type": "string"}},
+    "required": ["path", "old_str", "new_str"], "additionalProperties": False,
+}
+
+
+def needs_approval(mode: str, tool: str) -> bool:
+    """auto: never ask; ask: bash and file writes; ask-all: every tool."""
+    return mode == "ask-all" or (mode == "ask" and tool in WRITE_TOOLS)
+
+
+# =============================================================================
+# The agent loop
+# =============================================================================
+
+Approver = Callable[[dict], Awaitable[str]]   # tool call -> "allow" | "deny"
+
+
+class Agent:
+    """Runs one user message to its `done`, as an async generator of events.
+
+    Cancellation is cooperative from the outside and immediate on the inside:
+    `cancel()` sets a flag and cancels only the child task doing the current
+    wait (the LLM stream, the tool, the approval), so the generator itself
+    stays in control and can close the run cleanly.  `decisions` pre-answers
+    approvals (used to resume a run that waited across a server restart).
+    """
+
+    def __init__(self, llm, cfg: LLMConfig, toolbox: Toolbox, *,
+                 max_steps: int = DEFAULT_MAX_STEPS, approval_mode: str = "auto",
+                 approver: Approver | None = None, decisions: dict[str, str] | None = None):
+        self.llm, self.cfg, self.toolbox = llm, cfg, toolbox
+        self.max_steps = max_steps
+        self.approval_mode = approval_mode
+        self.approver = approver
+        self.decisions = dict(decisions or {})
+        self.allowed_tools: set[str] = set()   # "allow for the rest of the session"
+        self.cancel_status: str | None = None  # "cancelled" or "interrupted" once asked
+        self.waiting_approval = False
+        self._inflight: asyncio.Future | None = None
+        self._input_errors: dict[str, str | None] = {}   # call id -> bad-arguments message
+
+    def cancel(self, status: str = "cancelled") -> None:
+        if self.cancel_status is None:
+            self.cancel_status = status
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    async def _guard(self, awaitable):
+        """Await in a child task that cancel() can stop without stopping us."""
+        if self.cancel_status:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise RunCancelled
+        task = asyncio.ensure_future(awaitable)
+        self._inflight = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self.cancel_status and not (me and me.cancelling()):
+                raise RunCancelled from None
+            raise                      # we ourselves are being cancelled: let it go
+        finally:
+            self._inflight = None
+
+    async def run(self, history: list[dict]) -> AsyncIterator[dict]:
+        steps, usage = 0, {"input_tokens": 0, "output_tokens": 0}
+        message_id = None
+        try:
+            while True:
+                # 1. Tool calls without a result (just asked for, or waiting
+                #    since before a restart) are run before the LLM is asked again.
+                for call in pending_tool_calls(history):
+                    async for ev in self._run_call(call, history):
+                        yield ev
+                if steps >= self.max_steps:
+                    yield self._done("max_steps", f"stopped after {steps} steps "
+                                     "(max_steps); send a message to continue", steps, usage)
+                    return
+                steps += 1
+                # 2. One LLM step, streamed.
+                message_id = new_id("msg")
+                partial = {"text": ""}
+                turn = None
+                async for item in self._stream_step(history):
+                    kind = item[0]
+                    if kind in ("text", "thinking"):
+                        if kind == "text":
+                            partial["text"] += item[1]
+                        yield {"type": "delta", "message_id": message_id,
+                               "channel": kind, "content": item[1]}
+                    elif kind == "retry":
+                        if item[2]:    # the failed try had streamed: close it, start anew
+                            yield self._incomplete(message_id, partial["text"])
+                            message_id, partial["text"] = new_id("msg"), ""
+                        yield {"type": "error", "message": item[1], "retrying": True}
+                    elif kind == "turn":
+                        turn = item[1]
+                usage["input_tokens"] += turn.usage.get("input_tokens", 0)
+                usage["output_tokens"] += turn.usage.get("output_tokens", 0)
+                # 3. The finished reply: into the history, then out as events.
+                history.append({"role": "assistant", "message_id": message_id,
+                                "text": turn.text, "thinking": turn.thinking,
+                                "tool_calls": [{k: c[k] for k in ("id", "name", "input")}
+                                               for c in turn.tool_calls]})
+                for t in turn.thinking:
+                    ev = {"type": "thinking", "message_id": message_id,
+                          "content": t.get("thinking", ""), "signature": t.get("signature", "")}
+                    if "redacted" in t:
+                        ev["redacted"] = t["redacted"]
+                    yield ev
+                yield {"type": "message", "role": "assistant", "message_id": message_id,
+                       "content": turn.text}
+                message_id = None
+                self._input_errors = {c["id"]: c.get("input_error") for c in turn.tool_calls}
+                for c in turn.tool_calls:
+                    yield {"type": "tool_call", "message_id": history[-1]["message_id"],
+                           "call_id": c["id"], "tool": c["name"], "input": c["input"]}
+                if not turn.tool_calls:
+                    summary = turn.text.strip().splitlines()[0][:200] if turn.text.strip() else ""
+                    yield self._done("done", summary, steps, usage)
+                    return
+        except RunCancelled:
+            status = self.cancel_status or "cancelled"
+            if message_id is not None:
+                yield self._incomplete(message_id, partial["text"])
+            # Every tool call gets a result, so the history stays valid.
+            for call in pending_tool_calls(history):
+                output = f"Not run: the run was {status} before this tool call finished."
+                history.append({"role": "tool", "call_id": call["id"], "tool": call["name"],
+                                "output": output, "is_error": True})
+                yield {"type": "tool_result", "call_id": call["id"], "tool": call["name"],
+                       "output": output, "is_error": True, "duration_ms": 0}
+            yield self._done(status, f"run {status} by the user" if status == "cancelled"
+                             else f"run {status}", steps, usage)
+        except LLMError as exc:
+            if message_id is not None:
+                yield self._incomplete(message_id, partial["text"])
+            yield {"type": "error", "message": exc.message, "retrying": False}
+            yield self._done("error", exc.message, steps, usage)
+
+    @staticmethod
+    def _incomplete(message_id: str, text: str) -> dict:
+        return {"type": "message", "role": "assistant", "message_id": message_id,
+                "content": text, "incomplete": True}
+
+    @staticmethod
+    def _done(status: str, summary: str, steps: int, usage: dict) -> dict:
+        return {"type": "done", "status": status, "summary": summary, "steps": steps,
+                "usage": dict(usage)}
+
+    async def _stream_step(self, history: list[dict]) -> AsyncIterator[tuple]:
+        """Pump the LLM stream in a child task so cancel() can cut it anywhere."""
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump() -> None:
+            try:
+                async for item in stream_with_retries(self.llm, self.cfg, history,
+                                                      self.toolbox.specs()):
+                    queue.put_nowait(item)
+                queue.put_nowait(end)
+            except BaseException as exc:        # handed to the consumer, re-raised there
+                queue.put_nowait(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        task = asyncio.ensure_future(pump())
+        self._inflight = task
+        try:
+            while True:
+                item = await queue.get()
+                if item is end:
+                    return
+                if isinstance(item, asyncio.CancelledError):
+                    raise RunCancelled
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._inflight = None
+            task.cancel()
+
+    async def _run_call(self, call: dict, history: list[dict]) -> AsyncIterator[dict]:
+        name, args = call["name"], call["input"]
+        input_error = self._input_errors.get(call["id"])
+        if (name in self.toolbox.tools and not input_error
+                and needs_approval(self.approval_mode, name) and name not in self.allowed_tools):
+            decision = self.decisions.pop(call["id"], None)
+            if decision is None:
+                yield {"type": "approval_request", "call_id": call["id"], "tool": name,
+                       "input": args}
+                if self.approver is None:
+                    decision = "deny"
+                else:
+                    self.waiting_approval = True
+                    try:
+                        decision = await self._guard(self.approver(call))
+                    finally:
+                        self.waiting_approval = False
+            if decision == "allow_always":
+                self.allowed_tools.add(name)
+            decision = "deny" if decision == "deny" else "allow"
+            yield {"type": "approval", "call_id": call["id"], "decision": decision}
+            if decision == "deny":
+                output = f"The user denied this {name} call. Do not retry it as is; " \
+                         "ask the user or try something else."
+                history.append({"role": "tool", "call_id": call["id"], "tool": name,
+                                "output": output, "is_error": True})
+                yield {"type": "tool_result", "call_id": call["id"], "tool": name,
+                       "output": output, "is_error": True, "duration_ms": 0}
+                return
+        started = time.monotonic()
+        output, is_error = await self._guard(self.toolbox.execute(name, args, input_error))
+        duration_ms = int((time.monotonic() - started) * 1000)
+        history.append({"role": "tool", "call_id": call["id"], "tool": name,
+                        "output": output, "is_error": is_error})
+        yield {"type": "tool_result", "call_id": call["id"], "tool": name, "output": output,
+               "is_error": is_error, "duration_ms": duration_ms}
+
+
+# =============================================================================
+# Terminal front end: `python agent_core.py`
+# =============================================================================
+
+class Terminal:
+    """The Mini-Agent experience in a terminal, on the same Agent loop."""
+
+    HELP = ("/help  this help      /clear  new conversation   /history  the conversation\n"
+            "/stats  token usage   /exit   quit               Ctrl+C  stop the running task")
+
+    def __init__(self, cfg: LLMConfig, workspace: str, max_steps: int, approve: str):
+        self.cfg, self.max_steps, self.approve = cfg, max_steps, approve
+        self.toolbox = Toolbox(workspace)
+        self.history: list[dict] = []
+        self.totals = {"runs": 0, "steps": 0, "input_tokens": 0, "output_tokens": 0}
+        self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self.loop = asyncio.new_event_loop()
+        self.http = make_http_client(cfg)
+        self.llm = make_llm(cfg, self.http)
+        self.allowed: set[str] = set()
+
+    def c(self, code: str, text: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        print(text, end=end, flush=True)
+
+    async def ask_approval(self, call: dict) -> str:
+        self.say(self.c("33", f"  Allow {call['name']}? [y/N/a] "), end="")
+        answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
+        return {"y": "allow", "yes": "allow", "a": "allow_always"}.get(answer, "deny")
+
+    async def run_task(self, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+        agent = Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
+                      approval_mode=self.approve, approver=self.ask_approval)
+        agent.allowed_tools = self.allowed
+        try:
+            self.loop.add_signal_handler(signal.SIGINT, agent.cancel)
+        except (NotImplementedError, RuntimeError):
+            pass
+        step, started, streaming = 0, {}, None
+        try:
+            async for ev in agent.run(self.history):
+                kind = ev["type"]
+                if kind == "delta":
+                    if streaming is None:
+                        step += 1
+                        self.say(self.c("1;36", f"\n── Step {step} " + "─" * 40))
+                    if streaming != ev["channel"]:
+                        if streaming:
+                            self.say()
+                        self.say(self.c("2", "💭 ") if ev["channel"] == "thinking"
+                                 else self.c("1", "🤖 "), end="")
+                        streaming = ev["channel"]
+                    self.say(self.c("2", ev["content"]) if ev["channel"] == "thinking"
+                             else ev["content"], end="")
+                elif kind == "message":
+                    if streaming is None and ev["content"]:
+                        step += 1
+                        self.say(self.c("1;36", f"\n── Step {step} " + "─" * 40))
+                        self.say("🤖 " + ev["content"], end="")
+                    if ev.get("incomplete"):
+                        self.say(self.c("33", " [cut off]"), end="")
+                    self.say()
+                    streaming = None
+                elif kind == "tool_call":
+                    started[ev["call_id"]] = time.monotonic()
+                    args = (f"$ {ev['input'].get('command', '')}" if ev["tool"] == "bash"
+                            else json.dumps(ev["input"], ensure_ascii=False)[:300])
+                    self.say(self.c("1;33", f"🔧 {ev['tool']} ") + args)
+                elif kind == "tool_result":
+                    out = ev["output"]
+                    lines = out.splitlines()
+                    shown = "\n".join(lines[:20]) + (
+                        f"\n… ({len(lines) - 20} more lines)" if len(lines) > 20 else "")
+                    mark = self.c("31", "✗") if ev["is_error"] else self.c("32", "✓")
+                    took = self.c("2", f"{ev['duration_ms']} ms")
+                    self.say(f"{mark} {took}")
+                    self.say("   " + shown.replace("\n", "\n   "))
+                elif kind == "approval":
+                    self.say(self.c("2", f"  → {ev['decision']}"))
+                elif kind == "error":
+                    self.say(self.c("31", f"⚠ {ev['message']}"))
+                elif kind == "done":
+                    self.totals["runs"] += 1
+                    self.totals["steps"] += ev["steps"]
+                    for k in ("input_tokens", "output_tokens"):
+                        self.totals[k] += ev["usage"][k]
+                    colour = "32" if ev["status"] == "done" else "33"
+                    self.say(self.c(colour, f"\n■ {ev['status']} · {ev['steps']} step(s) · "
+                                    f"{ev['usage']['input_tokens']} in / "
+                                    f"{ev['usage']['output_tokens']} out tokens"))
+        finally:
+            try:
+                self.loop.remove_signal_handler(signal.SIGINT)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+    def command(self, line: str) -> bool:
+        """Handle a slash command; False means quit."""
+        cmd = line.split()[0].lower()
+        if cmd in ("/exit", "/quit"):
+            return False
+        if cmd == "/help":
+            self.say(self.HELP)
+        elif cmd == "/clear":
+            self.history.clear()
+            self.say("New conversation.")
+        elif cmd == "/history":
+            for h in self.history:
+                if h["role"] == "user":
+                    self.say(self.c("1", "you: ") + h["content"])
+                elif h["role"] == "assistant":
+                    calls = ", ".join(c["name"] for c in h["tool_calls"])
+                    self.say(self.c("1", "agent: ") + h["text"][:200]
+                             + (f" [tools: {calls}]" if calls else ""))
+            self.say(f"({len(self.history)} entries)")
+        elif cmd == "/stats":
+            t = self.totals
+            self.say(f"runs {t['runs']} · steps {t['steps']} · tokens in "
+                     f"{t['input_tokens']} · out {t['output_tokens']}")
+        else:
+            self.say(f"Unknown command {cmd}. /help lists them.")
+        return True
+
+    def main(self, task: str | None) -> int:
+        banner = (f"Mini Agent · model {self.cfg.label} · workspace {self.toolbox.workspace}"
+                  f" · approvals {self.approve}")
+        self.say(self.c("1", banner))
+        if self.cfg.provider == "demo":
+            self.say(self.c("33", "Offline demo model: set ANTHROPIC_API_KEY, OPENAI_API_KEY "
+                                  "or MINIMAX_API_KEY for a real one."))
+        try:
+            if task:
+                self.loop.run_until_complete(self.run_task(task))
+                return 0
+            self.say("Type a task, or /help.")
+            while True:
+                try:
+                    line = input(self.c("1;32", "\nYou › ")).strip()
+                except KeyboardInterrupt:
+                    self.say("\n(/exit quits)")
+                    continue
+                except EOFError:
+                    self.say()
+                    return 0
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if not self.command(line):
+                        return 0
+                    continue
+                self.loop.run_until_complete(self.run_task(line))
+        finally:
+            self.loop.run_until_complete(self.http.aclose())
+            self.loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Mini Agent in the terminal.")
+    p.add_argument("-w", "--workspace", default=os.environ.get("AGENT_WORKSPACE", "workspace"))
+    p.add_argument("-t", "--task", help="run one task and exit")
+    p.add_argument("--provider", choices=["anthropic", "openai", "minimax", "demo"])
+    p.add_argument("--model")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    p.add_argument("--approve", choices=APPROVAL_MODES,
+                   default=os.environ.get("AGENT_APPROVE", "ask"),
+                   help="auto: run every tool; ask: confirm bash and file writes (default); "
+                        "ask-all: confirm every tool")
+    args = p.parse_args(argv)
+    cfg = config_from_env(args.provider, args.model)
+    return Terminal(cfg, args.workspace, args.max_steps, args.approve).main(args.task)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

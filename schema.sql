@@ -1,0 +1,34 @@
+-- schema.sql — the only place Mini Agent Web defines its tables.
+-- Loaded by agent_web.py at start-up; every statement is idempotent.
+--
+-- The event log is the truth: everything a page shows is a row in `events`,
+-- written before it is pushed to any browser.  `sessions` is a small index
+-- over it (title, status, last_seq) kept in the same transaction as the
+-- events, so the two never disagree.
+
+PRAGMA journal_mode = WAL;          -- readers never block the one writer
+PRAGMA synchronous = NORMAL;        -- safe against a process crash; see README
+
+CREATE TABLE IF NOT EXISTS sessions (
+    id            TEXT PRIMARY KEY,
+    title         TEXT NOT NULL DEFAULT '',
+    -- idle | running | awaiting_approval, derived from the events appended
+    status        TEXT NOT NULL DEFAULT 'idle',
+    -- auto | ask | ask-all: which tool calls wait for the user
+    approve_mode  TEXT NOT NULL DEFAULT 'ask',
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    last_seq      INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE INDEX IF NOT EXISTS sessions_by_update ON sessions (updated_at DESC);
+
+CREATE TABLE IF NOT EXISTS events (
+    session_id  TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq         INTEGER NOT NULL,        -- 1, 2, 3 ... per session, no gaps
+    type        TEXT NOT NULL,
+    -- the whole event exactly as it goes on the wire (seq, ts and all), so a
+    -- replay sends stored text without decoding and encoding it again
+    data        TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
