@@ -906,13 +906,18 @@ class Agent:
 
     def __init__(self, llm, cfg: LLMConfig, toolbox: Toolbox, *,
                  max_steps: int = DEFAULT_MAX_STEPS, approval_mode: str = "auto",
-                 approver: Approver | None = None, decisions: dict[str, str] | None = None):
+                 approver: Approver | None = None, decisions: dict[str, str] | None = None,
+                 asked: set[str] | None = None, allowed_tools: set[str] | None = None):
         self.llm, self.cfg, self.toolbox = llm, cfg, toolbox
         self.max_steps = max_steps
         self.approval_mode = approval_mode
         self.approver = approver
         self.decisions = dict(decisions or {})
-        self.allowed_tools: set[str] = set()   # "allow for the rest of the session"
+        # "allow this tool for the rest of the session" answers so far
+        self.allowed_tools: set[str] = allowed_tools if allowed_tools is not None else set()
+        # calls whose approval_request is already stored (a run resumed after a
+        # restart): wait for the answer without asking a second time
+        self.asked = set(asked or ())
         self.cancel_status: str | None = None  # "cancelled" or "interrupted" once asked
         self.waiting_approval = False
         self._inflight: asyncio.Future | None = None
@@ -1067,8 +1072,9 @@ class Agent:
                 and needs_approval(self.approval_mode, name) and name not in self.allowed_tools):
             decision = self.decisions.pop(call["id"], None)
             if decision is None:
-                yield {"type": "approval_request", "call_id": call["id"], "tool": name,
-                       "input": args}
+                if call["id"] not in self.asked:
+                    yield {"type": "approval_request", "call_id": call["id"], "tool": name,
+                           "input": args}
                 if self.approver is None:
                     decision = "deny"
                 else:
@@ -1077,10 +1083,14 @@ class Agent:
                         decision = await self._guard(self.approver(call))
                     finally:
                         self.waiting_approval = False
-            if decision == "allow_always":
+            always = decision == "allow_always"
+            if always:
                 self.allowed_tools.add(name)
             decision = "deny" if decision == "deny" else "allow"
-            yield {"type": "approval", "call_id": call["id"], "decision": decision}
+            ev = {"type": "approval", "call_id": call["id"], "decision": decision}
+            if always:
+                ev["always"] = True     # the server remembers it for the session
+            yield ev
             if decision == "deny":
                 output = f"The user denied this {name} call. Do not retry it as is; " \
                          "ask the user or try something else."

@@ -1,0 +1,1435 @@
+"""agent_web.py — Mini Agent in the browser: an ASGI app, a SQLite event log, WebSocket push.
+
+What this is
+    A hand-written ASGI application (no web framework) that runs the agent of
+    `agent_core.py` on the server and lets any number of browser tabs watch and
+    steer it.  Runs belong to the server, not to a request or a socket: close
+    every tab, refresh, open a second one, restart the server — not one step
+    is lost, because every event is committed to SQLite before anyone sees it.
+
+How to run it
+    python agent_web.py                   # prints http://127.0.0.1:8765/?token=...
+    uvicorn agent_web:app --ws wsproto    # the module-level app, configured from env
+    # or mount it in your own Starlette/FastAPI app:
+    #   Mount("/agent-ui", app=agent_web.create_app(db_path="agent.db"))
+
+How one message flows through this file
+    1. `POST /agent/chat` → `handle_post_chat` checks the body, reserves the
+       session's one run slot in `RunManager` (409 if taken) and hands the
+       user's text to `RunManager.start`.
+    2. The run is an asyncio task (`RunManager._drive`) iterating
+       `agent_core.Agent.run()`.  Each event it yields goes to `EventLog`.
+    3. `EventLog` is the only writer: it batches pending events, merges
+       adjacent streamed `delta`s, commits them in one SQLite transaction on
+       the store's writer thread (`Store.append`), which assigns `seq`, and
+       only then publishes each stored event to `PushRegistry`.
+    4. `PushRegistry` puts the event's JSON text on a bounded `asyncio.Queue`
+       per subscribed WebSocket; that socket's writer task sends it.  A queue
+       that overflows is closed with 4008; the page resubscribes from its last
+       `seq` and catches up from the store.
+    5. A subscriber registers its queue first, then replays the store after
+       its `after`, then drains the queue skipping what it already sent: every
+       event exactly once, stored and live joined with no gap.
+
+What this is not
+    A multi-user service.  One token guards one user's agent, which runs shell
+    commands on this machine.  Keep it on loopback (the default).
+
+Sections, in reading order: configuration → errors → store → event log →
+push registry → runs → HTTP helpers → security → handlers → WebSocket →
+route table → the app → main.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+import webbrowser
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import agent_core as core
+
+log = logging.getLogger("agent_web")
+
+# =============================================================================
+# Configuration
+# =============================================================================
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+SCHEMA_PATH = HERE / "schema.sql"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_DB = "agent_web.db"
+DEFAULT_WORKSPACE = "workspace"
+
+MAX_BODY_BYTES = 1 << 20            # any HTTP body; more is 413
+MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
+MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
+SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
+REPLAY_CHUNK = 1_000                # events read from the store per replay query
+HISTORY_LIMIT_DEFAULT = 1_000       # GET /agent/chat page size when none is given
+HISTORY_LIMIT_MAX = 5_000
+SHUTDOWN_GRACE = 5.0                # seconds runs get to write `interrupted`
+
+TOKEN_COOKIE = "agent_web_token"    # + "_<port>", so two servers on one host coexist
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DECISIONS = ("allow", "deny", "allow_always")   # allow_always: the rest of the session
+
+# WebSocket close codes we use (4000-4999 are the application's own).
+CLOSE_TOO_BIG = 1009                # a client frame over MAX_WS_FRAME_BYTES
+CLOSE_SLOW_CONSUMER = 4008          # the subscriber's queue overflowed: resubscribe
+
+# The page may only load our own files; model output never becomes HTML, and
+# no inline script exists, so a strict policy costs nothing.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+       "form-action 'none'")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"cache-control", b"no-store")]
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".png": "image/png",
+                ".svg": "image/svg+xml", ".ico": "image/x-icon", ".json": "application/json"}
+
+# Which events move a session between idle / running / awaiting_approval.
+STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
+                "done": "idle"}            # and a user `message`: running
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+class HTTPError(Exception):
+    """Raised anywhere in a handler; turned into a JSON error response in one place."""
+
+    def __init__(self, status: int, code: str, message: str, headers: list | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or []
+
+
+# =============================================================================
+# Store: SQLite, WAL, one writer thread and one reader thread
+# =============================================================================
+#
+# sqlite3 calls block, so none runs on the event loop.  All writes go through
+# one thread with one connection (SQLite allows one writer anyway; a single
+# thread makes "seq = last_seq + 1" atomic without retries).  Reads use a
+# second connection on its own thread: in WAL mode a reader never waits for
+# the writer, and a big history read never delays a commit.
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
+        self._local = threading.local()
+        self.seconds_in_sqlite = 0.0     # for bench/: the share of time spent in SQLite
+
+    # -- plumbing -------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.executescript(SCHEMA_PATH.read_text())
+            self._local.conn = conn
+        return conn
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable, *args) -> Any:
+        def timed():
+            started = time.perf_counter()
+            try:
+                return fn(self._conn(), *args)
+            finally:
+                self.seconds_in_sqlite += time.perf_counter() - started
+        return await asyncio.get_running_loop().run_in_executor(pool, timed)
+
+    def write(self, fn: Callable, *args) -> Awaitable:
+        return self._run(self._writer, fn, *args)
+
+    def read(self, fn: Callable, *args) -> Awaitable:
+        return self._run(self._reader, fn, *args)
+
+    async def open(self) -> None:
+        await self.write(lambda conn: None)      # creates the file and the tables
+        await self.read(lambda conn: None)
+
+    def close(self) -> None:
+        for pool in (self._writer, self._reader):
+            pool.submit(self._close_thread_conn).result()
+            pool.shutdown(wait=True)
+
+    def _close_thread_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- writes (run on the writer thread) -------------------------------------
+    @staticmethod
+    def create_session(conn, session_id: str, approve_mode: str) -> None:
+        now = time.time()
+        conn.execute("INSERT INTO sessions (id, approve_mode, created_at, updated_at) "
+                     "VALUES (?, ?, ?, ?)", (session_id, approve_mode, now, now))
+
+    @staticmethod
+    def append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
+        """Store events in one transaction; returns (seq, wire JSON) for each.
+
+        `None` for an event whose session no longer exists (deleted mid-run).
+        """
+        results: list[tuple[int, str] | None] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            i = 0
+            while i < len(items):      # consecutive events of one session together
+                session_id = items[i][0]
+                j = i
+                while j < len(items) and items[j][0] == session_id:
+                    j += 1
+                group = [ev for _, ev in items[i:j]]
+                results.extend(Store._append_group(conn, session_id, group))
+                i = j
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return results
+
+    @staticmethod
+    def _append_group(conn, session_id: str, group: list[dict]) -> list:
+        status, title = None, ""
+        for ev in group:
+            if ev["type"] == "message" and ev.get("role") == "user":
+                status = "running"
+                title = title or " ".join(ev["content"].split())[:80]
+            elif ev["type"] in STATUS_AFTER:
+                status = STATUS_AFTER[ev["type"]]
+        row = conn.execute(
+            "UPDATE sessions SET last_seq = last_seq + ?, updated_at = ?, "
+            "status = COALESCE(?, status), "
+            "title = CASE WHEN title = '' THEN ? ELSE title END "
+            "WHERE id = ? RETURNING last_seq",
+            (len(group), time.time(), status, title, session_id)).fetchone()
+        if row is None:
+            return [None] * len(group)
+        first = row[0] - len(group) + 1
+        out, rows = [], []
+        for seq, ev in enumerate(group, first):
+            text = json.dumps({"seq": seq, "session_id": session_id, **ev},
+                              ensure_ascii=False, separators=(",", ":"))
+            rows.append((session_id, seq, ev["type"], text))
+            out.append((seq, text))
+        conn.executemany("INSERT INTO events (session_id, seq, type, data) VALUES (?, ?, ?, ?)",
+                         rows)
+        return out
+
+    @staticmethod
+    def set_approve_mode(conn, session_id: str, mode: str) -> bool:
+        return conn.execute("UPDATE sessions SET approve_mode = ? WHERE id = ?",
+                            (mode, session_id)).rowcount == 1
+
+    @staticmethod
+    def delete_session(conn, session_id: str) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
+        gone = conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount
+        conn.execute("COMMIT")
+        return gone == 1
+
+    # -- reads (run on the reader thread) --------------------------------------
+    SESSION_COLUMNS = "id, title, status, approve_mode, created_at, updated_at, last_seq"
+
+    @staticmethod
+    def _session_row(row) -> dict | None:
+        if row is None:
+            return None
+        keys = ("session_id", "title", "status", "approve_mode", "created_at",
+                "updated_at", "last_seq")
+        return dict(zip(keys, row))
+
+    @staticmethod
+    def get_session(conn, session_id: str) -> dict | None:
+        return Store._session_row(conn.execute(
+            f"SELECT {Store.SESSION_COLUMNS} FROM sessions WHERE id = ?",
+            (session_id,)).fetchone())
+
+    @staticmethod
+    def list_sessions(conn) -> list[dict]:
+        rows = conn.execute(f"SELECT {Store.SESSION_COLUMNS} FROM sessions "
+                            "ORDER BY updated_at DESC, id").fetchall()
+        return [Store._session_row(r) for r in rows]
+
+    @staticmethod
+    def sessions_with_status(conn, statuses: tuple[str, ...]) -> list[dict]:
+        marks = ",".join("?" * len(statuses))
+        rows = conn.execute(f"SELECT {Store.SESSION_COLUMNS} FROM sessions "
+                            f"WHERE status IN ({marks})", statuses).fetchall()
+        return [Store._session_row(r) for r in rows]
+
+    @staticmethod
+    def history(conn, session_id: str, after: int, limit: int) -> tuple[dict | None, list[str]]:
+        """The session row and the wire JSON of up to `limit` events after `after`,
+        read in one transaction so `last_seq` and the events agree."""
+        conn.execute("BEGIN")
+        try:
+            session = Store.get_session(conn, session_id)
+            rows = [] if session is None else conn.execute(
+                "SELECT data FROM events WHERE session_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?", (session_id, after, limit)).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return session, [r[0] for r in rows]
+
+    @staticmethod
+    def conversation(conn, session_id: str) -> list[dict]:
+        """Every event but the deltas, decoded: enough to rebuild the history."""
+        rows = conn.execute("SELECT data FROM events WHERE session_id = ? AND type != 'delta' "
+                            "ORDER BY seq", (session_id,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+
+# =============================================================================
+# Event log: store first, push second
+# =============================================================================
+#
+# Every event of every session passes through `EventLog`.  One task writes:
+# while a commit is in flight, new events pile up in `_pending` and go in the
+# next transaction together (group commit), and adjacent `delta`s of the same
+# message are merged there.  So deltas reach the store and the browsers within
+# one commit time (well under the 50 ms the contract allows), and a model that
+# streams faster than SQLite commits makes bigger deltas, not a longer queue.
+
+@dataclass
+class _Pending:
+    session_id: str
+    event: dict
+    future: asyncio.Future | None        # set for events the run waits on
+
+
+class EventLog:
+    def __init__(self, store: Store, registry: "PushRegistry"):
+        self.store, self.registry = store, registry
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.commits = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._writer(), name="agent-web-event-log")
+
+    async def stop(self) -> None:
+        await self.flush()
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def emit_nowait(self, session_id: str, event: dict) -> None:
+        """Queue a streamed `delta` without waiting for its commit."""
+        last = self._pending[-1] if self._pending else None
+        if (last is not None and last.future is None and last.session_id == session_id
+                and last.event["type"] == "delta" and event["type"] == "delta"
+                and last.event["message_id"] == event["message_id"]
+                and last.event["channel"] == event["channel"]):
+            last.event["content"] += event["content"]
+            return
+        self._pending.append(_Pending(session_id, {"type": event["type"], "ts": time.time(),
+                                                   **event}, None))
+        self._wake.set()
+
+    async def emit(self, session_id: str, event: dict) -> dict:
+        """Store one event, publish it, and return it with its `seq`.
+
+        The event joins the queue *before* the first await, so events emitted
+        one after another keep their order even across runs.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(session_id, {"type": event["type"], "ts": time.time(),
+                                                   **event}, future))
+        self._wake.set()
+        return await future
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        if self._pending or (self._task and self._wake.is_set()):
+            await self.emit("", {"type": "_flush"})
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            real = [p for p in batch if p.session_id]
+            try:
+                stored = await self.store.write(
+                    Store.append, [(p.session_id, p.event) for p in real])
+            except Exception as exc:       # the disk is full, say: fail those waiting
+                log.exception("could not store %d events", len(real))
+                for p in batch:
+                    if p.future and not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self.commits += 1
+            results = iter(stored)
+            for p in batch:
+                item = next(results) if p.session_id else None
+                if item is not None:
+                    self.registry.publish(p.session_id, item[0], item[1])
+                    p.event["seq"] = item[0]
+                if p.future and not p.future.done():
+                    p.future.set_result(p.event)
+
+
+# =============================================================================
+# Push registry: a bounded queue per subscribed socket
+# =============================================================================
+
+OVERFLOWED = None     # the item a writer finds on its queue after an overflow
+
+
+class Subscriber:
+    def __init__(self, session_id: str, maxsize: int):
+        self.session_id = session_id
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+
+class PushRegistry:
+    """Who listens to which session.  `publish` never blocks and never grows
+    memory without bound: a full queue is emptied and ends with OVERFLOWED,
+    and its socket is closed with 4008 by its own writer."""
+
+    def __init__(self, queue_size: int = SUBSCRIBER_QUEUE_SIZE):
+        self.queue_size = queue_size
+        self._subs: dict[str, set[Subscriber]] = {}
+
+    def subscribe(self, session_id: str) -> Subscriber:
+        sub = Subscriber(session_id, self.queue_size)
+        self._subs.setdefault(session_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self._subs.get(sub.session_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.session_id]
+
+    def publish(self, session_id: str, seq: int, text: str) -> None:
+        for sub in list(self._subs.get(session_id, ())):
+            try:
+                sub.queue.put_nowait((seq, text))
+            except asyncio.QueueFull:
+                self.unsubscribe(sub)
+                sub.overflowed = True
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait(OVERFLOWED)
+
+    def count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+
+# =============================================================================
+# Runs: server-owned tasks, one per session at most
+# =============================================================================
+
+@dataclass
+class Run:
+    session_id: str
+    agent: core.Agent
+    task: asyncio.Task | None = None
+    # call_id -> future the agent awaits; created when the approval_request is
+    # stored, so an answer that arrives at once already finds it
+    approvals: dict[str, asyncio.Future] = field(default_factory=dict)
+
+
+class RunManager:
+    def __init__(self, events: EventLog, store: Store, llm, cfg: core.LLMConfig,
+                 toolbox: core.Toolbox, max_steps: int):
+        self.events, self.store = events, store
+        self.llm, self.cfg, self.toolbox, self.max_steps = llm, cfg, toolbox, max_steps
+        self.runs: dict[str, Run] = {}
+
+    def reserve(self, session_id: str) -> Run:
+        """Claim the session's run slot.  Synchronous on purpose: there is no
+        await between the check and the claim, so two racing POSTs cannot both
+        pass (the loser gets 409)."""
+        if session_id in self.runs:
+            raise HTTPError(409, "run_in_progress", "a run is already going in this session; "
+                            "wait for its done or cancel it")
+        run = Run(session_id, None)  # type: ignore[arg-type]
+        self.runs[session_id] = run
+        return run
+
+    def release(self, run: Run) -> None:
+        if self.runs.get(run.session_id) is run:
+            del self.runs[run.session_id]
+
+    def start(self, run: Run, approve_mode: str, prior: list[dict], asked: set[str] = frozenset()
+              ) -> None:
+        """Build the agent for a reserved run and start its task.  `prior` is
+        the session's stored (non-delta) events, the user's message included."""
+        async def approver(call: dict) -> str:
+            future = run.approvals.setdefault(
+                call["id"], asyncio.get_running_loop().create_future())
+            try:
+                return await future
+            finally:
+                run.approvals.pop(call["id"], None)
+
+        run.agent = core.Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
+                               approval_mode=approve_mode, approver=approver, asked=asked,
+                               allowed_tools=allowed_tools_from(prior))
+        for call_id in asked:       # answers may come before the agent gets there
+            run.approvals[call_id] = asyncio.get_running_loop().create_future()
+        run.task = asyncio.create_task(self._drive(run, core.history_from_events(prior)),
+                                       name=f"run-{run.session_id}")
+
+    async def _drive(self, run: Run, history: list[dict]) -> None:
+        sid = run.session_id
+        try:
+            async for ev in run.agent.run(history):
+                kind = ev["type"]
+                if kind == "delta":
+                    self.events.emit_nowait(sid, ev)
+                    continue
+                if kind == "approval_request":
+                    run.approvals.setdefault(ev["call_id"],
+                                             asyncio.get_running_loop().create_future())
+                if kind == "done":
+                    # Free the slot first: a client that sees `done` may POST at once.
+                    self.release(run)
+                await self.events.emit(sid, ev)
+        except asyncio.CancelledError:
+            raise          # a hard stop at shutdown: the store keeps what it has
+        except Exception as exc:   # a bug, not an LLM failure (those are events)
+            log.exception("run %s crashed", sid)
+            self.release(run)
+            await self.events.emit(sid, {"type": "error", "retrying": False,
+                                         "message": f"internal error: {type(exc).__name__}"})
+            await self.events.emit(sid, {"type": "done", "status": "error",
+                                         "summary": "internal error", "steps": 0,
+                                         "usage": {"input_tokens": 0, "output_tokens": 0}})
+        finally:
+            self.release(run)
+
+    def cancel(self, session_id: str) -> None:
+        run = self.runs.get(session_id)
+        if run is None or run.agent is None:
+            raise HTTPError(409, "not_running", "nothing is running in this session")
+        run.agent.cancel("cancelled")
+
+    def approve(self, session_id: str, call_id: str, decision: str) -> None:
+        run = self.runs.get(session_id)
+        future = run.approvals.get(call_id) if run else None
+        if future is None or future.done():
+            raise HTTPError(409, "not_waiting", "nothing waits for an answer on this call "
+                            "(answered already, or no such request)")
+        future.set_result(decision)
+
+    def set_mode(self, session_id: str, mode: str) -> None:
+        run = self.runs.get(session_id)
+        if run and run.agent:
+            run.agent.approval_mode = mode
+
+    async def recover(self) -> None:
+        """At start-up: runs the last process left behind.
+
+        `running` ones died with it: each tool call left without a result gets
+        one saying so, then `done` with `interrupted`.  `awaiting_approval` ones
+        lost nothing (the run was only waiting), so they are resumed, still
+        waiting for the same answer."""
+        for s in await self.store.read(Store.sessions_with_status,
+                                       ("running", "awaiting_approval")):
+            sid = s["session_id"]
+            prior = await self.store.read(Store.conversation, sid)
+            history = core.history_from_events(prior)
+            if s["status"] == "awaiting_approval":
+                answered = {e["call_id"] for e in prior if e["type"] == "approval"}
+                asked = {e["call_id"] for e in prior
+                         if e["type"] == "approval_request" and e["call_id"] not in answered}
+                self.start(self.reserve(sid), s["approve_mode"], prior, asked)
+                continue
+            for call in core.pending_tool_calls(history):
+                await self.events.emit(sid, {
+                    "type": "tool_result", "call_id": call["id"], "tool": call["name"],
+                    "output": "Not run: the server stopped before this tool call finished.",
+                    "is_error": True, "duration_ms": 0})
+            await self.events.emit(sid, {
+                "type": "done", "status": "interrupted",
+                "summary": "the server stopped during this run; send a message to continue",
+                "steps": 0, "usage": {"input_tokens": 0, "output_tokens": 0}})
+
+    async def shutdown(self) -> None:
+        """Runs end as `interrupted`, written to the store; a run that is only
+        waiting for approval is stopped without a trace, so the next start
+        resumes it still waiting."""
+        tasks = []
+        for run in list(self.runs.values()):
+            if run.task is None:
+                continue
+            if run.agent.waiting_approval:
+                run.task.cancel()
+            else:
+                run.agent.cancel("interrupted")
+            tasks.append(run.task)
+        if tasks:
+            done, still = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def allowed_tools_from(events: list[dict]) -> set[str]:
+    """Tools the user allowed "for the rest of the session", from stored events."""
+    tools = {e["call_id"]: e["tool"] for e in events if e["type"] == "approval_request"}
+    return {tools[e["call_id"]] for e in events
+            if e["type"] == "approval" and e.get("always") and e["call_id"] in tools}
+
+
+# =============================================================================
+# HTTP helpers: one place builds each ASGI message
+# =============================================================================
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list = field(default_factory=list)
+
+
+def json_response(status: int, obj: Any, headers: list | None = None) -> Response:
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(status, body, headers=headers or [])
+
+
+def error_response(err: HTTPError) -> Response:
+    return json_response(err.status, {"error": {"code": err.code, "message": err.message}},
+                         err.headers)
+
+
+async def send_response(send, resp: Response) -> None:
+    headers = [(b"content-type", resp.content_type.encode()),
+               (b"content-length", str(len(resp.body)).encode()), *SECURITY_HEADERS,
+               *[(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v)
+                 for k, v in resp.headers]]
+    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+class Request:
+    """What a handler needs of an HTTP scope, parsed once."""
+
+    def __init__(self, scope: dict, receive, params: dict[str, str], path: str):
+        self.scope, self.receive, self.params, self.path = scope, receive, params, path
+        self.method = scope["method"]
+        self.headers: dict[str, str] = {}
+        for k, v in scope.get("headers", []):
+            self.headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+        self.root_path = scope.get("root_path", "")
+
+    def query(self, name: str, default: str | None = None) -> str | None:
+        values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1"),
+                                       keep_blank_values=True).get(name)
+        if not values:
+            return default
+        if len(values) > 1:
+            raise HTTPError(400, "bad_query", f"query parameter {name!r} is given more than once")
+        return values[0]
+
+    def query_int(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.query(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise HTTPError(400, "bad_query", f"{name} must be an integer") from None
+        if not low <= value <= high:
+            raise HTTPError(400, "bad_query", f"{name} must be between {low} and {high}")
+        return value
+
+    async def body(self) -> bytes:
+        length = self.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise HTTPError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(400, "disconnected", "the client went away mid-body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise HTTPError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def json(self) -> dict:
+        ctype = self.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise HTTPError(415, "bad_content_type", "send Content-Type: application/json")
+        raw = await self.body()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise HTTPError(400, "bad_json", "the body is not valid UTF-8") from None
+        except ValueError:
+            raise HTTPError(400, "bad_json", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, "bad_json", "the body must be a JSON object")
+        return data
+
+
+def field_str(data: dict, name: str, *, required: bool = True, limit: int = 200) -> str | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise HTTPError(400, "bad_field", f"{name} must be a string"
+                        if name in data else f"{name} is required")
+    if len(value) > limit:
+        raise HTTPError(413 if name == "message" else 400, "too_large" if name == "message"
+                        else "bad_field", f"{name} is longer than {limit} characters")
+    return value
+
+
+def check_session_id(value: Any) -> str:
+    if not isinstance(value, str) or not SESSION_ID_RE.fullmatch(value):
+        raise HTTPError(400, "bad_session_id",
+                        "session_id must be 1-64 letters, digits, '_' or '-'")
+    return value
+
+
+# =============================================================================
+# Security: Host, Origin, token
+# =============================================================================
+
+def _split_host(host: str) -> str:
+    """'example.com:8080' -> 'example.com'; '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@dataclass
+class Guard:
+    token: str
+    allowed_hosts: set[str]        # besides loopback names; "*" allows any
+    allowed_origins: set[str]      # besides the same origin, e.g. "https://app.example"
+
+    def check_host(self, headers: dict[str, str]) -> None:
+        """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends
+        Host: evil.example, which we refuse."""
+        host = _split_host(headers.get("host", ""))
+        if "*" in self.allowed_hosts or host in LOOPBACK_NAMES or host in self.allowed_hosts:
+            return
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return
+        except ValueError:
+            pass
+        raise HTTPError(403, "bad_host", "this Host is not allowed; add it to "
+                        "AGENT_WEB_ALLOWED_HOSTS to serve it")
+
+    def check_origin(self, headers: dict[str, str]) -> None:
+        """Browsers send Origin on cross-site requests and WebSockets.  None at
+        all is a non-browser client (curl), which still needs the token."""
+        origin = headers.get("origin")
+        if origin is None:
+            return
+        if origin in self.allowed_origins:
+            return
+        parsed = urllib.parse.urlsplit(origin)
+        if parsed.scheme in ("http", "https") and parsed.netloc.lower() == \
+                headers.get("host", "").lower():
+            return
+        raise HTTPError(403, "bad_origin", f"requests from origin {origin!r} are refused")
+
+    def check_token(self, headers: dict[str, str], port: int, query_token: str | None = None
+                    ) -> None:
+        offered = []
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            offered.append(auth[7:].strip())
+        cookies = headers.get("cookie", "")
+        name = cookie_name(port)
+        for part in cookies.split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == name:
+                offered.append(v)
+        if query_token is not None:
+            offered.append(query_token)
+        if not any(hmac.compare_digest(t.encode(), self.token.encode()) for t in offered):
+            raise HTTPError(401, "unauthorized", "a valid token is required: open the URL "
+                            "the server printed at start-up")
+
+
+def cookie_name(port: int) -> str:
+    return f"{TOKEN_COOKIE}_{port}"
+
+
+def server_port(scope: dict) -> int:
+    server = scope.get("server") or ("", 0)
+    return int(server[1] or 0)
+
+
+# =============================================================================
+# The app: handlers, WebSocket, route table, dispatch
+# =============================================================================
+
+Handler = Callable[["AgentWebApp", Request], Awaitable[Response]]
+
+
+class AgentWebApp:
+    """The ASGI callable.  Holds every piece of state; nothing lives at module
+    level, so two apps (two tests, two mounts) never share anything."""
+
+    def __init__(self, *, db_path: str | Path, workspace: str | Path, token: str | None,
+                 llm_config: core.LLMConfig | None, allowed_hosts: set[str],
+                 allowed_origins: set[str], approve: str, max_steps: int,
+                 queue_size: int):
+        self.db_path, self.workspace = db_path, workspace
+        self.token = token
+        self.guard = Guard(token or "", allowed_hosts, allowed_origins)
+        self.llm_config = llm_config
+        self.approve, self.max_steps, self.queue_size = approve, max_steps, queue_size
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        # set by start():
+        self.store: Store
+        self.registry: PushRegistry
+        self.events: EventLog
+        self.runs: RunManager
+        self.http = None
+
+    # -- life cycle --------------------------------------------------------------
+    async def start(self) -> None:
+        """Open everything.  Called by lifespan, or lazily by the first request
+        (a mounted app may never see lifespan)."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            if self.llm_config is None:
+                self.llm_config = core.config_from_env()
+            if not self.token:
+                self.token = self.guard.token = secrets.token_urlsafe(24)
+            Path(self.workspace).mkdir(parents=True, exist_ok=True)
+            self.store = Store(self.db_path)
+            await self.store.open()
+            self.registry = PushRegistry(self.queue_size)
+            self.events = EventLog(self.store, self.registry)
+            self.events.start()
+            self.http = core.make_http_client(self.llm_config)
+            self.runs = RunManager(self.events, self.store,
+                                   core.make_llm(self.llm_config, self.http), self.llm_config,
+                                   core.Toolbox(self.workspace), self.max_steps)
+            await self.runs.recover()
+            self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self.runs.shutdown()
+        await self.events.stop()
+        await self.http.aclose()
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+
+    # -- ASGI entry: the one place scope["type"] is switched on ----------------------
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "websocket":
+            await self.handle_websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self.handle_lifespan(receive, send)
+
+    async def handle_lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    @staticmethod
+    def app_path(scope: dict) -> str:
+        """The path inside this app: `root_path` stripped when a host app left
+        it on (Starlette's Mount does since 0.33, per the ASGI spec)."""
+        path, root = scope.get("path", "/"), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return path or "/"
+
+    async def handle_http(self, scope, receive, send) -> None:
+        path = self.app_path(scope)
+        try:
+            handler, params, needs_token = match_route(scope["method"], path)
+            request = Request(scope, receive, params, path)
+            self.guard.check_host(request.headers)
+            await self.start()
+            if needs_token:
+                if scope["method"] not in ("GET", "HEAD"):
+                    self.guard.check_origin(request.headers)
+                self.guard.check_token(request.headers, server_port(scope))
+            response = await handler(self, request)
+        except HTTPError as err:
+            response = error_response(err)
+        except Exception:
+            log.error("500 on %s %s\n%s", scope["method"], path, traceback.format_exc())
+            response = json_response(500, {"error": {"code": "internal",
+                                                     "message": "internal server error"}})
+        await send_response(send, response)
+
+    # -- page and assets ------------------------------------------------------------
+    async def page(self, req: Request) -> Response:
+        token = req.query("token")
+        if token is not None:
+            # Trade the token in the URL for a cookie, then drop it from the
+            # address bar (and so from history and bookmarks).
+            self.guard.check_token({}, 0, token)
+            rest = urllib.parse.parse_qsl(req.scope.get("query_string", b"").decode("latin-1"))
+            query = urllib.parse.urlencode([(k, v) for k, v in rest if k != "token"])
+            root = req.root_path or ""
+            cookie = (f"{cookie_name(server_port(req.scope))}={self.token}; HttpOnly; "
+                      f"SameSite=Strict; Path={root or '/'}")
+            return Response(303, b"", "text/plain",
+                            [("location", f"{root}/" + (f"?{query}" if query else "")),
+                             ("set-cookie", cookie)])
+        if req.root_path and req.scope.get("path", "") == req.root_path:
+            # Mounted at /prefix and asked for "/prefix": the page's relative
+            # URLs need the trailing slash.
+            return Response(307, b"", "text/plain", [("location", f"{req.root_path}/")])
+        return self.static_file("index.html", csp=True)
+
+    async def static(self, req: Request) -> Response:
+        return self.static_file(req.params["path"])
+
+    @staticmethod
+    def static_file(name: str, csp: bool = False) -> Response:
+        path = (STATIC_DIR / name).resolve()
+        if STATIC_DIR.resolve() not in path.parents or not path.is_file():
+            raise HTTPError(404, "not_found", "no such file")
+        ctype = STATIC_TYPES.get(path.suffix, "application/octet-stream")
+        headers = [("content-security-policy", CSP)] if csp else []
+        return Response(200, path.read_bytes(), ctype, headers)
+
+    async def healthz(self, req: Request) -> Response:
+        return json_response(200, {"ok": True})
+
+    async def get_config(self, req: Request) -> Response:
+        cfg = self.llm_config
+        return json_response(200, {"provider": cfg.provider, "model": cfg.model,
+                                   "demo": cfg.provider == "demo", "approve": self.approve,
+                                   "approve_modes": list(core.APPROVAL_MODES),
+                                   "workspace": str(Path(self.workspace).resolve()),
+                                   "limits": {"message_chars": MAX_MESSAGE_CHARS,
+                                              "body_bytes": MAX_BODY_BYTES,
+                                              "ws_frame_bytes": MAX_WS_FRAME_BYTES}})
+
+    # -- sessions and runs --------------------------------------------------------------
+    async def session_or_404(self, session_id: str) -> dict:
+        session = await self.store.read(Store.get_session, check_session_id(session_id))
+        if session is None:
+            raise HTTPError(404, "unknown_session", "no such session")
+        return session
+
+    async def post_chat(self, req: Request) -> Response:
+        data = await req.json()
+        text = field_str(data, "message", limit=MAX_MESSAGE_CHARS)
+        if not text.strip():
+            raise HTTPError(400, "empty_message", "message is empty")
+        mode = data.get("approve_mode")
+        if mode is not None and mode not in core.APPROVAL_MODES:
+            raise HTTPError(400, "bad_field", f"approve_mode must be one of {core.APPROVAL_MODES}")
+        if data.get("session_id") is None:
+            session_id = core.new_id("s")
+            mode = mode or self.approve
+            await self.store.write(Store.create_session, session_id, mode)
+        else:
+            session = await self.session_or_404(data["session_id"])
+            session_id = session["session_id"]
+            if mode is not None and mode != session["approve_mode"]:
+                await self.store.write(Store.set_approve_mode, session_id, mode)
+            mode = mode or session["approve_mode"]
+        run = self.runs.reserve(session_id)
+        try:
+            stored = await self.events.emit(session_id, {"type": "message", "role": "user",
+                                                         "content": text,
+                                                         "message_id": core.new_id("msg")})
+            if "seq" not in stored:
+                raise HTTPError(404, "unknown_session", "the session was deleted")
+            prior = await self.store.read(Store.conversation, session_id)
+        except BaseException:
+            self.runs.release(run)
+            raise
+        self.runs.start(run, mode, prior)
+        return json_response(202, {"session_id": session_id, "seq": stored["seq"]})
+
+    async def get_chat(self, req: Request) -> Response:
+        session_id = check_session_id(req.query("session_id"))
+        limit = req.query_int("limit", HISTORY_LIMIT_DEFAULT, 1, HISTORY_LIMIT_MAX)
+        after = req.query_int("after", 0, 0, 2**62)
+        tail = req.query_int("tail", 0, 0, HISTORY_LIMIT_MAX)
+        if tail:
+            # Extension: the newest `tail` events, for opening a long session.
+            session = await self.session_or_404(session_id)
+            after, limit = max(after, session["last_seq"] - tail), tail
+        session, rows = await self.store.read(Store.history, session_id, after, limit)
+        if session is None:
+            raise HTTPError(404, "unknown_session", "no such session")
+        # Events are stored as their wire JSON: splice them in, no re-encoding.
+        head = json.dumps({"session_id": session_id, "title": session["title"],
+                           "status": session["status"], "approve_mode": session["approve_mode"],
+                           "last_seq": session["last_seq"],
+                           "has_more": bool(rows) and after + len(rows) < session["last_seq"]},
+                          ensure_ascii=False, separators=(",", ":"))
+        body = (head[:-1] + ',"events":[' + ",".join(rows) + "]}").encode()
+        return Response(200, body)
+
+    async def post_cancel(self, req: Request) -> Response:
+        data = await req.json()
+        session = await self.session_or_404(data.get("session_id"))
+        self.runs.cancel(session["session_id"])
+        return json_response(202, {"session_id": session["session_id"]})
+
+    async def post_approve(self, req: Request) -> Response:
+        data = await req.json()
+        session = await self.session_or_404(data.get("session_id"))
+        call_id = field_str(data, "call_id")
+        decision = data.get("decision")
+        if decision not in DECISIONS:
+            raise HTTPError(400, "bad_field", "decision must be allow, deny or allow_always")
+        self.runs.approve(session["session_id"], call_id, decision)
+        return json_response(202, {"session_id": session["session_id"], "call_id": call_id})
+
+    async def list_sessions(self, req: Request) -> Response:
+        sessions = await self.store.read(Store.list_sessions)
+        return json_response(200, {"sessions": sessions})
+
+    async def patch_session(self, req: Request) -> Response:
+        session = await self.session_or_404(req.params["id"])
+        data = await req.json()
+        mode = data.get("approve_mode")
+        if mode not in core.APPROVAL_MODES:
+            raise HTTPError(400, "bad_field", f"approve_mode must be one of {core.APPROVAL_MODES}")
+        await self.store.write(Store.set_approve_mode, session["session_id"], mode)
+        self.runs.set_mode(session["session_id"], mode)
+        return json_response(200, {**session, "approve_mode": mode})
+
+    async def delete_session(self, req: Request) -> Response:
+        session = await self.session_or_404(req.params["id"])
+        sid = session["session_id"]
+        run = self.runs.runs.get(sid)
+        if run is not None and run.task is not None:
+            run.task.cancel()       # nothing of it will be kept: no need for a clean end
+            await asyncio.gather(run.task, return_exceptions=True)
+        await self.events.flush()
+        await self.store.write(Store.delete_session, sid)
+        return Response(204, b"", "text/plain")
+
+    # -- WebSocket -----------------------------------------------------------------------
+    async def handle_websocket(self, scope, receive, send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        path = self.app_path(scope)
+        try:
+            if path != "/agent/ws":
+                raise HTTPError(404, "not_found", "no such WebSocket route")
+            self.guard.check_host(headers)
+            self.guard.check_origin(headers)
+            await self.start()
+            query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            self.guard.check_token(headers, server_port(scope), (query.get("token") or [None])[0])
+        except HTTPError as err:
+            # Refuse the handshake with a real HTTP status where the server
+            # supports it (uvicorn does); otherwise a bare 403.
+            if "websocket.http.response" in scope.get("extensions", {}):
+                resp = error_response(err)
+                await send({"type": "websocket.http.response.start", "status": resp.status,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "websocket.http.response.body", "body": resp.body})
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        conn = Connection(self, send)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text, data = message.get("text"), message.get("bytes")
+                size = len(text.encode()) if text is not None else len(data or b"")
+                if size > MAX_WS_FRAME_BYTES:
+                    await conn.close(CLOSE_TOO_BIG, "frame too big")
+                    break
+                if text is None:
+                    await conn.error("bad_frame", "binary frames are not supported; send JSON text")
+                    continue
+                await conn.on_frame(text)
+        finally:
+            await conn.stop()
+
+
+class Connection:
+    """One accepted WebSocket: frames in from `handle_websocket`, events out
+    from the writer task of its current subscription.  `send` is shared, so a
+    lock keeps frames whole."""
+
+    def __init__(self, app: AgentWebApp, send):
+        self.app, self._send = app, send
+        self._lock = asyncio.Lock()
+        self.session_id: str | None = None
+        self.sub: Subscriber | None = None
+        self.writer: asyncio.Task | None = None
+        self.closed = False
+
+    async def send_text(self, text: str) -> None:
+        async with self._lock:
+            if not self.closed:
+                await self._send({"type": "websocket.send", "text": text})
+
+    async def control(self, frame: dict) -> None:
+        await self.send_text(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
+
+    async def error(self, code: str, message: str) -> None:
+        await self.control({"type": "error", "code": code, "message": message})
+
+    async def close(self, code: int, reason: str = "") -> None:
+        async with self._lock:
+            if not self.closed:
+                self.closed = True
+                try:
+                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
+                except Exception:         # the peer is gone already
+                    pass
+
+    async def on_frame(self, text: str) -> None:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            return await self.error("bad_json", "frames must be JSON objects")
+        if not isinstance(frame, dict):
+            return await self.error("bad_json", "frames must be JSON objects")
+        kind = frame.get("type")
+        handler = WS_FRAMES.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            return await self.error("unknown_type", f"unknown frame type {kind!r}; "
+                                    f"expected one of {sorted(WS_FRAMES)}")
+        try:
+            await handler(self, frame)
+        except HTTPError as err:
+            await self.error(err.code, err.message)
+
+    # -- client frames ---------------------------------------------------------------
+    async def on_subscribe(self, frame: dict) -> None:
+        session_id = check_session_id(frame.get("session_id"))
+        after = frame.get("after", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise HTTPError(400, "bad_field", "after must be a non-negative integer")
+        await self.unsubscribe()     # a second subscribe replaces the first
+        # 1. register, so nothing committed from now on can be missed ...
+        sub = self.app.registry.subscribe(session_id)
+        session, rows = await self.app.store.read(Store.history, session_id, after, REPLAY_CHUNK)
+        if session is None:
+            self.app.registry.unsubscribe(sub)
+            raise HTTPError(404, "unknown_session", "no such session")
+        self.session_id, self.sub = session_id, sub
+        await self.control({"type": "subscribed", "session_id": session_id,
+                            "last_seq": session["last_seq"], "status": session["status"]})
+        self.writer = asyncio.create_task(self._pump(sub, session_id, after, rows),
+                                          name=f"ws-writer-{session_id}")
+
+    async def _pump(self, sub: Subscriber, session_id: str, after: int, rows: list[str]) -> None:
+        """2. replay the store after `after` ... 3. then drain the queue,
+        skipping whatever the replay already sent."""
+        last = after
+        try:
+            while rows:
+                for text in rows:
+                    await self.send_text(text)
+                last += len(rows)    # seq has no gaps: the rows were after+1 .. last
+                if len(rows) < REPLAY_CHUNK:
+                    break
+                _, rows = await self.app.store.read(Store.history, session_id, last,
+                                                    REPLAY_CHUNK)
+            while True:
+                item = await sub.queue.get()
+                if item is OVERFLOWED:
+                    await self.close(CLOSE_SLOW_CONSUMER, "too slow: resubscribe from your last seq")
+                    return
+                seq, text = item
+                if seq > last:
+                    await self.send_text(text)
+                    last = seq
+        except asyncio.CancelledError:
+            raise
+        except Exception:                # the socket went away under us
+            self.closed = True
+        finally:
+            self.app.registry.unsubscribe(sub)
+
+    async def on_cancel(self, frame: dict) -> None:
+        session_id = self._target(frame)
+        self.app.runs.cancel(session_id)
+
+    async def on_approve(self, frame: dict) -> None:
+        session_id = self._target(frame)
+        call_id, decision = frame.get("call_id"), frame.get("decision")
+        if not isinstance(call_id, str) or decision not in DECISIONS:
+            raise HTTPError(400, "bad_field", "approve needs call_id and a decision of "
+                            "allow, deny or allow_always")
+        self.app.runs.approve(session_id, call_id, decision)
+
+    async def on_ping(self, frame: dict) -> None:
+        await self.control({"type": "pong"})
+
+    def _target(self, frame: dict) -> str:
+        if frame.get("session_id") is not None:
+            return check_session_id(frame["session_id"])
+        if self.session_id is None:
+            raise HTTPError(400, "not_subscribed", "subscribe to a session first")
+        return self.session_id
+
+    async def unsubscribe(self) -> None:
+        if self.writer is not None:
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
+            self.writer = None
+        if self.sub is not None:
+            self.app.registry.unsubscribe(self.sub)
+            self.sub = None
+
+    async def stop(self) -> None:
+        await self.unsubscribe()
+
+
+WS_FRAMES: dict[str, Callable[[Connection, dict], Awaitable[None]]] = {
+    "subscribe": Connection.on_subscribe,
+    "cancel": Connection.on_cancel,
+    "approve": Connection.on_approve,
+    "ping": Connection.on_ping,
+}
+
+
+# =============================================================================
+# Route table: data, not an if-ladder
+# =============================================================================
+#
+# (method, path pattern, handler, needs token).  `{name}` matches one path
+# segment, `{name:path}` the rest.  A path that matches with the wrong method
+# is a 405 carrying `Allow`.
+
+ROUTES: list[tuple[str, str, Handler, bool]] = [
+    ("GET", "/", AgentWebApp.page, False),
+    ("GET", "/static/{path:path}", AgentWebApp.static, False),
+    ("GET", "/healthz", AgentWebApp.healthz, False),
+    ("GET", "/agent/config", AgentWebApp.get_config, True),
+    ("POST", "/agent/chat", AgentWebApp.post_chat, True),
+    ("GET", "/agent/chat", AgentWebApp.get_chat, True),
+    ("POST", "/agent/cancel", AgentWebApp.post_cancel, True),
+    ("POST", "/agent/approve", AgentWebApp.post_approve, True),
+    ("GET", "/agent/sessions", AgentWebApp.list_sessions, True),
+    ("PATCH", "/agent/sessions/{id}", AgentWebApp.patch_session, True),
+    ("DELETE", "/agent/sessions/{id}", AgentWebApp.delete_session, True),
+]
+
+
+def _compile(pattern: str) -> re.Pattern:
+    regex = re.sub(r"\{(\w+):path\}", r"(?P<\1>.+)", pattern)
+    regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex)
+    return re.compile(regex)
+
+
+COMPILED_ROUTES = [(method, _compile(pattern), handler, auth)
+                   for method, pattern, handler, auth in ROUTES]
+
+
+def match_route(method: str, path: str) -> tuple[Handler, dict, bool]:
+    allowed = []
+    for route_method, regex, handler, auth in COMPILED_ROUTES:
+        m = regex.fullmatch(path)
+        if m is None:
+            continue
+        if route_method == method or (method == "HEAD" and route_method == "GET"):
+            return handler, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}, auth
+        allowed.append(route_method)
+    if allowed:
+        raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here",
+                        [("allow", ", ".join(sorted(set(allowed))))])
+    raise HTTPError(404, "not_found", f"no route for {path}")
+
+
+# =============================================================================
+# create_app and the module-level app
+# =============================================================================
+
+def _env_set(name: str) -> set[str]:
+    return {h.strip().lower() for h in os.environ.get(name, "").split(",") if h.strip()}
+
+
+def create_app(*, db_path: str | Path | None = None, workspace: str | Path | None = None,
+               token: str | None = None, llm_config: core.LLMConfig | None = None,
+               provider: str | None = None, model: str | None = None,
+               allowed_hosts: set[str] | list[str] | None = None,
+               allowed_origins: set[str] | list[str] | None = None,
+               approve: str | None = None, max_steps: int = core.DEFAULT_MAX_STEPS,
+               queue_size: int | None = None) -> AgentWebApp:
+    """The ASGI app.  Every argument defaults from the environment, then from
+    the constants above; nothing is opened until the app starts."""
+    approve = approve or os.environ.get("AGENT_APPROVE", "ask")
+    if approve not in core.APPROVAL_MODES:
+        raise ValueError(f"approve must be one of {core.APPROVAL_MODES}")
+    if llm_config is None and (provider or model):
+        llm_config = core.config_from_env(provider, model)
+    return AgentWebApp(
+        db_path=db_path or os.environ.get("AGENT_WEB_DB", DEFAULT_DB),
+        workspace=workspace or os.environ.get("AGENT_WORKSPACE", DEFAULT_WORKSPACE),
+        token=token or os.environ.get("AGENT_WEB_TOKEN") or None,
+        llm_config=llm_config,
+        allowed_hosts={h.lower() for h in allowed_hosts} if allowed_hosts is not None
+        else _env_set("AGENT_WEB_ALLOWED_HOSTS"),
+        allowed_origins=set(allowed_origins) if allowed_origins is not None
+        else _env_set("AGENT_WEB_ALLOWED_ORIGINS"),
+        approve=approve, max_steps=max_steps,
+        queue_size=queue_size or int(os.environ.get("AGENT_WEB_QUEUE_SIZE", SUBSCRIBER_QUEUE_SIZE)))
+
+
+# `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
+# nothing until its first request or lifespan.  Its token is random unless
+# AGENT_WEB_TOKEN is set; `python agent_web.py` prints it, uvicorn does not.
+app = create_app()
+
+
+# =============================================================================
+# main: python agent_web.py
+# =============================================================================
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn    # only the command line needs it: embedders bring their own server
+
+    env = os.environ
+    p = argparse.ArgumentParser(description="Mini Agent Web: the agent in your browser.")
+    p.add_argument("--host", default=env.get("AGENT_WEB_HOST", DEFAULT_HOST))
+    p.add_argument("--port", type=int, default=int(env.get("AGENT_WEB_PORT", DEFAULT_PORT)),
+                   help="0 picks a free port")
+    p.add_argument("--db", default=env.get("AGENT_WEB_DB", DEFAULT_DB))
+    p.add_argument("--workspace", default=env.get("AGENT_WORKSPACE", DEFAULT_WORKSPACE))
+    p.add_argument("--provider", choices=["anthropic", "openai", "minimax", "demo"])
+    p.add_argument("--model")
+    p.add_argument("--approve", choices=core.APPROVAL_MODES,
+                   default=env.get("AGENT_APPROVE", "ask"),
+                   help="auto: run every tool; ask: confirm bash and file writes (default); "
+                        "ask-all: confirm every tool")
+    p.add_argument("--max-steps", type=int, default=core.DEFAULT_MAX_STEPS)
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--log-level", default=env.get("AGENT_WEB_LOG_LEVEL", "warning"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        cfg = core.config_from_env(args.provider, args.model)
+    except ValueError as exc:
+        p.error(str(exc))
+    token = env.get("AGENT_WEB_TOKEN") or secrets.token_urlsafe(24)
+    application = create_app(db_path=args.db, workspace=args.workspace, token=token,
+                             llm_config=cfg, approve=args.approve, max_steps=args.max_steps)
+
+    # Bind the socket ourselves: port 0 then tells us the port it got.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    url = f"http://{shown_host}:{port}/?token={urllib.parse.quote(token)}"
+
+    if not _is_loopback(args.host):
+        print("\n" + "!" * 78 + f"\n!! WARNING: listening on {args.host}, not loopback. Anyone "
+              "who can reach\n!! this port and learns the token can run shell commands as "
+              f"{env.get('USER', 'you')}.\n" + "!" * 78 + "\n", file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(application, ws="wsproto", lifespan="on",
+                            log_level=args.log_level, ws_max_size=MAX_WS_FRAME_BYTES,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE + 2)
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            print(f"Mini Agent Web · model {cfg.label} · workspace "
+                  f"{Path(args.workspace).resolve()} · db {Path(args.db).resolve()}", flush=True)
+            if cfg.provider == "demo":
+                print("Offline demo model (no API key set): set ANTHROPIC_API_KEY, "
+                      "OPENAI_API_KEY or MINIMAX_API_KEY for a real one.", flush=True)
+            print(f"Open {url}", flush=True)
+            if not args.no_browser:
+                webbrowser.open(url)
+        await task
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,671 @@
+// Mini Agent Web — the page.
+//
+// How an event reaches the screen:
+//   open a session → GET agent/chat (the newest events) → render them →
+//   WebSocket "subscribe" after the last seq we have → each pushed event goes
+//   through onEvent(), which drops any seq it already has and hands the rest
+//   to the Transcript.  A dropped socket reconnects with back-off and
+//   resubscribes from the last seq seen, so nothing is missed or doubled.
+// The token lives in an HttpOnly cookie set by the server; this script never
+// sees it.  Model output is only ever put on the page as text.
+
+import { renderMarkdown } from "./markdown.js";
+
+// ---------------------------------------------------------------- labels ---
+const LABELS = {
+  en: {
+    sessions: "Sessions", model: "Model", approvals: "Approvals", new_session: "+ New session",
+    mode_auto: "run everything", mode_ask: "ask for bash and edits", mode_ask_all: "ask for every tool",
+    load_earlier: "Load earlier events", placeholder: "Ask the agent… (Enter sends, Shift+Enter new line, /help)",
+    send: "Send", stop: "Stop", copy: "Copy", copied: "Copied", step: "Step", thinking: "Thinking",
+    running: "running…", cut: "[cut off]", show_all: "Show all ({n} lines)", show_less: "Show less",
+    allow: "Allow", deny: "Deny", allow_always: "Always allow {tool}", waiting: "Waiting for your approval",
+    approval_bar: "The agent wants to run {tool}:", decided_allow: "allowed", decided_deny: "denied",
+    live: "connected", down: "reconnecting…", offline: "offline", connecting: "connecting…",
+    status_idle: "idle", status_running: "running", status_awaiting_approval: "waiting for approval",
+    done_line: "{status} · {steps} step(s) · {inp} in / {out} out tokens",
+    demo: "Offline demo model: answers are canned. Set ANTHROPIC_API_KEY, OPENAI_API_KEY or MINIMAX_API_KEY and restart the server for a real model.",
+    auth: "Not signed in: open the link with ?token=… that the server printed when it started.",
+    untitled: "New session", delete: "Delete", confirm_delete: "Delete this session and its history?",
+    busy: "A run is going in this session: wait for it or press Stop.",
+    answered: "That request was already answered.",
+    help: "Enter sends · Shift+Enter new line · Esc stops a run\n/help this help · /clear new session · /history the conversation · /stats token usage",
+    stats: "{runs} run(s) · {steps} step(s) · {inp} input / {out} output tokens (in the loaded events)",
+    history_empty: "Nothing yet.", error_prefix: "Error",
+  },
+  zh: {
+    sessions: "会话", model: "模型", approvals: "审批", new_session: "+ 新会话",
+    mode_auto: "全部自动执行", mode_ask: "bash 和编辑需确认", mode_ask_all: "所有工具需确认",
+    load_earlier: "加载更早的事件", placeholder: "向智能体提问…（Enter 发送，Shift+Enter 换行，/help）",
+    send: "发送", stop: "停止", copy: "复制", copied: "已复制", step: "步骤", thinking: "思考",
+    running: "运行中…", cut: "[已中断]", show_all: "展开全部（{n} 行）", show_less: "收起",
+    allow: "允许", deny: "拒绝", allow_always: "始终允许 {tool}", waiting: "等待你的批准",
+    approval_bar: "智能体想要运行 {tool}：", decided_allow: "已允许", decided_deny: "已拒绝",
+    live: "已连接", down: "正在重连…", offline: "离线", connecting: "连接中…",
+    status_idle: "空闲", status_running: "运行中", status_awaiting_approval: "等待批准",
+    done_line: "{status} · {steps} 步 · 输入 {inp} / 输出 {out} tokens",
+    demo: "离线演示模型：回答是预设的。设置 ANTHROPIC_API_KEY、OPENAI_API_KEY 或 MINIMAX_API_KEY 并重启服务器即可使用真实模型。",
+    auth: "未登录：请打开服务器启动时打印的带 ?token=… 的链接。",
+    untitled: "新会话", delete: "删除", confirm_delete: "删除此会话及其历史？",
+    busy: "此会话正在运行：请等待或点击停止。", answered: "该请求已被回答。",
+    help: "Enter 发送 · Shift+Enter 换行 · Esc 停止\n/help 帮助 · /clear 新会话 · /history 对话记录 · /stats 用量",
+    stats: "{runs} 次运行 · {steps} 步 · 输入 {inp} / 输出 {out} tokens（已加载的事件）",
+    history_empty: "还没有内容。", error_prefix: "错误",
+  },
+};
+const LANG = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
+function t(key, vars = {}) {
+  const text = LABELS[LANG][key] ?? LABELS.en[key] ?? key;
+  return text.replace(/\{(\w+)\}/g, (_, k) => String(vars[k] ?? ""));
+}
+
+const HISTORY_TAIL = 1000;          // events shown when a session opens
+const FOLD_LINES = 20;              // tool output longer than this starts folded
+const $ = (id) => document.getElementById(id);
+const api = (path) => new URL(path, document.baseURI);
+
+// ------------------------------------------------------------- the state ---
+const state = {
+  config: null,
+  sessionId: new URLSearchParams(location.search).get("session"),
+  events: [],             // the loaded events of the open session, oldest first
+  lastSeq: 0,             // the newest seq we have: the resubscribe point
+  loaded: false,          // history fetched; the socket may subscribe
+  generation: 0,          // bumps on every session switch; stale answers are dropped
+  status: "idle",
+  approveMode: "ask",
+  ws: null, wsLive: false, retry: 0, retryTimer: null,
+};
+
+// ------------------------------------------------------------- transcript ---
+class Transcript {
+  constructor(container) {
+    this.container = container;
+    this.reset();
+  }
+
+  reset() {
+    this.container.replaceChildren();
+    this.blocks = new Map();      // message_id -> assistant block
+    this.cards = new Map();       // call_id -> tool card
+    this.pending = new Map();     // call_id -> approval_request waiting for an answer
+    this.step = 0;
+    this.dirty = new Set();
+    this.frame = 0;
+  }
+
+  // Replay many events at once: deltas of a message whose whole `message`
+  // is among them are skipped, so a long session renders each answer once.
+  renderAll(events) {
+    this.reset();
+    const finished = new Set(events.filter((e) => e.type === "message" && e.role === "assistant")
+      .map((e) => e.message_id));
+    const target = this.container;
+    this.container = document.createElement("div");
+    for (const ev of events) {
+      if (ev.type === "delta" && finished.has(ev.message_id)) continue;
+      this.apply(ev);
+    }
+    this.flush();
+    target.replaceChildren(...this.container.childNodes);
+    this.container = target;     // blocks and cards still point at the moved nodes
+  }
+
+  add(node) { this.container.append(node); return node; }
+
+  apply(ev) {
+    switch (ev.type) {
+      case "message":
+        if (ev.role === "user") {
+          this.step = 0;
+          const el = this.add(div("user"));
+          el.textContent = ev.content;
+        } else {
+          const block = this.block(ev.message_id);
+          block.text = ev.content;
+          block.final = true;
+          block.incomplete = !!ev.incomplete;
+          this.markDirty(block);
+        }
+        break;
+      case "delta": {
+        const block = this.block(ev.message_id);
+        if (block.final) break;
+        if (ev.channel === "thinking") {
+          block.thinking += ev.content;
+          this.thinkingBox(block).body.textContent = block.thinking;
+        } else {
+          block.text += ev.content;
+          this.markDirty(block);
+        }
+        break;
+      }
+      case "thinking": {
+        const block = this.block(ev.message_id);
+        const box = this.thinkingBox(block);
+        box.body.textContent = ev.redacted ? "(redacted)" : ev.content;
+        block.thinkingFinal = true;
+        break;
+      }
+      case "tool_call": this.toolCard(ev); break;
+      case "approval_request": {
+        this.pending.set(ev.call_id, ev);
+        const card = this.cards.get(ev.call_id) || this.toolCard({ ...ev, type: "tool_call" });
+        card.ask.hidden = false;
+        break;
+      }
+      case "approval": {
+        this.pending.delete(ev.call_id);
+        const card = this.cards.get(ev.call_id);
+        if (card) {
+          card.ask.hidden = true;
+          card.decision.textContent = t(ev.decision === "allow" ? "decided_allow" : "decided_deny");
+        }
+        break;
+      }
+      case "tool_result": {
+        const card = this.cards.get(ev.call_id) || this.toolCard({ ...ev, input: {} });
+        this.pending.delete(ev.call_id);
+        card.ask.hidden = true;
+        card.el.classList.remove("running");
+        card.el.classList.add(ev.is_error ? "error" : "ok");
+        card.meta.textContent = formatMs(ev.duration_ms);
+        const lines = ev.output.split("\n");
+        const pre = document.createElement("pre");
+        pre.className = "output";
+        pre.textContent = ev.output;
+        card.el.append(pre);
+        if (lines.length > FOLD_LINES) {
+          pre.classList.add("folded");
+          const more = document.createElement("button");
+          more.type = "button";
+          more.className = "link";
+          more.textContent = t("show_all", { n: lines.length });
+          more.addEventListener("click", () => {
+            const folded = pre.classList.toggle("folded");
+            more.textContent = folded ? t("show_all", { n: lines.length }) : t("show_less");
+          });
+          card.el.append(more);
+        }
+        break;
+      }
+      case "error": {
+        const el = this.add(div(`notice ${ev.retrying ? "retry" : "error"}`));
+        el.textContent = (ev.retrying ? "↻ " : `${t("error_prefix")}: `) + ev.message;
+        break;
+      }
+      case "done": {
+        this.pending.clear();
+        for (const card of this.cards.values()) card.ask.hidden = true;
+        for (const block of this.blocks.values()) {
+          if (!block.final) { block.final = true; block.incomplete = true; this.markDirty(block); }
+        }
+        const el = this.add(div(`done status-${ev.status}`));
+        el.textContent = t("done_line", { status: ev.status, steps: ev.steps,
+          inp: ev.usage?.input_tokens ?? 0, out: ev.usage?.output_tokens ?? 0 })
+          + (ev.summary && ev.status !== "done" ? ` — ${ev.summary}` : "");
+        break;
+      }
+      default: break;   // an event type this page does not know yet: skip it
+    }
+  }
+
+  block(messageId) {
+    let block = this.blocks.get(messageId);
+    if (!block) {
+      this.step += 1;
+      const step = this.add(div("step"));
+      step.textContent = `${t("step")} ${this.step}`;
+      const el = this.add(div("assistant streaming"));
+      el.dataset.messageId = messageId;
+      const md = div("md");
+      el.append(md);
+      block = { el, md, text: "", thinking: "", final: false, incomplete: false, box: null };
+      this.blocks.set(messageId, block);
+    }
+    return block;
+  }
+
+  thinkingBox(block) {
+    if (!block.box) {
+      const details = document.createElement("details");
+      details.className = "thinking";
+      const summary = document.createElement("summary");
+      summary.textContent = `💭 ${t("thinking")}`;
+      const body = div("body");
+      details.append(summary, body);
+      block.el.prepend(details);
+      block.box = { details, body };
+    }
+    return block.box;
+  }
+
+  toolCard(ev) {
+    const el = this.add(div("tool running"));
+    el.dataset.callId = ev.call_id;
+    const head = div("head");
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = `🔧 ${ev.tool}`;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = t("running");
+    const decision = document.createElement("span");
+    decision.className = "decision";
+    head.append(name, decision, meta);
+    const args = div("args");
+    args.textContent = formatArgs(ev.tool, ev.input);
+    const ask = div("ask");
+    ask.hidden = true;
+    const label = document.createElement("span");
+    label.textContent = t("waiting");
+    ask.append(label, ...approvalButtons(ev.call_id, ev.tool));
+    el.append(head, args, ask);
+    const card = { el, meta, ask, decision };
+    this.cards.set(ev.call_id, card);
+    return card;
+  }
+
+  markDirty(block) {
+    this.dirty.add(block);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
+  }
+
+  // Markdown is re-rendered at most once per animation frame per message.
+  flush() {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    for (const block of this.dirty) {
+      block.md.replaceChildren(renderMarkdown(block.text, { copy: t("copy"), copied: t("copied") }));
+      block.el.classList.toggle("streaming", !block.final);
+      if (block.incomplete && !block.el.querySelector(":scope > .cut")) {
+        const cut = document.createElement("span");
+        cut.className = "cut";
+        cut.textContent = t("cut");
+        block.el.append(cut);
+      }
+    }
+    this.dirty.clear();
+  }
+}
+
+function div(className) {
+  const el = document.createElement("div");
+  el.className = className;
+  return el;
+}
+
+function formatArgs(tool, input) {
+  if (tool === "bash" && input && typeof input.command === "string") return `$ ${input.command}`;
+  try { return JSON.stringify(input ?? {}, null, 2); } catch { return String(input); }
+}
+
+function formatMs(ms) {
+  return ms >= 1000 ? `${(ms / 1000).toFixed(1)} s` : `${ms} ms`;
+}
+
+function approvalButtons(callId, tool) {
+  const make = (label, decision, cls) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = cls;
+    b.textContent = label;
+    b.dataset.decision = decision;
+    b.addEventListener("click", () => answer(callId, decision));
+    return b;
+  };
+  return [make(t("allow"), "allow", "primary"), make(t("deny"), "deny", "danger"),
+          make(t("allow_always", { tool }), "allow_always", "")];
+}
+
+const transcript = new Transcript($("events"));
+
+// ------------------------------------------------------------------ HTTP ---
+async function call(method, path, body) {
+  const init = { method, headers: {}, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const resp = await fetch(api(path), init);
+  const data = resp.status === 204 ? null : await resp.json().catch(() => null);
+  if (resp.status === 401) showAuth();
+  if (!resp.ok) {
+    const err = new Error(data?.error?.message || `HTTP ${resp.status}`);
+    err.status = resp.status;
+    throw err;
+  }
+  return data;
+}
+
+function showAuth() {
+  const banner = $("auth-banner");
+  banner.textContent = t("auth");
+  banner.hidden = false;
+}
+
+function notice(text, kind = "info") {
+  const el = div(`notice ${kind}`);
+  el.textContent = text;
+  $("events").append(el);
+  scrollToEnd(true);
+}
+
+// --------------------------------------------------------------- sessions ---
+async function openSession(sessionId, { push = true } = {}) {
+  const gen = ++state.generation;
+  state.sessionId = sessionId;
+  state.events = [];
+  state.lastSeq = 0;
+  state.loaded = false;
+  transcript.reset();
+  $("load-earlier").hidden = true;
+  const url = new URL(location.href);
+  if (sessionId) url.searchParams.set("session", sessionId); else url.searchParams.delete("session");
+  if (push && url.href !== location.href) history.pushState(null, "", url);
+  if (!sessionId) {
+    setStatus("idle");
+    state.approveMode = state.config?.approve ?? "ask";
+    $("approve-mode").value = state.approveMode;
+    document.title = "Mini Agent";
+    highlightSession();
+    return;
+  }
+  let data;
+  try {
+    data = await call("GET", `agent/chat?session_id=${encodeURIComponent(sessionId)}&tail=${HISTORY_TAIL}`);
+  } catch (err) {
+    if (gen !== state.generation) return;
+    notice(`${t("error_prefix")}: ${err.message}`, "error");
+    return;
+  }
+  if (gen !== state.generation) return;
+  state.events = data.events;
+  state.lastSeq = data.events.length ? data.events[data.events.length - 1].seq : data.last_seq;
+  state.approveMode = data.approve_mode;
+  $("approve-mode").value = data.approve_mode;
+  document.title = `${data.title || t("untitled")} · Mini Agent`;
+  $("load-earlier").hidden = !(data.events.length && data.events[0].seq > 1);
+  transcript.renderAll(state.events);
+  setStatus(data.status);
+  state.loaded = true;
+  highlightSession();
+  scrollToEnd(true);
+  subscribe();
+}
+
+async function loadEarlier() {
+  const first = state.events[0]?.seq;
+  if (!first || first <= 1) return;
+  const gen = state.generation;
+  const after = Math.max(0, first - 1 - HISTORY_TAIL);
+  const data = await call("GET", `agent/chat?session_id=${encodeURIComponent(state.sessionId)}`
+                          + `&after=${after}&limit=${first - 1 - after}`);
+  if (gen !== state.generation) return;
+  const box = $("transcript");
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  state.events = data.events.concat(state.events);
+  transcript.renderAll(state.events);
+  $("load-earlier").hidden = !(state.events[0].seq > 1);
+  box.scrollTop = box.scrollHeight - fromBottom;      // keep the reader where they were
+}
+
+async function refreshSessions() {
+  let data;
+  try { data = await call("GET", "agent/sessions"); } catch { return; }
+  const list = $("sessions");
+  list.replaceChildren();
+  for (const s of data.sessions) {
+    const li = document.createElement("li");
+    li.dataset.sessionId = s.session_id;
+    const a = document.createElement("a");
+    a.href = `?session=${encodeURIComponent(s.session_id)}`;
+    a.textContent = s.title || t("untitled");
+    a.title = s.title;
+    a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); });
+    const status = document.createElement("span");
+    status.className = `status ${s.status}`;
+    status.textContent = s.status === "idle" ? "" : t(`status_${s.status}`);
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "delete";
+    del.textContent = "✕";
+    del.title = t("delete");
+    del.setAttribute("aria-label", `${t("delete")} ${s.title}`);
+    del.addEventListener("click", () => deleteSession(s.session_id));
+    li.append(a, status, del);
+    list.append(li);
+  }
+  highlightSession();
+}
+
+function highlightSession() {
+  for (const li of $("sessions").children) {
+    li.classList.toggle("current", li.dataset.sessionId === state.sessionId);
+  }
+}
+
+async function deleteSession(sessionId) {
+  if (!confirm(t("confirm_delete"))) return;
+  try { await call("DELETE", `agent/sessions/${encodeURIComponent(sessionId)}`); }
+  catch (err) { notice(err.message, "error"); }
+  if (sessionId === state.sessionId) await openSession(null);
+  refreshSessions();
+}
+
+// ------------------------------------------------------------- WebSocket ---
+function connect() {
+  const url = api("agent/ws");
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  setConn("connecting");
+  const ws = new WebSocket(url);
+  state.ws = ws;
+  ws.addEventListener("open", () => {
+    state.retry = 0;
+    state.wsLive = true;
+    setConn("live");
+    subscribe();
+  });
+  ws.addEventListener("message", (msg) => {
+    let frame;
+    try { frame = JSON.parse(msg.data); } catch { return; }
+    if (typeof frame.seq === "number") onEvent(frame);
+    else if (frame.type === "subscribed" && frame.session_id === state.sessionId) setStatus(frame.status);
+    else if (frame.type === "error") console.warn("server:", frame.message);
+  });
+  ws.addEventListener("close", (e) => {
+    if (state.ws !== ws) return;
+    state.wsLive = false;
+    setConn("down");
+    // 4008: we fell behind; catch up from the store at once.  Otherwise back
+    // off (0.5 s, 1 s, 2 s … 10 s) so a restarting server is not hammered.
+    const delay = e.code === 4008 ? 0 : Math.min(10000, 500 * 2 ** state.retry++);
+    clearTimeout(state.retryTimer);
+    state.retryTimer = setTimeout(connect, delay);
+  });
+}
+
+function subscribe() {
+  if (!state.wsLive || !state.sessionId || !state.loaded) return;
+  state.ws.send(JSON.stringify({ type: "subscribe", session_id: state.sessionId, after: state.lastSeq }));
+}
+
+function onEvent(ev) {
+  if (ev.session_id !== state.sessionId || ev.seq <= state.lastSeq) return;   // old or doubled
+  state.lastSeq = ev.seq;
+  state.events.push(ev);
+  const stick = nearBottom();
+  transcript.apply(ev);
+  if (ev.type === "message" && ev.role === "user") setStatus("running");
+  else if (ev.type === "approval_request") setStatus("awaiting_approval");
+  else if (ev.type === "approval") setStatus("running");
+  else if (ev.type === "done") { setStatus("idle"); refreshSessions(); }
+  else if (ev.type === "tool_result" || ev.type === "approval") updateApprovalBar();
+  scrollToEnd(stick);
+}
+
+function setConn(kind) {
+  const el = $("conn");
+  el.className = `conn ${kind === "live" ? "live" : kind === "down" ? "down" : ""}`;
+  el.textContent = t(kind) + (state.status !== "idle" ? ` · ${t(`status_${state.status}`)}` : "");
+  el.dataset.state = kind;
+}
+
+function setStatus(status) {
+  state.status = status;
+  const running = status !== "idle";
+  const send = $("send");
+  send.textContent = running ? t("stop") : t("send");
+  send.classList.toggle("danger", running);
+  send.classList.toggle("primary", !running);
+  send.dataset.mode = running ? "stop" : "send";
+  setConn(state.wsLive ? "live" : ($("conn").dataset.state || "connecting"));
+  updateApprovalBar();
+}
+
+function updateApprovalBar() {
+  const bar = $("approval-bar");
+  const [first] = transcript.pending.values();
+  if (!first) { bar.hidden = true; bar.replaceChildren(); return; }
+  if (bar.dataset.callId === first.call_id && !bar.hidden) return;
+  bar.dataset.callId = first.call_id;
+  const label = document.createElement("strong");
+  label.textContent = t("approval_bar", { tool: first.tool });
+  const what = div("what");
+  what.textContent = formatArgs(first.tool, first.input);
+  bar.replaceChildren(label, what, ...approvalButtons(first.call_id, first.tool));
+  bar.hidden = false;
+}
+
+// ----------------------------------------------------------------- actions ---
+async function send(text) {
+  const body = { message: text };
+  if (state.sessionId) body.session_id = state.sessionId;
+  else body.approve_mode = $("approve-mode").value;
+  let data;
+  try {
+    data = await call("POST", "agent/chat", body);
+  } catch (err) {
+    notice(err.status === 409 ? t("busy") : `${t("error_prefix")}: ${err.message}`, "error");
+    return false;
+  }
+  if (data.session_id !== state.sessionId) {
+    await openSession(data.session_id);
+  }
+  setStatus("running");
+  refreshSessions();
+  return true;
+}
+
+async function stop() {
+  if (!state.sessionId) return;
+  try { await call("POST", "agent/cancel", { session_id: state.sessionId }); }
+  catch (err) { if (err.status !== 409) notice(err.message, "error"); }
+}
+
+async function answer(callId, decision) {
+  try {
+    await call("POST", "agent/approve", { session_id: state.sessionId, call_id: callId, decision });
+  } catch (err) {
+    notice(err.status === 409 ? t("answered") : err.message, "error");
+  }
+}
+
+function slash(line) {
+  const cmd = line.split(/\s+/)[0].toLowerCase();
+  if (cmd === "/help") notice(t("help"));
+  else if (cmd === "/clear") openSession(null);
+  else if (cmd === "/history") {
+    const lines = [];
+    for (const ev of state.events) {
+      if (ev.type === "message" && !ev.incomplete) {
+        lines.push(`${ev.role === "user" ? "you" : "agent"}: ${ev.content.replace(/\s+/g, " ").slice(0, 160)}`);
+      } else if (ev.type === "tool_call") lines.push(`  🔧 ${ev.tool} ${formatArgs(ev.tool, ev.input).slice(0, 120)}`);
+    }
+    notice(lines.join("\n") || t("history_empty"));
+  } else if (cmd === "/stats") {
+    const done = state.events.filter((e) => e.type === "done");
+    const sum = (f) => done.reduce((n, e) => n + (f(e) || 0), 0);
+    notice(t("stats", { runs: done.length, steps: sum((e) => e.steps),
+      inp: sum((e) => e.usage?.input_tokens), out: sum((e) => e.usage?.output_tokens) }));
+  } else notice(t("help"));
+}
+
+// ----------------------------------------------------------------- helpers ---
+function nearBottom() {
+  const box = $("transcript");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+}
+
+function scrollToEnd(really) {
+  if (!really) return;
+  const box = $("transcript");
+  requestAnimationFrame(() => { box.scrollTop = box.scrollHeight; });
+}
+
+function applyLabels() {
+  document.documentElement.lang = LANG === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of document.querySelectorAll("[data-i18n-title]")) el.title = t(el.dataset.i18nTitle);
+}
+
+// -------------------------------------------------------------- start-up ---
+function wire() {
+  const input = $("input");
+  $("composer").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if ($("send").dataset.mode === "stop") { stop(); return; }
+    const text = input.value.trim();
+    if (!text) return;
+    if (text.startsWith("/")) { input.value = ""; slash(text); return; }
+    input.value = "";
+    if (!(await send(text))) input.value = text;
+  });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && state.status !== "idle") { e.preventDefault(); stop(); }
+  });
+  $("new-session").addEventListener("click", () => { openSession(null); input.focus(); });
+  $("load-earlier").addEventListener("click", loadEarlier);
+  $("toggle-sidebar").addEventListener("click", () => $("sidebar").classList.toggle("hidden"));
+  $("approve-mode").addEventListener("change", async (e) => {
+    state.approveMode = e.target.value;
+    if (state.sessionId) {
+      try { await call("PATCH", `agent/sessions/${encodeURIComponent(state.sessionId)}`, { approve_mode: e.target.value }); }
+      catch (err) { notice(err.message, "error"); }
+    }
+  });
+  window.addEventListener("popstate", () => {
+    openSession(new URLSearchParams(location.search).get("session"), { push: false });
+  });
+}
+
+async function main() {
+  applyLabels();
+  wire();
+  try {
+    state.config = await call("GET", "agent/config");
+  } catch {
+    setConn("offline");
+    return;           // the auth banner says what to do
+  }
+  const model = $("model");
+  model.textContent = state.config.demo ? `demo · ${state.config.model}` : `${state.config.provider} · ${state.config.model}`;
+  if (state.config.demo) {
+    $("demo-banner").textContent = t("demo");
+    $("demo-banner").hidden = false;
+  }
+  connect();
+  await openSession(state.sessionId, { push: false });
+  refreshSessions();
+  setInterval(refreshSessions, 15000);
+  $("input").focus();
+}
+
+main();

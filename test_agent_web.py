@@ -1,0 +1,757 @@
+"""The test suite of Mini Agent Web: the spec, one behaviour per test.
+
+    python -m pytest -q test_agent_web.py
+
+Everything runs against real sockets on 127.0.0.1: a fake LLM *server* that
+writes the providers' exact Server-Sent Events byte for byte (FakeLLM), the
+real `python agent_web.py` under uvicorn + wsproto on an ephemeral port
+(ServerProcess), a real WebSocket client (`websockets`), and the page in
+Debian's headless Chromium via Playwright (the `browser` fixture).
+
+Sections: the fake LLM → helpers → agent core (issue 2) → server (issue 3)
+→ approvals (issue 7) → bad input and faults (issue 5) → the page (issue 4).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+import agent_core as core
+import agent_web
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "test-token-1234"
+
+# =============================================================================
+# The fake LLM server: both providers' wire formats, scriptable
+# =============================================================================
+#
+# A reply is described neutrally (Reply) and encoded per protocol.  Tests push
+# replies (or raw HTTP failures) onto `llm.script`; when the script is empty,
+# a rule answers: "run: CMD" calls bash, a tool result is summarised, "slow"
+# streams slowly, anything else is echoed.
+
+
+class Reply:
+    def __init__(self, text: str = "", *, thinking: str = "", signature: str = "sig-1",
+                 tools: list[tuple[str, str]] = (), delay: float = 0.0, cut_after: int | None = None,
+                 fragments: int = 3, status: int = 200, headers: dict | None = None,
+                 body: bytes = b"", hang: bool = False, raw: list[bytes] | None = None):
+        self.text, self.thinking, self.signature = text, thinking, signature
+        self.tools = list(tools)            # (name, arguments as raw JSON text)
+        self.delay, self.cut_after, self.fragments = delay, cut_after, fragments
+        self.status, self.headers, self.body, self.hang, self.raw = (
+            status, headers or {}, body, hang, raw)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\S+\s*|\s+", text) or [text]
+
+
+def split(text: str, n: int) -> list[str]:
+    size = max(1, -(-len(text) // n))
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+def anthropic_sse(r: Reply) -> list[bytes]:
+    def ev(name: str, data: dict) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    out = [ev("message_start", {"type": "message_start", "message": {
+        "id": "msg_fake", "type": "message", "role": "assistant", "content": [],
+        "model": "claude-fake", "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 11, "output_tokens": 1}}}), ev("ping", {"type": "ping"})]
+    index = 0
+    if r.thinking:
+        out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": {"type": "thinking", "thinking": ""}}))
+        for w in words(r.thinking):
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "thinking_delta", "thinking": w}}))
+        out.append(ev("content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": "signature_delta",
+                                                        "signature": r.signature}}))
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+    if r.text:
+        out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": {"type": "text", "text": ""}}))
+        for w in words(r.text):
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "text_delta", "text": w}}))
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+    for n, (name, args) in enumerate(r.tools):
+        out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": {"type": "tool_use",
+                                                                "id": f"toolu_{n}_{time.time_ns()}",
+                                                                "name": name, "input": {}}}))
+        for part in split(args, r.fragments):
+            out.append(ev("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "input_json_delta",
+                                                            "partial_json": part}}))
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+    out.append(ev("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": "tool_use" if r.tools else "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 7}}))
+    out.append(ev("message_stop", {"type": "message_stop"}))
+    return out
+
+
+def openai_sse(r: Reply) -> list[bytes]:
+    def chunk(delta: dict, finish=None, **extra) -> bytes:
+        data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+                "model": "gpt-fake", "choices": [{"index": 0, "delta": delta,
+                                                  "logprobs": None, "finish_reason": finish}]}
+        data.update(extra)
+        return f"data: {json.dumps(data)}\n\n".encode()
+    out = [chunk({"role": "assistant", "content": ""})]
+    for w in words(r.thinking) if r.thinking else []:
+        out.append(chunk({"reasoning_content": w}))
+    for w in words(r.text) if r.text else []:
+        out.append(chunk({"content": w}))
+    for n, (name, args) in enumerate(r.tools):
+        out.append(chunk({"tool_calls": [{"index": n, "id": f"call_{n}_{time.time_ns()}",
+                                          "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]}))
+        for part in split(args, r.fragments):
+            out.append(chunk({"tool_calls": [{"index": n, "function": {"arguments": part}}]}))
+    out.append(chunk({}, "tool_calls" if r.tools else "stop"))
+    out.append(("data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                       "created": 1, "model": "gpt-fake", "choices": [],
+                                       "usage": {"prompt_tokens": 11, "completion_tokens": 7,
+                                                 "total_tokens": 18}}) + "\n\n").encode())
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def default_reply(body: dict, protocol: str) -> Reply:
+    """What the fake model says when no test scripted otherwise."""
+    msgs = body["messages"]
+    last = msgs[-1]
+    content = last["content"]
+    if protocol == "anthropic":
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        results = [b for b in blocks if b.get("type") == "tool_result"]
+        texts = [b["text"] for b in blocks if b.get("type") == "text"]
+        if results and not texts:
+            out = results[-1]["content"]
+            return Reply(f"The tool said: {out.strip().splitlines()[0] if out.strip() else ''}")
+        prompt = texts[-1] if texts else ""
+    else:
+        if last["role"] == "tool":
+            out = last["content"]
+            return Reply(f"The tool said: {out.strip().splitlines()[0] if out.strip() else ''}")
+        prompt = content or ""
+    if prompt.startswith("run: "):
+        return Reply("Running it.", tools=[("bash", json.dumps({"command": prompt[5:]}))])
+    if prompt.startswith("slow"):
+        return Reply(" ".join(f"word{i}" for i in range(60)) + " END", delay=0.05)
+    if prompt.startswith("say: "):
+        return Reply(prompt[5:])
+    return Reply(f"You said: {prompt}")
+
+
+class FakeLLM:
+    """An HTTP server on 127.0.0.1 speaking Anthropic Messages and OpenAI Chat
+    Completions streaming.  `requests` records every request body."""
+
+    def __init__(self):
+        self.script: list[Reply] = []
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length))
+                protocol = "anthropic" if self.path.endswith("/v1/messages") else "openai"
+                with fake.lock:
+                    fake.requests.append(body)
+                    fake.headers.append(dict(self.headers))
+                    reply = fake.script.pop(0) if fake.script else None
+                if reply is None:
+                    reply = default_reply(body, protocol)
+                if reply.hang:
+                    time.sleep(30)
+                    return
+                if reply.status != 200:
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    payload = reply.body or json.dumps(
+                        {"type": "error", "error": {"type": "api_error", "message": "boom"}}).encode()
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                chunks = reply.raw if reply.raw is not None else (
+                    anthropic_sse(reply) if protocol == "anthropic" else openai_sse(reply))
+                if reply.cut_after is not None:
+                    chunks = chunks[:reply.cut_after]
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("cache-control", "no-cache")
+                self.send_header("connection", "close")
+                self.end_headers()
+                try:
+                    for c in chunks:
+                        self.wfile.write(c)
+                        self.wfile.flush()
+                        if reply.delay:
+                            time.sleep(reply.delay)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def llm():
+    fake = FakeLLM()
+    yield fake
+    fake.close()
+
+
+# =============================================================================
+# Helpers
+# =============================================================================
+
+def cfg_for(fake: FakeLLM, protocol: str = "anthropic", **kw) -> core.LLMConfig:
+    base = fake.url if protocol == "anthropic" else fake.url + "/v1"
+    kw.setdefault("retry_base_delay", 0.01)
+    return core.LLMConfig(protocol, f"{protocol}-fake", "key-123", base, **kw)
+
+
+async def run_agent(cfg: core.LLMConfig, workspace: Path, prompt: str, **kw) -> list[dict]:
+    history = kw.pop("history", [])
+    history.append({"role": "user", "content": prompt})
+    async with core.make_http_client(cfg) as http:
+        agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(workspace), **kw)
+        return [ev async for ev in agent.run(history)]
+
+
+def of(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["type"] == kind]
+
+
+def free_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ANTHROPIC_", "OPENAI_", "MINIMAX_", "AGENT_"))}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class ServerProcess:
+    """`python agent_web.py` on an ephemeral loopback port, as a user runs it."""
+
+    def __init__(self, tmp: Path, llm: FakeLLM | None, protocol: str = "anthropic",
+                 approve: str = "auto", extra_env: dict | None = None, args: list[str] = ()):
+        self.tmp, self.db = tmp, tmp / "agent.db"
+        self.workspace = tmp / "ws"
+        env = free_env(AGENT_WEB_TOKEN=TOKEN, AGENT_RETRY_BASE_DELAY="0.05",
+                       AGENT_LLM_READ_TIMEOUT="5", PYTHONUNBUFFERED="1")
+        if llm is not None and protocol == "anthropic":
+            env.update(ANTHROPIC_API_KEY="key-123", ANTHROPIC_BASE_URL=llm.url)
+        elif llm is not None:
+            env.update(OPENAI_API_KEY="key-123", OPENAI_BASE_URL=llm.url + "/v1")
+        env.update(extra_env or {})
+        self.env, self.args, self.approve = env, list(args), approve
+        self.proc = None
+        self.start()
+
+    def start(self):
+        cmd = [sys.executable, str(HERE / "agent_web.py"), "--port", "0", "--no-browser",
+               "--db", str(self.db), "--workspace", str(self.workspace),
+               "--approve", self.approve, *self.args]
+        self.log = open(self.tmp / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=self.env,
+                                     cwd=self.tmp)
+        deadline = time.time() + 20
+        self.lines = []
+        while time.time() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"Open (http://127\.0\.0\.1:(\d+)/\?token=\S+)", line)
+            if m:
+                self.url, self.port = m.group(1), int(m.group(2))
+                self.base = f"http://127.0.0.1:{self.port}"
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                return
+        raise RuntimeError("server did not start: " + "".join(self.lines)
+                           + (self.tmp / "server.log").read_text())
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    # -- HTTP and WebSocket clients ---------------------------------------------
+    def http(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None,
+             token: bool = True) -> httpx.Response:
+        h = {"authorization": f"Bearer {TOKEN}"} if token else {}
+        h.update(headers or {})
+        if body is not None:
+            return httpx.request(method, self.base + path, json=body, headers=h, timeout=10)
+        return httpx.request(method, self.base + path, content=raw, headers=h, timeout=10)
+
+    def chat(self, message: str, session_id: str | None = None, **extra) -> dict:
+        body = {"message": message, **extra}
+        if session_id:
+            body["session_id"] = session_id
+        r = self.http("POST", "/agent/chat", body)
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def history(self, session_id: str, after: int = 0) -> dict:
+        r = self.http("GET", f"/agent/chat?session_id={session_id}&after={after}&limit=5000")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_status(self, session_id: str, status: str = "idle", timeout: float = 20) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = self.history(session_id)
+            if h["status"] == status and (status != "idle" or of(h["events"], "done")):
+                return h
+            time.sleep(0.05)
+        raise AssertionError(f"session never became {status}: {h['status']}")
+
+    def wait_event(self, session_id: str, kind: str, timeout: float = 20, count: int = 1) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            evs = of(self.history(session_id)["events"], kind)
+            if len(evs) >= count:
+                return evs[count - 1]
+            time.sleep(0.03)
+        raise AssertionError(f"no {kind} event")
+
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/agent/ws?token={TOKEN}"
+
+
+@pytest.fixture
+def server(tmp_path, llm):
+    s = ServerProcess(tmp_path, llm)
+    yield s
+    s.stop()
+
+
+async def ws_collect(url: str, session_id: str, after: int = 0, until=lambda e: e["type"] == "done",
+                     timeout: float = 20, **kw) -> list[dict]:
+    """Subscribe and collect events until `until` holds; returns the event frames."""
+    events = []
+    async with websockets.connect(url, **kw) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "session_id": session_id, "after": after}))
+        first = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        assert first["type"] == "subscribed", first
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+            if "seq" in frame:
+                events.append(frame)
+                if until(frame):
+                    return events
+
+
+def wire_events(events: list[dict]) -> list[tuple]:
+    return [(e["seq"], e["type"]) for e in events]
+
+
+# =============================================================================
+# Agent core (issue 2): both protocols against the fake server
+# =============================================================================
+
+PROTOCOLS = ["anthropic", "openai"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_streamed_text_arrives_as_deltas_then_one_message(llm, tmp_path, protocol):
+    llm.script.append(Reply("Hello there, streaming world."))
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
+    deltas = "".join(e["content"] for e in of(events, "delta") if e["channel"] == "text")
+    assert deltas == "Hello there, streaming world."
+    assert of(events, "message")[0]["content"] == deltas
+    done = events[-1]
+    assert done["type"] == "done" and done["status"] == "done"
+    assert done["usage"] == {"input_tokens": 11, "output_tokens": 7}
+
+
+def test_anthropic_request_carries_key_version_and_stream(llm, tmp_path):
+    asyncio.run(run_agent(cfg_for(llm), tmp_path, "hi"))
+    h = {k.lower(): v for k, v in llm.headers[0].items()}
+    assert h["x-api-key"] == "key-123" and h["anthropic-version"] == "2023-06-01"
+    assert llm.requests[0]["stream"] is True
+    assert {t["name"] for t in llm.requests[0]["tools"]} == {"bash", "read_file", "write_file",
+                                                             "edit_file"}
+
+
+def test_openai_request_asks_for_usage_and_sends_bearer(llm, tmp_path):
+    asyncio.run(run_agent(cfg_for(llm, "openai"), tmp_path, "hi"))
+    h = {k.lower(): v for k, v in llm.headers[0].items()}
+    assert h["authorization"] == "Bearer key-123"
+    assert llm.requests[0]["stream_options"] == {"include_usage": True}
+
+
+def test_anthropic_thinking_and_signature_are_sent_back_next_request(llm, tmp_path):
+    llm.script.append(Reply("Let me look.", thinking="I should list files.", signature="SIG42",
+                            tools=[("bash", '{"command": "echo hi"}')]))
+    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go"))
+    assert of(events, "thinking")[0]["content"] == "I should list files."
+    second = llm.requests[1]["messages"]
+    assistant = [m for m in second if m["role"] == "assistant"][0]
+    assert assistant["content"][0] == {"type": "thinking", "thinking": "I should list files.",
+                                       "signature": "SIG42"}
+
+
+def test_openai_reasoning_content_becomes_thinking(llm, tmp_path):
+    llm.script.append(Reply("Answer.", thinking="Because reasons."))
+    events = asyncio.run(run_agent(cfg_for(llm, "openai"), tmp_path, "why"))
+    assert of(events, "thinking")[0]["content"] == "Because reasons."
+    assert any(e["channel"] == "thinking" for e in of(events, "delta"))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_tool_call_json_in_fragments_is_assembled_and_run(llm, tmp_path, protocol):
+    llm.script.append(Reply("", tools=[("write_file", json.dumps(
+        {"path": "a/b.txt", "content": "fragmented hello"}))], fragments=7))
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "write"))
+    call = of(events, "tool_call")[0]
+    assert call["input"] == {"path": "a/b.txt", "content": "fragmented hello"}
+    assert (tmp_path / "a/b.txt").read_text() == "fragmented hello"
+    assert of(events, "tool_result")[0]["is_error"] is False
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_two_tool_calls_in_one_step_both_run_in_order(llm, tmp_path, protocol):
+    llm.script.append(Reply("Two things.", tools=[("bash", '{"command": "echo one"}'),
+                                                  ("bash", '{"command": "echo two"}')]))
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "both"))
+    results = of(events, "tool_result")
+    assert [r["output"].strip() for r in results] == ["one", "two"]
+    assert [c["call_id"] for c in of(events, "tool_call")] == [r["call_id"] for r in results]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_unknown_tool_is_an_error_the_model_reads(llm, tmp_path, protocol):
+    llm.script.append(Reply("", tools=[("launch_rockets", "{}")]))
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    result = of(events, "tool_result")[0]
+    assert result["is_error"] and "launch_rockets" in result["output"]
+    assert events[-1]["status"] == "done"      # and the run went on
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_non_json_arguments_are_a_tool_error_not_a_crash(llm, tmp_path, protocol):
+    llm.script.append(Reply("", tools=[("bash", '{"command": "echo hi"')]))   # truncated
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    result = of(events, "tool_result")[0]
+    assert result["is_error"] and "JSON" in result["output"]
+    assert events[-1]["status"] == "done"
+
+
+def test_wrong_argument_type_is_a_tool_error(llm, tmp_path):
+    llm.script.append(Reply("", tools=[("bash", '{"command": 42}')]))
+    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go"))
+    assert of(events, "tool_result")[0]["is_error"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_429_with_retry_after_is_retried_then_succeeds(llm, tmp_path, protocol):
+    llm.script.append(Reply(status=429, headers={"retry-after": "0.2"}))
+    llm.script.append(Reply("finally"))
+    started = time.monotonic()
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
+    retry = of(events, "error")[0]
+    assert retry["retrying"] is True and "429" in retry["message"]
+    assert time.monotonic() - started >= 0.2            # Retry-After was honoured
+    assert len(llm.requests) == 2 and events[-1]["status"] == "done"
+
+
+@pytest.mark.parametrize("status", [500, 529])
+def test_5xx_and_529_are_retried(llm, tmp_path, status):
+    llm.script.append(Reply(status=status))
+    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "hi"))
+    assert of(events, "error")[0]["retrying"] and events[-1]["status"] == "done"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_401_is_not_retried_and_says_key_rejected(llm, tmp_path, protocol):
+    llm.script.append(Reply(status=401, body=b'{"error": {"message": "invalid x-api-key"}}'))
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
+    assert len(llm.requests) == 1
+    errors = of(events, "error")
+    assert len(errors) == 1 and not errors[0]["retrying"]
+    assert "401" in errors[0]["message"] and llm.url in errors[0]["message"]
+    assert events[-1]["status"] == "error"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_stream_cut_mid_tool_call_never_runs_the_half_call(llm, tmp_path, protocol):
+    marker = tmp_path / "ran.txt"
+    args = json.dumps({"command": f"touch {marker}"})
+    llm.script.append(Reply("About to", tools=[("bash", args)], cut_after=6 if protocol == "anthropic"
+                            else 4))
+    llm.script.append(Reply("Recovered without the tool."))
+    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    assert not marker.exists()
+    assert not of(events, "tool_call")
+    assert of(events, "error")[0]["retrying"]
+    assert events[-1]["status"] == "done"
+
+
+def test_stream_cut_every_time_ends_in_one_error_and_done(llm, tmp_path):
+    for _ in range(5):
+        llm.script.append(Reply("partial text here", cut_after=4))
+    events = asyncio.run(run_agent(cfg_for(llm, retry_attempts=3), tmp_path, "go"))
+    final = [e for e in of(events, "error") if not e["retrying"]]
+    assert len(final) == 1 and "message_stop" in final[0]["message"]
+    assert events[-1] == {**events[-1], "type": "done", "status": "error"}
+    incomplete = [m for m in of(events, "message") if m.get("incomplete")]
+    assert incomplete, "the text streamed before the cut is kept, marked incomplete"
+
+
+def test_garbage_sse_is_retried_then_reported(llm, tmp_path):
+    for _ in range(3):
+        llm.script.append(Reply(raw=[b"event: message_start\ndata: {not json\n\n"]))
+    events = asyncio.run(run_agent(cfg_for(llm, retry_attempts=3), tmp_path, "go"))
+    assert "garbled" in of(events, "error")[-1]["message"]
+    assert events[-1]["status"] == "error"
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cfg = core.LLMConfig("anthropic", "m", "k", f"http://127.0.0.1:{port}",
+                         retry_attempts=2, retry_base_delay=0.01)
+    events = asyncio.run(run_agent(cfg, tmp_path, "hi"))
+    errors = of(events, "error")
+    assert errors[0]["retrying"] and "cannot reach" in errors[-1]["message"]
+    assert events[-1]["status"] == "error"
+
+
+def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
+    llm.script += [Reply(hang=True), Reply(hang=True)]
+    cfg = cfg_for(llm, retry_attempts=2, read_timeout=0.5)
+    events = asyncio.run(run_agent(cfg, tmp_path, "hi"))
+    assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cancel_mid_stream_ends_cancelled_with_incomplete_message(llm, tmp_path, protocol):
+    llm.script.append(Reply(" ".join(["word"] * 200), delay=0.02))
+
+    async def scenario():
+        cfg = cfg_for(llm, protocol)
+        async with core.make_http_client(cfg) as http:
+            agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(tmp_path))
+            events = []
+            async for ev in agent.run([{"role": "user", "content": "talk"}]):
+                events.append(ev)
+                if len(of(events, "delta")) == 5:
+                    agent.cancel()
+            return events
+    events = asyncio.run(scenario())
+    assert events[-1]["status"] == "cancelled"
+    msg = of(events, "message")[-1]
+    assert msg["incomplete"] and msg["content"].startswith("word")
+
+
+def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
+    pidfile = tmp_path / "pid"
+    llm.script.append(Reply("", tools=[("bash", json.dumps(
+        {"command": f"echo $$ > {pidfile}; sleep 30"}))]))
+
+    async def scenario():
+        cfg = cfg_for(llm)
+        async with core.make_http_client(cfg) as http:
+            agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(tmp_path))
+            history = [{"role": "user", "content": "sleep"}]
+            events = []
+            async for ev in agent.run(history):
+                events.append(ev)
+                if ev["type"] == "tool_call":
+                    async def later():
+                        while not pidfile.exists() or not pidfile.read_text().strip():
+                            await asyncio.sleep(0.02)
+                        agent.cancel()
+                    asyncio.ensure_future(later())
+            return events, history
+    started = time.monotonic()
+    events, history = asyncio.run(scenario())
+    assert time.monotonic() - started < 20
+    assert events[-1]["status"] == "cancelled"
+    result = of(events, "tool_result")[0]
+    assert result["is_error"] and "cancel" in result["output"]
+    pid = int(pidfile.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert core.pending_tool_calls(history) == []      # the history stays valid
+
+
+def test_max_steps_stops_the_loop(llm, tmp_path):
+    for _ in range(5):
+        llm.script.append(Reply("again", tools=[("bash", '{"command": "true"}')]))
+    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "loop", max_steps=2))
+    assert events[-1]["status"] == "max_steps" and events[-1]["steps"] == 2
+    assert len(llm.requests) == 2
+
+
+def test_usage_is_summed_across_steps(llm, tmp_path):
+    llm.script.append(Reply("step", tools=[("bash", '{"command": "true"}')]))
+    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go"))
+    assert events[-1]["usage"] == {"input_tokens": 22, "output_tokens": 14}
+
+
+def test_workspace_escape_is_refused(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (tmp_path / "secret.txt").write_text("top secret")
+    (ws / "link").symlink_to(tmp_path / "secret.txt")
+    box = core.Toolbox(ws)
+
+    async def attempts():
+        return [await box.execute("read_file", {"path": p}) for p in
+                ("../secret.txt", str(tmp_path / "secret.txt"), "link")] + \
+               [await box.execute("write_file", {"path": "../evil.txt", "content": "x"})]
+    for output, is_error in asyncio.run(attempts()):
+        assert is_error and "outside the workspace" in output
+        assert "top secret" not in output
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_edit_file_with_two_matches_is_refused_and_says_how_many(tmp_path):
+    (tmp_path / "f.txt").write_text("a = 1\na = 1\n")
+    box = core.Toolbox(tmp_path)
+    output, is_error = asyncio.run(box.execute(
+        "edit_file", {"path": "f.txt", "old_str": "a = 1", "new_str": "a = 2"}))
+    assert is_error and "2" in output
+    assert (tmp_path / "f.txt").read_text() == "a = 1\na = 1\n"
+
+
+def test_edit_file_with_one_match_edits(tmp_path):
+    (tmp_path / "f.txt").write_text("x = 1\ny = 2\n")
+    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+        "edit_file", {"path": "f.txt", "old_str": "y = 2", "new_str": "y = 3"}))
+    assert not is_error and (tmp_path / "f.txt").read_text() == "x = 1\ny = 3\n"
+
+
+def test_read_file_numbers_lines_with_offset_and_limit(tmp_path):
+    (tmp_path / "f.txt").write_text("".join(f"line {i}\n" for i in range(1, 11)))
+    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+        "read_file", {"path": "f.txt", "offset": 3, "limit": 2}))
+    assert not is_error
+    assert "line 3" in output and "line 4" in output and "line 5" not in output
+    assert re.search(r"\b3\b.*line 3", output)
+
+
+def test_bash_timeout_kills_the_command(tmp_path):
+    started = time.monotonic()
+    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+        "bash", {"command": "sleep 20", "timeout": 1}))
+    assert is_error and "timed out" in output.lower()
+    assert time.monotonic() - started < 10
+
+
+def test_bash_output_is_capped_head_and_tail(tmp_path):
+    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+        "bash", {"command": "seq 1 2000000"}))
+    assert not is_error and len(output) < 40_000
+    assert output.startswith("1\n2\n") and output.rstrip().endswith("2000000")
+    assert "cut" in output
+
+
+def test_history_is_rebuilt_from_stored_events(llm, tmp_path):
+    llm.script.append(Reply("Checking.", thinking="hmm", tools=[("bash", '{"command": "echo x"}')]))
+    history: list[dict] = []
+    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go", history=history))
+    stored = [{"type": "message", "role": "user", "content": "go", "message_id": "u1"}] + events
+    assert core.history_from_events(stored) == history
+
+
+def test_terminal_front_end_runs_a_task_on_the_fake_server(llm, tmp_path):
+    llm.script.append(Reply("Running.", tools=[("bash", '{"command": "echo from-terminal"}')]))
+    out = subprocess.run(
+        [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path), "--approve", "ask"],
+        input="do it\ny\n/stats\n/exit\n", capture_output=True, text=True, timeout=60,
+        env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, NO_COLOR="1"))
+    assert out.returncode == 0, out.stderr
+    assert "$ echo from-terminal" in out.stdout
+    assert "Allow bash? [y/N/a]" in out.stdout
+    assert "from-terminal" in out.stdout.split("$ echo from-terminal", 1)[1]
+    assert "■ done" in out.stdout and "runs 1" in out.stdout
+
+
+def test_terminal_denied_tool_is_not_run(llm, tmp_path):
+    marker = tmp_path / "nope"
+    llm.script.append(Reply("", tools=[("bash", json.dumps({"command": f"touch {marker}"}))]))
+    out = subprocess.run(
+        [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path), "-t", "go"],
+        input="n\n", capture_output=True, text=True, timeout=60,
+        env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, NO_COLOR="1"))
+    assert "denied" in out.stdout and not marker.exists()
+
+
+def test_demo_model_with_no_key_calls_a_tool(tmp_path):
+    cfg = core.config_from_env(env={})
+    assert cfg.provider == "demo"
+    events = asyncio.run(run_agent(cfg, tmp_path, "list the files"))
+    assert of(events, "tool_call")[0]["input"] == {"command": "ls -la"}
+    assert events[-1]["status"] == "done" and "demo" in of(events, "message")[-1]["content"].lower()
+
+
+def test_config_reads_the_sdk_environment_variables():
+    assert core.config_from_env(env={"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://x/v1"}
+                                ).base_url == "http://x/v1"
+    mm = core.config_from_env(env={"MINIMAX_API_KEY": "k"})
+    assert mm.provider == "anthropic" and "minimax" in mm.base_url
+    assert core.config_from_env("openai", "m1", env={"ANTHROPIC_API_KEY": "a"}).model == "m1"
