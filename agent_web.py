@@ -1427,7 +1427,10 @@ def main(argv: list[str] | None = None) -> int:
                 webbrowser.open(url)
         await task
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:      # uvicorn re-raises Ctrl+C after its clean shutdown
+        pass
     return 0
 
 

@@ -755,3 +755,398 @@ def test_config_reads_the_sdk_environment_variables():
     mm = core.config_from_env(env={"MINIMAX_API_KEY": "k"})
     assert mm.provider == "anthropic" and "minimax" in mm.base_url
     assert core.config_from_env("openai", "m1", env={"ANTHROPIC_API_KEY": "a"}).model == "m1"
+
+
+# =============================================================================
+# The server (issue 3): real uvicorn + wsproto, real WebSocket clients
+# =============================================================================
+
+def test_a_message_streams_over_the_websocket_and_matches_the_store(server):
+    sid = server.chat("run: echo hello-web")["session_id"]
+    events = asyncio.run(ws_collect(server.ws_url(), sid))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message" and "tool_call" in kinds and "tool_result" in kinds
+    assert of(events, "tool_result")[0]["output"].strip() == "hello-web"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    stored = server.history(sid)
+    assert stored["events"] == events and stored["status"] == "idle"
+    assert stored["title"] == "run: echo hello-web"
+
+
+def test_post_answers_202_with_session_and_seq(server):
+    r = server.http("POST", "/agent/chat", {"message": "hi"})
+    assert r.status_code == 202
+    body = r.json()
+    assert body["seq"] == 1 and body["session_id"].startswith("s_")
+
+
+def test_two_subscribers_receive_identical_streams(server):
+    sid = server.chat("slow one")["session_id"]
+
+    async def both():
+        return await asyncio.gather(ws_collect(server.ws_url(), sid),
+                                    ws_collect(server.ws_url(), sid))
+    a, b = asyncio.run(both())
+    assert a == b and a[-1]["type"] == "done"
+
+
+def test_subscribe_mid_run_joins_store_and_live_with_no_gap(server):
+    sid = server.chat("slow answer")["session_id"]
+    server.wait_event(sid, "delta", count=5)
+    events = asyncio.run(ws_collect(server.ws_url(), sid, after=2))
+    assert [e["seq"] for e in events] == list(range(3, events[-1]["seq"] + 1))
+    text = "".join(e["content"] for e in of(events, "delta") if e["channel"] == "text")
+    assert of(events, "message")[-1]["content"].endswith(text)
+
+
+def test_a_run_completes_with_no_socket_connected(server):
+    sid = server.chat("run: echo nobody-watching")["session_id"]
+    h = server.wait_status(sid)
+    assert of(h["events"], "done")[0]["status"] == "done"
+    assert "nobody-watching" in of(h["events"], "tool_result")[0]["output"]
+
+
+def test_second_post_during_a_run_gets_409(server):
+    sid = server.chat("slow")["session_id"]
+    r = server.http("POST", "/agent/chat", {"session_id": sid, "message": "again"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "run_in_progress"
+
+
+def test_racing_posts_to_one_session_start_exactly_one_run(server):
+    sid = server.chat("say: first")["session_id"]
+    server.wait_status(sid)
+
+    async def race():
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {TOKEN}"}) as c:
+            return await asyncio.gather(*[
+                c.post(server.base + "/agent/chat", json={"session_id": sid, "message": f"slow {i}"})
+                for i in range(10)])
+    codes = sorted(r.status_code for r in asyncio.run(race()))
+    assert codes == [202] + [409] * 9
+    h = server.wait_status(sid)
+    assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
+
+
+def test_cancel_mid_stream_by_post(server):
+    sid = server.chat("slow talker")["session_id"]
+    server.wait_event(sid, "delta", count=3)
+    r = server.http("POST", "/agent/cancel", {"session_id": sid})
+    assert r.status_code == 202
+    h = server.wait_status(sid)
+    assert of(h["events"], "done")[-1]["status"] == "cancelled"
+    assert of(h["events"], "message")[-1]["incomplete"] is True
+
+
+def test_cancel_mid_tool_by_websocket_frame(server):
+    sid = server.chat("run: sleep 30")["session_id"]
+    server.wait_event(sid, "tool_call")
+
+    async def cancel_and_watch():
+        async with websockets.connect(server.ws_url()) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": 0}))
+            await ws.send(json.dumps({"type": "cancel"}))
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 15))
+                if frame.get("type") == "done":
+                    return frame
+    started = time.monotonic()
+    done = asyncio.run(cancel_and_watch())
+    assert done["status"] == "cancelled" and time.monotonic() - started < 10
+    assert of(server.history(sid)["events"], "tool_result")[0]["is_error"]
+
+
+def test_cancel_with_nothing_running_is_409(server):
+    sid = server.chat("say: quick")["session_id"]
+    server.wait_status(sid)
+    r = server.http("POST", "/agent/cancel", {"session_id": sid})
+    assert r.status_code == 409
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket (wsproto does the framing), so a
+    test controls exactly when bytes are read: a truly stalled reader."""
+
+    def __init__(self, port: int, path: str, rcvbuf: int = 4096):
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.conn = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.conn.send(Request(host=f"127.0.0.1:{port}", target=path)))
+        while not any(isinstance(e, AcceptConnection) for e in self._read()):
+            pass
+
+    def _read(self, timeout: float = 10) -> list:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536)
+        self.conn.receive_data(data or None)
+        return list(self.conn.events())
+
+    def send_json(self, obj: dict) -> None:
+        from wsproto.events import TextMessage
+        self.sock.sendall(self.conn.send(TextMessage(json.dumps(obj))))
+
+    def read_until_close(self, timeout: float = 30) -> tuple[int, list[dict]]:
+        """Read everything now; returns (close code, event frames received)."""
+        from wsproto.events import CloseConnection, TextMessage
+        frames, parts, deadline = [], [], time.time() + timeout
+        while time.time() < deadline:
+            for ev in self._read():
+                if isinstance(ev, TextMessage):
+                    parts.append(ev.data)
+                    if ev.message_finished:
+                        frame = json.loads("".join(parts))
+                        parts = []
+                        if "seq" in frame:
+                            frames.append(frame)
+                elif isinstance(ev, CloseConnection):
+                    return ev.code, frames
+        raise AssertionError("no close frame")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_subscriber_that_never_reads_is_closed_4008_and_the_run_goes_on(tmp_path, llm):
+    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_WEB_QUEUE_SIZE": "50"})
+    try:
+        # 10 MB streamed: far more than a stalled socket's buffers (4 MB here) hold
+        llm.script.append(Reply(" ".join(["y" * 2000] * 5000), delay=0.001))
+        sid = server.chat("say: go")["session_id"]
+        slow = RawWebSocket(server.port, f"/agent/ws?token={TOKEN}")
+        slow.send_json({"type": "subscribe", "session_id": sid, "after": 0})
+        events = asyncio.run(ws_collect(server.ws_url(), sid, timeout=60, max_size=None))
+        assert events[-1]["type"] == "done" and events[-1]["status"] == "done"
+        code, got = slow.read_until_close()
+        slow.close()
+        assert code == 4008
+        assert got == events[:len(got)] and len(got) < len(events)   # a prefix, no gap
+        assert server.history(sid)["events"] == events
+    finally:
+        server.stop()
+
+
+def test_killed_server_restarts_with_interrupted_run_and_continues(tmp_path, llm):
+    server = ServerProcess(tmp_path, llm)
+    try:
+        sid = server.chat("run: sleep 30")["session_id"]
+        server.wait_event(sid, "tool_call")
+        before = server.history(sid)["events"]
+        server.kill()
+        server.start()
+        h = server.wait_status(sid)
+        assert h["events"][:len(before)] == before            # nothing lost
+        tail = [e["type"] for e in h["events"][len(before):]]
+        assert tail == ["tool_result", "done"]
+        assert h["events"][-1]["status"] == "interrupted"
+        n = len(llm.requests)
+        server.chat("say: after restart", sid)
+        h = server.wait_status(sid)
+        assert of(h["events"], "done")[-1]["status"] == "done"
+        sent = llm.requests[n]["messages"]
+        flat = json.dumps(sent)
+        assert "run: sleep 30" in flat and "after restart" in flat   # full context
+        assert "sleep 30" in flat and "stopped" in flat              # the interrupted tool result
+    finally:
+        server.stop()
+
+
+def test_ctrl_c_ends_running_runs_as_interrupted(tmp_path, llm):
+    server = ServerProcess(tmp_path, llm)
+    sid = server.chat("run: sleep 30")["session_id"]
+    server.wait_event(sid, "tool_call")
+    server.stop()
+    assert server.proc.returncode == 0
+    db = sqlite3.connect(server.db)
+    kinds = [json.loads(r[0]) for r in db.execute(
+        "SELECT data FROM events WHERE session_id = ? ORDER BY seq", (sid,))]
+    assert kinds[-1]["type"] == "done" and kinds[-1]["status"] == "interrupted"
+    assert db.execute("SELECT status FROM sessions").fetchone()[0] == "idle"
+
+
+def test_sessions_list_newest_first_and_delete(server):
+    a = server.chat("say: first")["session_id"]
+    server.wait_status(a)
+    b = server.chat("say: second")["session_id"]
+    server.wait_status(b)
+    sessions = server.http("GET", "/agent/sessions").json()["sessions"]
+    assert [s["session_id"] for s in sessions][:2] == [b, a]
+    assert set(sessions[0]) >= {"session_id", "title", "status", "created_at", "updated_at",
+                                "last_seq"}
+    assert server.http("DELETE", f"/agent/sessions/{a}").status_code == 204
+    assert server.http("GET", f"/agent/chat?session_id={a}").status_code == 404
+    assert server.http("DELETE", f"/agent/sessions/{a}").status_code == 404
+
+
+def test_history_paging_after_and_limit(server):
+    sid = server.chat("slow, so every word is an event")["session_id"]
+    h = server.wait_status(sid)
+    page = server.http("GET", f"/agent/chat?session_id={sid}&after=2&limit=3").json()
+    assert [e["seq"] for e in page["events"]] == [3, 4, 5]
+    assert page["has_more"] is True and page["last_seq"] == h["last_seq"]
+    tail = server.http("GET", f"/agent/chat?session_id={sid}&tail=2").json()
+    assert [e["seq"] for e in tail["events"]] == [h["last_seq"] - 1, h["last_seq"]]
+
+
+def test_healthz_needs_no_token(server):
+    r = server.http("GET", "/healthz", token=False)
+    assert r.status_code == 200 and r.json() == {"ok": True}
+
+
+def test_no_token_is_401_on_every_agent_route(server):
+    for method, path in [("GET", "/agent/sessions"), ("GET", "/agent/chat?session_id=x"),
+                         ("POST", "/agent/chat"), ("POST", "/agent/cancel"),
+                         ("POST", "/agent/approve"), ("DELETE", "/agent/sessions/x"),
+                         ("GET", "/agent/config")]:
+        r = server.http(method, path, token=False)
+        assert r.status_code == 401, (method, path)
+        assert r.json()["error"]["code"] == "unauthorized"
+    r = server.http("GET", "/agent/sessions", token=False,
+                    headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_websocket_without_token_is_refused(server):
+    async def attempt():
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await websockets.connect(f"ws://127.0.0.1:{server.port}/agent/ws")
+        return info.value.response.status_code
+    assert asyncio.run(attempt()) == 401
+
+
+def test_foreign_origin_is_refused_on_post_and_websocket(server):
+    r = server.http("POST", "/agent/chat", {"message": "hi"},
+                    headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "bad_origin"
+
+    async def attempt():
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await websockets.connect(server.ws_url(), origin="http://evil.example")
+        return info.value.response.status_code
+    assert asyncio.run(attempt()) == 403
+    same = server.http("POST", "/agent/chat", {"message": "say: ok"},
+                       headers={"origin": server.base})
+    assert same.status_code == 202
+
+
+def test_foreign_host_is_403(server):
+    r = server.http("GET", "/agent/sessions", headers={"host": "evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "bad_host"
+    assert server.http("GET", "/", headers={"host": "evil.example:80"}).status_code == 403
+
+
+def test_oversized_body_is_413(server):
+    r = server.http("POST", "/agent/chat", raw=b'{"message": "' + b"x" * (2 << 20) + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_page_trades_token_for_a_strict_cookie(server):
+    r = httpx.get(server.url, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN in cookie
+    name = cookie.split("=", 1)[0]
+    page = httpx.get(server.base + "/", cookies={name: TOKEN})
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    api = httpx.get(server.base + "/agent/sessions", cookies={name: TOKEN})
+    assert api.status_code == 200
+
+
+def test_unknown_route_404_and_wrong_method_405_with_allow(server):
+    assert server.http("GET", "/nope").status_code == 404
+    r = server.http("PUT", "/agent/chat")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+
+
+def test_static_files_cannot_escape_the_static_folder(server):
+    assert server.http("GET", "/static/app.js").status_code == 200
+    for path in ("/static/../agent_web.py", "/static/%2e%2e/agent_web.py",
+                 "/static/..%2fschema.sql"):
+        assert server.http("GET", path).status_code == 404, path
+
+
+def test_module_level_app_runs_under_plain_uvicorn(tmp_path, llm):
+    port = free_port()
+    env = free_env(AGENT_WEB_TOKEN=TOKEN, ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url,
+                   AGENT_WEB_DB=str(tmp_path / "u.db"), AGENT_WORKSPACE=str(tmp_path / "ws"),
+                   AGENT_APPROVE="auto", PYTHONPATH=str(HERE))
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "agent_web:app", "--ws", "wsproto",
+                             "--port", str(port), "--log-level", "warning"], env=env, cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        h = {"authorization": f"Bearer {TOKEN}"}
+        r = httpx.post(f"http://127.0.0.1:{port}/agent/chat", json={"message": "say: plain"},
+                       headers=h)
+        assert r.status_code == 202
+        events = asyncio.run(ws_collect(f"ws://127.0.0.1:{port}/agent/ws?token={TOKEN}",
+                                        r.json()["session_id"]))
+        assert of(events, "message")[-1]["content"] == "plain"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+HOST_APP = '''
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+import agent_web
+
+inner = agent_web.create_app(db_path=sys.argv[2], workspace=sys.argv[3], token="{token}",
+                             approve="auto")
+host = Starlette(routes=[Route("/", lambda r: PlainTextResponse("host app")),
+                         Mount("/agent-ui", app=inner)])
+uvicorn.run(host, host="127.0.0.1", port=int(sys.argv[1]), ws="wsproto", log_level="warning",
+            lifespan="off")
+'''
+
+
+def test_mounted_under_a_prefix_in_starlette_serves_a_whole_flow(tmp_path, llm):
+    (tmp_path / "host_app.py").write_text(HOST_APP.format(token=TOKEN))
+    port = free_port()
+    env = free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, PYTHONPATH=str(HERE))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "host_app.py"), str(port),
+                             str(tmp_path / "m.db"), str(tmp_path / "ws")], env=env, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}/agent-ui"
+    try:
+        wait_http(base + "/healthz")
+        r = httpx.get(f"{base}/?token={TOKEN}", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/agent-ui/"
+        assert "Path=/agent-ui" in r.headers["set-cookie"]
+        cookies = {r.headers["set-cookie"].split("=", 1)[0]: TOKEN}
+        assert "static/app.js" in httpx.get(base + "/", cookies=cookies).text
+        assert httpx.get(base + "/static/app.js").status_code == 200
+        post = httpx.post(base + "/agent/chat", json={"message": "run: echo mounted"},
+                          cookies=cookies)
+        assert post.status_code == 202, post.text
+        sid = post.json()["session_id"]
+        events = asyncio.run(ws_collect(f"ws://127.0.0.1:{port}/agent-ui/agent/ws?token={TOKEN}",
+                                        sid))
+        assert "mounted" in of(events, "tool_result")[0]["output"]
+        listed = httpx.get(base + "/agent/sessions", cookies=cookies).json()["sessions"]
+        assert listed[0]["session_id"] == sid
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "host app"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
