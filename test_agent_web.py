@@ -1150,3 +1150,155 @@ def wait_http(url: str, timeout: float = 20) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} never answered")
+
+
+# =============================================================================
+# Approvals (issue 7)
+# =============================================================================
+
+@pytest.fixture
+def asking(tmp_path, llm):
+    s = ServerProcess(tmp_path, llm, approve="ask")
+    yield s
+    s.stop()
+
+
+def approve(server, sid, call_id, decision="allow") -> httpx.Response:
+    return server.http("POST", "/agent/approve", {"session_id": sid, "call_id": call_id,
+                                                  "decision": decision})
+
+
+def test_ask_mode_waits_then_allow_runs_the_tool(asking):
+    sid = asking.chat("run: echo approved-run")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+    h = asking.wait_status(sid, "awaiting_approval")
+    assert not of(h["events"], "tool_result")          # nothing ran yet
+    assert req["tool"] == "bash" and req["input"] == {"command": "echo approved-run"}
+    assert approve(asking, sid, req["call_id"]).status_code == 202
+    h = asking.wait_status(sid)
+    assert of(h["events"], "approval")[0]["decision"] == "allow"
+    assert of(h["events"], "tool_result")[0]["output"].strip() == "approved-run"
+
+
+def test_deny_gives_the_model_an_error_result_and_the_run_goes_on(asking, llm):
+    marker = asking.workspace / "denied"
+    sid = asking.chat(f"run: touch {marker}")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+    assert approve(asking, sid, req["call_id"], "deny").status_code == 202
+    h = asking.wait_status(sid)
+    result = of(h["events"], "tool_result")[0]
+    assert result["is_error"] and "denied" in result["output"]
+    assert of(h["events"], "done")[0]["status"] == "done" and not marker.exists()
+    assert "denied" in json.dumps(llm.requests[-1]["messages"][-1])   # the model was told
+
+
+def test_answer_by_websocket_from_a_second_tab(asking):
+    sid = asking.chat("run: echo second-tab")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+
+    async def second_tab():
+        async with websockets.connect(asking.ws_url()) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": 0}))
+            await ws.send(json.dumps({"type": "approve", "call_id": req["call_id"],
+                                      "decision": "allow"}))
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 15))
+                if frame.get("type") == "done":
+                    return
+    asyncio.run(second_tab())
+    assert "second-tab" in of(asking.history(sid)["events"], "tool_result")[0]["output"]
+
+
+def test_racing_answers_one_202_one_409(asking):
+    sid = asking.chat("run: echo race")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+
+    async def race():
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {TOKEN}"}) as c:
+            return await asyncio.gather(*[c.post(asking.base + "/agent/approve", json={
+                "session_id": sid, "call_id": req["call_id"], "decision": d})
+                for d in ("allow", "deny")])
+    codes = sorted(r.status_code for r in asyncio.run(race()))
+    assert codes == [202, 409]
+    h = asking.wait_status(sid)
+    assert len(of(h["events"], "approval")) == 1
+
+
+def test_cancel_while_waiting_ends_the_run_cleanly(asking):
+    sid = asking.chat("run: echo never")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+    assert asking.http("POST", "/agent/cancel", {"session_id": sid}).status_code == 202
+    h = asking.wait_status(sid)
+    assert of(h["events"], "done")[-1]["status"] == "cancelled"
+    result = of(h["events"], "tool_result")[0]
+    assert result["call_id"] == req["call_id"] and result["is_error"]
+    assert approve(asking, sid, req["call_id"]).status_code == 409
+
+
+def test_answer_after_server_restart_continues_the_run_to_done(asking):
+    sid = asking.chat("run: echo after-restart")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+    asking.kill()
+    asking.start()
+    h = asking.history(sid)
+    assert h["status"] == "awaiting_approval"
+    assert len(of(h["events"], "approval_request")) == 1          # not asked twice
+    assert approve(asking, sid, req["call_id"]).status_code == 202
+    h = asking.wait_status(sid)
+    assert "after-restart" in of(h["events"], "tool_result")[0]["output"]
+    assert of(h["events"], "done")[0]["status"] == "done"
+
+
+def test_graceful_restart_keeps_the_request_waiting(asking):
+    sid = asking.chat("run: echo graceful")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+    asking.stop()
+    asking.start()
+    assert asking.history(sid)["status"] == "awaiting_approval"
+    assert approve(asking, sid, req["call_id"]).status_code == 202
+    assert "graceful" in of(asking.wait_status(sid)["events"], "tool_result")[0]["output"]
+
+
+def test_second_post_while_waiting_is_409(asking):
+    sid = asking.chat("run: echo wait")["session_id"]
+    asking.wait_event(sid, "approval_request")
+    r = asking.http("POST", "/agent/chat", {"session_id": sid, "message": "hello?"})
+    assert r.status_code == 409
+
+
+def test_allow_always_is_remembered_for_the_session(asking):
+    sid = asking.chat("run: echo one")["session_id"]
+    req = asking.wait_event(sid, "approval_request")
+    assert approve(asking, sid, req["call_id"], "allow_always").status_code == 202
+    asking.wait_status(sid)
+    asking.chat("run: echo two", sid)
+    h = asking.wait_status(sid)
+    assert len(of(h["events"], "approval_request")) == 1
+    assert of(h["events"], "tool_result")[-1]["output"].strip() == "two"
+
+
+def test_auto_mode_never_asks(server):
+    sid = server.chat("run: echo auto")["session_id"]
+    h = server.wait_status(sid)
+    assert not of(h["events"], "approval_request")
+    assert of(h["events"], "tool_result")[0]["output"].strip() == "auto"
+
+
+def test_approve_mode_is_per_session_and_can_change(asking):
+    sid = asking.chat("run: echo first", approve_mode="auto")["session_id"]
+    assert not of(asking.wait_status(sid)["events"], "approval_request")
+    r = asking.http("PATCH", f"/agent/sessions/{sid}", {"approve_mode": "ask-all"})
+    assert r.status_code == 200 and r.json()["approve_mode"] == "ask-all"
+    asking.chat("run: echo second", sid)
+    assert asking.wait_event(sid, "approval_request")["input"] == {"command": "echo second"}
+
+
+def test_ask_all_asks_for_read_only_tools_and_ask_does_not(asking, llm):
+    (asking.workspace / "f.txt").write_text("content")
+    llm.script.append(Reply("", tools=[("read_file", '{"path": "f.txt"}')]))
+    sid = asking.chat("read it")["session_id"]
+    h = asking.wait_status(sid)
+    assert not of(h["events"], "approval_request")          # ask: reads are fine
+    llm.script.append(Reply("", tools=[("read_file", '{"path": "f.txt"}')]))
+    sid = asking.chat("read it", approve_mode="ask-all")["session_id"]
+    assert asking.wait_event(sid, "approval_request")["tool"] == "read_file"
