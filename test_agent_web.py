@@ -1302,3 +1302,327 @@ def test_ask_all_asks_for_read_only_tools_and_ask_does_not(asking, llm):
     llm.script.append(Reply("", tools=[("read_file", '{"path": "f.txt"}')]))
     sid = asking.chat("read it", approve_mode="ask-all")["session_id"]
     assert asking.wait_event(sid, "approval_request")["tool"] == "read_file"
+
+
+# =============================================================================
+# The page (issue 4, and approvals in the page): Debian's Chromium via Playwright
+# =============================================================================
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (see .ci/run)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page_for(browser):
+    """page_for(server) -> a signed-in tab; every tab of a test shares one context."""
+    contexts = []
+
+    def make(server, *, new_context=False, locale="en-US"):
+        if new_context or not contexts:
+            # bypass_csp lets Playwright evaluate its own wait expressions; it
+            # also means the XSS test below proves safety without the CSP's help.
+            contexts.append(browser.new_context(locale=locale, bypass_csp=True,
+                                                viewport={"width": 1200, "height": 800}))
+        page = contexts[-1].new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("dialog", lambda d: d.accept())
+        page.goto(server.url)
+        page.wait_for_selector("#conn.live")
+        return page
+    errors: list[str] = []
+    yield make
+    for c in contexts:
+        c.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def send_in_page(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_page_send_streams_the_answer_and_shows_a_tool_card(server, page_for):
+    page = page_for(server)
+    send_in_page(page, "run: echo from-the-page")
+    page.wait_for_selector(".done.status-done")
+    card = page.locator(".tool")
+    assert card.count() == 1
+    assert card.locator(".args").inner_text() == "$ echo from-the-page"
+    assert "from-the-page" in card.locator("pre.output").inner_text()
+    assert "ok" in card.get_attribute("class")
+    assert page.locator(".assistant").last.inner_text().startswith("The tool said: from-the-page")
+    assert "session=" in page.url                      # the URL names the session
+    assert page.locator("#sessions li").count() == 1
+
+
+def test_page_reload_mid_stream_shows_the_answer_once_complete(server, page_for, llm):
+    page = page_for(server)
+    llm.script.append(Reply("", tools=[("bash", '{"command": "echo card"}')]))
+    send_in_page(page, "run: echo card")
+    page.wait_for_selector(".done")
+    llm.script.append(Reply(" ".join(f"w{i}" for i in range(80)) + " FINAL", delay=0.04))
+    send_in_page(page, "say something slowly")
+    page.wait_for_function("document.querySelectorAll('.assistant').length >= 3 && "
+                           "document.querySelector('.assistant:last-of-type .md')?.textContent.includes('w10')")
+    page.reload()
+    page.wait_for_selector("#conn.live")
+    partial = page.locator(".assistant").last.inner_text()
+    assert "w10" in partial                            # the text so far, straight away
+    page.wait_for_selector(".done >> nth=1")
+    text = page.locator(".assistant").last.inner_text()
+    assert text.count("FINAL") == 1 and text.count("w1 ") == 1 and text.startswith("w0 w1 w2")
+    assert page.locator(".tool").count() == 1          # no doubled card
+    assert page.locator(".user").count() == 2
+
+
+def test_page_two_tabs_same_transcript_and_stop_after_reload(server, page_for, llm):
+    first = page_for(server)
+    llm.script.append(Reply(" ".join(f"t{i}" for i in range(400)), delay=0.05))
+    send_in_page(first, "talk for a long time")
+    first.wait_for_selector(".assistant")
+    second = page_for(server)
+    second.goto(first.url)
+    second.wait_for_selector(".assistant")
+    first.reload()
+    first.wait_for_selector("#send[data-mode=stop]")
+    first.click("#send")                                # Stop, pressed after the reload
+    for tab in (first, second):
+        tab.wait_for_selector(".done.status-cancelled")
+    a = first.locator("#events").inner_text()
+    b = second.locator("#events").inner_text()
+    assert a == b and "cancelled" in a
+    assert first.locator("#send").inner_text() == "Send"
+
+
+def test_page_escape_stops_a_run(server, page_for, llm):
+    page = page_for(server)
+    llm.script.append(Reply(" ".join(["slowly"] * 300), delay=0.05))
+    send_in_page(page, "go on")
+    page.wait_for_selector(".assistant")
+    page.keyboard.press("Escape")
+    page.wait_for_selector(".done.status-cancelled")
+
+
+def test_page_shows_html_in_model_output_as_text_and_runs_nothing(server, page_for, llm):
+    page = page_for(server)
+    evil = ('Look: <img src=x onerror="window.__pwned=1"> and <script>window.__pwned=2</script> '
+            'and [click](javascript:window.__pwned=3) and **bold** `code`')
+    llm.script.append(Reply(evil))
+    send_in_page(page, "be evil")
+    page.wait_for_selector(".done")
+    assistant = page.locator(".assistant").last
+    assert '<img src=x onerror="window.__pwned=1">' in assistant.inner_text()
+    assert "<script>window.__pwned=2</script>" in assistant.inner_text()
+    assert assistant.locator("img, script").count() == 0
+    assert assistant.locator("a").count() == 0          # javascript: links stay text
+    assert assistant.locator("strong").inner_text() == "bold"
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_page_markdown_code_block_has_a_copy_button_and_long_output_folds(server, page_for, llm):
+    page = page_for(server)
+    llm.script.append(Reply("Here:\n\n```python\nprint('hi')\n```\n\n- one\n- two",
+                            tools=[("bash", '{"command": "seq 1 100"}')]))
+    send_in_page(page, "show me")
+    page.wait_for_selector(".done")
+    assert page.locator(".codeblock code").first.inner_text() == "print('hi')"
+    assert page.locator(".codeblock .copy").count() >= 1
+    assert page.locator(".assistant li").count() == 2
+    out = page.locator(".tool pre.output")
+    assert "folded" in out.get_attribute("class")
+    page.locator(".tool button.link").click()
+    assert "folded" not in out.get_attribute("class")
+
+
+def test_page_slash_commands(server, page_for):
+    page = page_for(server)
+    send_in_page(page, "say: hello")
+    page.wait_for_selector(".done")
+    send_in_page(page, "/stats")
+    page.wait_for_selector(".notice.info")
+    assert "1 run(s)" in page.locator(".notice.info").last.inner_text()
+    send_in_page(page, "/history")
+    assert "you: say: hello" in page.locator(".notice.info").last.inner_text()
+    send_in_page(page, "/clear")
+    page.wait_for_function("!location.search.includes('session=')")
+    assert page.locator("#events > *").count() == 0
+
+
+def test_page_sessions_switch_and_delete(server, page_for):
+    page = page_for(server)
+    send_in_page(page, "say: alpha")
+    page.wait_for_selector(".done")
+    page.click("#new-session")
+    send_in_page(page, "say: beta")
+    page.wait_for_selector(".done")
+    page.wait_for_function("document.querySelectorAll('#sessions li').length === 2")
+    page.locator("#sessions li a", has_text="say: alpha").click()
+    page.wait_for_function("document.querySelector('.user')?.textContent === 'say: alpha'")
+    page.locator("#sessions li.current button.delete").click()
+    page.wait_for_function("document.querySelectorAll('#sessions li').length === 1")
+    assert page.locator("#events > *").count() == 0
+
+
+def test_page_demo_banner_and_chinese_labels(tmp_path, page_for):
+    demo = ServerProcess(tmp_path, None)
+    try:
+        page = page_for(demo, new_context=True, locale="zh-CN")
+        assert "ANTHROPIC_API_KEY" in page.locator("#demo-banner").inner_text()
+        assert page.locator("#model").inner_text().startswith("demo")
+        assert page.locator("#send").inner_text() == "发送"
+        send_in_page(page, "list the files")
+        page.wait_for_selector(".done")
+        assert page.locator(".tool .args").inner_text() == "$ ls -la"
+    finally:
+        demo.stop()
+
+
+def test_page_without_token_says_how_to_sign_in(server, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.base + "/")
+    page.wait_for_selector("#auth-banner:not([hidden])")
+    assert "token" in page.locator("#auth-banner").inner_text()
+    context.close()
+
+
+def test_page_reconnects_after_the_server_restarts(tmp_path, llm, page_for):
+    server = ServerProcess(tmp_path, llm)
+    try:
+        page = page_for(server)
+        send_in_page(page, "say: before")
+        page.wait_for_selector(".done")
+        port = server.port
+        server.stop()
+        page.wait_for_selector("#conn.down")
+        server.args = ["--port", str(port)]            # the same address again
+        server.start()
+        page.wait_for_selector("#conn.live", timeout=20000)
+        send_in_page(page, "say: after")
+        page.wait_for_selector(".done >> nth=1")
+        assert page.locator(".user").count() == 2
+    finally:
+        server.stop()
+
+
+def test_page_long_session_opens_newest_first_and_loads_earlier(server, page_for):
+    sid = seed_long_session(server.db, 5000)
+    page = page_for(server)
+    started = time.monotonic()
+    page.goto(f"{server.base}/?session={sid}")
+    page.wait_for_selector("#load-earlier:not([hidden])")
+    opened = time.monotonic() - started
+    assert page.locator(".user").count() == 250         # only the newest 1,000 events
+    assert page.locator(".user").last.inner_text() == "question 1249"
+    page.click("#load-earlier")
+    page.wait_for_function("document.querySelectorAll('.user').length === 500")
+    assert page.locator(".user").first.inner_text() == "question 750"
+    print(f"5,000-event session opened in {opened:.2f} s")
+
+
+def seed_long_session(db_path: Path, n: int) -> str:
+    """Write a session of n events straight into the store (4 per exchange)."""
+    sid = "s_long"
+    db = sqlite3.connect(db_path)
+    now = time.time()
+    db.execute("INSERT INTO sessions (id, title, status, created_at, updated_at, last_seq) "
+               "VALUES (?, 'long session', 'idle', ?, ?, ?)", (sid, now, now, n))
+    rows = []
+    for seq in range(1, n + 1):
+        i, k = divmod(seq - 1, 4)
+        ev = [{"type": "message", "role": "user", "content": f"question {i}", "message_id": f"u{i}"},
+              {"type": "delta", "message_id": f"a{i}", "channel": "text", "content": f"answer {i}"},
+              {"type": "message", "role": "assistant", "content": f"answer {i}", "message_id": f"a{i}"},
+              {"type": "done", "status": "done", "summary": "", "steps": 1,
+               "usage": {"input_tokens": 1, "output_tokens": 1}}][k]
+        rows.append((sid, seq, ev["type"], json.dumps({"seq": seq, "session_id": sid, "ts": now, **ev})))
+    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    return sid
+
+
+# -- approvals in the page ----------------------------------------------------------
+
+def test_page_approval_allow_from_the_bar(asking, page_for):
+    page = page_for(asking)
+    send_in_page(page, "run: echo page-allowed")
+    page.wait_for_selector("#approval-bar:not([hidden])")
+    assert "$ echo page-allowed" in page.locator("#approval-bar").inner_text()
+    page.locator("#approval-bar button[data-decision=allow]").click()
+    page.wait_for_selector(".done")
+    assert "page-allowed" in page.locator(".tool pre.output").inner_text()
+    assert page.locator("#approval-bar").is_hidden()
+
+
+def test_page_approval_deny_in_the_card(asking, page_for):
+    page = page_for(asking)
+    send_in_page(page, "run: echo nope")
+    page.wait_for_selector(".tool .ask:not([hidden])")
+    page.locator(".tool .ask button[data-decision=deny]").click()
+    page.wait_for_selector(".done")
+    assert "error" in page.locator(".tool").get_attribute("class")
+    assert "denied" in page.locator(".tool pre.output").inner_text()
+
+
+def test_page_approval_survives_reload_and_second_tab_sees_the_answer(asking, page_for):
+    page = page_for(asking)
+    send_in_page(page, "run: echo reloaded")
+    page.wait_for_selector("#approval-bar:not([hidden])")
+    other = page_for(asking)
+    other.goto(page.url)
+    other.wait_for_selector("#approval-bar:not([hidden])")
+    page.reload()
+    page.wait_for_selector("#approval-bar:not([hidden])")
+    page.locator("#approval-bar button[data-decision=allow]").click()
+    other.wait_for_selector(".done")                    # the other tab sees it through
+    assert other.locator("#approval-bar").is_hidden()
+    assert "reloaded" in other.locator(".tool pre.output").inner_text()
+
+
+def test_page_approval_after_server_restart(asking, page_for):
+    page = page_for(asking)
+    send_in_page(page, "run: echo restarted")
+    page.wait_for_selector("#approval-bar:not([hidden])")
+    port = asking.port
+    asking.kill()
+    asking.args = ["--port", str(port)]
+    asking.start()
+    page.reload()
+    page.wait_for_selector("#approval-bar:not([hidden])")
+    page.locator("#approval-bar button[data-decision=allow]").click()
+    page.wait_for_selector(".done.status-done")
+    assert "restarted" in page.locator(".tool pre.output").inner_text()
+
+
+def test_page_screenshot_mid_run(asking, page_for, llm, tmp_path):
+    """The page mid-run, waiting for an approval.  UPDATE_SCREENSHOT=1 writes it
+    to static/screenshot.png (shown in README.md)."""
+    page = page_for(asking)
+    llm.script.append(Reply("I'll look at the workspace first.", thinking="The user wants an overview.",
+                            tools=[("bash", '{"command": "echo README.md agent_web.py; uname -s"}')]))
+    send_in_page(page, "What is in this workspace?")
+    page.locator("#approval-bar button[data-decision=allow]").click()
+    llm.script.append(Reply(" ".join(["The workspace holds two files: **README.md** and "
+                                      "`agent_web.py`. Let me check the system too."] * 3),
+                            delay=0.03, tools=[("bash", '{"command": "sleep 5"}')]))
+    page.wait_for_selector("#approval-bar:not([hidden]) >> nth=0")
+    page.wait_for_selector(".tool >> nth=1")
+    target = (HERE / "static" / "screenshot.png" if os.environ.get("UPDATE_SCREENSHOT")
+              else tmp_path / "screenshot.png")
+    page.screenshot(path=str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.locator(".tool").count() == 2 and page.locator(".tool.ok").count() == 1

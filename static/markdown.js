@@ -81,12 +81,12 @@ function codeBlock(code, lang, labels) {
 }
 
 // Inline spans: code first (nothing inside it is formatted), then links,
-// bold, italics.  Each rule turns a match into an element whose children are
+// bold (**only**, so snake__case names survive), italics.  Each rule turns a match into an element whose children are
 // made by the same function, so nesting works and text stays text.
 const INLINE = [
   [/`([^`]+)`/, (m) => el("code", m[1], true)],
   [/\[([^\]]+)\]\(([^)\s]+)\)/, (m) => link(m[1], m[2])],
-  [/\*\*([^*]+)\*\*|__([^_]+)__/, (m) => el("strong", m[1] || m[2])],
+  [/\*\*([^*]+)\*\*/, (m) => el("strong", m[1])],
   [/\*([^*\s][^*]*)\*|(?<![\w])_([^_\s][^_]*)_(?![\w])/, (m) => el("em", m[1] || m[2])],
 ];
 
