@@ -699,7 +699,7 @@ class Request:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise HTTPError(400, "bad_json", "the body is not valid UTF-8") from None
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: "[[[[...", nested deep
             raise HTTPError(400, "bad_json", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "bad_json", "the body must be a JSON object")
@@ -1151,7 +1151,7 @@ class Connection:
     async def on_frame(self, text: str) -> None:
         try:
             frame = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return await self.error("bad_json", "frames must be JSON objects")
         if not isinstance(frame, dict):
             return await self.error("bad_json", "frames must be JSON objects")

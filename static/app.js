@@ -204,6 +204,7 @@ class Transcript {
         el.textContent = t("done_line", { status: ev.status, steps: ev.steps,
           inp: ev.usage?.input_tokens ?? 0, out: ev.usage?.output_tokens ?? 0 })
           + (ev.summary && ev.status !== "done" ? ` — ${ev.summary}` : "");
+        this.flush();          // the run is over: show its final state now
         break;
       }
       default: break;   // an event type this page does not know yet: skip it
@@ -266,14 +267,17 @@ class Transcript {
     return card;
   }
 
+  // Markdown is re-rendered at most once per animation frame per message.
+  // A hidden tab gets no animation frames, so it uses a timer instead.
   markDirty(block) {
     this.dirty.add(block);
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
+    if (this.frame) return;
+    this.frame = document.hidden ? setTimeout(() => this.flush(), 100)
+                                 : requestAnimationFrame(() => this.flush());
   }
 
-  // Markdown is re-rendered at most once per animation frame per message.
   flush() {
-    if (this.frame) cancelAnimationFrame(this.frame);
+    if (this.frame) { cancelAnimationFrame(this.frame); clearTimeout(this.frame); }
     this.frame = 0;
     for (const block of this.dirty) {
       block.md.replaceChildren(renderMarkdown(block.text, { copy: t("copy"), copied: t("copied") }));
