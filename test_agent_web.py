@@ -1626,3 +1626,247 @@ def test_page_screenshot_mid_run(asking, page_for, llm, tmp_path):
     page.screenshot(path=str(target))
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.locator(".tool").count() == 2 and page.locator(".tool.ok").count() == 1
+
+
+# =============================================================================
+# Bad input and faults (issue 5)
+# =============================================================================
+#
+# One server for the whole corpus: after every case it must still be healthy,
+# and at the end it must still run a normal flow on an intact database.
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    fake = FakeLLM()
+    server = ServerProcess(tmp_path_factory.mktemp("corpus"), fake)
+    sid = server.chat("say: an idle session for the corpus")["session_id"]
+    server.wait_status(sid)
+    server.idle = sid
+    yield server
+    server.stop()
+    fake.close()
+
+
+J = {"content-type": "application/json"}
+IDLE = "{idle}"     # replaced by the corpus session's id
+
+# (name, method, path, headers, body, status, error code)
+HTTP_CORPUS = [
+    ("chat: not JSON", "POST", "/agent/chat", J, b"hello", 400, "bad_json"),
+    ("chat: truncated JSON", "POST", "/agent/chat", J, b'{"message": "hi"', 400, "bad_json"),
+    ("chat: array", "POST", "/agent/chat", J, b"[]", 400, "bad_json"),
+    ("chat: string", "POST", "/agent/chat", J, b'"hi"', 400, "bad_json"),
+    ("chat: null", "POST", "/agent/chat", J, b"null", 400, "bad_json"),
+    ("chat: number", "POST", "/agent/chat", J, b"42", 400, "bad_json"),
+    ("chat: empty body", "POST", "/agent/chat", J, b"", 400, "bad_json"),
+    ("chat: nested 100k deep", "POST", "/agent/chat", J, b"[" * 100_000, 400, "bad_json"),
+    ("chat: invalid UTF-8", "POST", "/agent/chat", J, b'{"message": "\xff\xfe"}', 400, "bad_json"),
+    ("chat: no message", "POST", "/agent/chat", J, b"{}", 400, "bad_field"),
+    ("chat: message number", "POST", "/agent/chat", J, b'{"message": 5}', 400, "bad_field"),
+    ("chat: message null", "POST", "/agent/chat", J, b'{"message": null}', 400, "bad_field"),
+    ("chat: message list", "POST", "/agent/chat", J, b'{"message": ["a"]}', 400, "bad_field"),
+    ("chat: message object", "POST", "/agent/chat", J, b'{"message": {"a": 1}}', 400, "bad_field"),
+    ("chat: message NaN", "POST", "/agent/chat", J, b'{"message": NaN}', 400, "bad_field"),
+    ("chat: empty message", "POST", "/agent/chat", J, b'{"message": ""}', 400, "empty_message"),
+    ("chat: whitespace message", "POST", "/agent/chat", J, b'{"message": " \\n\\t "}', 400,
+     "empty_message"),
+    ("chat: message over limit", "POST", "/agent/chat", J,
+     json.dumps({"message": "x" * 100_001}).encode(), 413, "too_large"),
+    ("chat: body over 1 MiB", "POST", "/agent/chat", J,
+     json.dumps({"message": "x" * (1 << 20)}).encode(), 413, "too_large"),
+    ("chat: session_id number", "POST", "/agent/chat", J, b'{"message": "hi", "session_id": 5}',
+     400, "bad_session_id"),
+    ("chat: session_id empty", "POST", "/agent/chat", J, b'{"message": "hi", "session_id": ""}',
+     400, "bad_session_id"),
+    ("chat: session_id SQL", "POST", "/agent/chat", J,
+     b'{"message": "hi", "session_id": "x\' OR 1=1 --"}', 400, "bad_session_id"),
+    ("chat: session_id path", "POST", "/agent/chat", J,
+     b'{"message": "hi", "session_id": "../../etc/passwd"}', 400, "bad_session_id"),
+    ("chat: session_id too long", "POST", "/agent/chat", J,
+     json.dumps({"message": "hi", "session_id": "a" * 65}).encode(), 400, "bad_session_id"),
+    ("chat: session_id list", "POST", "/agent/chat", J, b'{"message": "hi", "session_id": []}',
+     400, "bad_session_id"),
+    ("chat: unknown session", "POST", "/agent/chat", J,
+     b'{"message": "hi", "session_id": "s_nope"}', 404, "unknown_session"),
+    ("chat: bad approve_mode", "POST", "/agent/chat", J,
+     b'{"message": "hi", "approve_mode": "sometimes"}', 400, "bad_field"),
+    ("chat: text/plain", "POST", "/agent/chat", {"content-type": "text/plain"},
+     b'{"message": "hi"}', 415, "bad_content_type"),
+    ("chat: form post", "POST", "/agent/chat",
+     {"content-type": "application/x-www-form-urlencoded"}, b"message=hi", 415, "bad_content_type"),
+    ("chat: no content type", "POST", "/agent/chat", {}, b'{"message": "hi"}', 415,
+     "bad_content_type"),
+    ("history: no session_id", "GET", "/agent/chat", {}, None, 400, "bad_session_id"),
+    ("history: unknown session", "GET", "/agent/chat?session_id=s_nope", {}, None, 404,
+     "unknown_session"),
+    ("history: SQL session_id", "GET", "/agent/chat?session_id=x%27%20OR%201%3D1", {}, None, 400,
+     "bad_session_id"),
+    ("history: path session_id", "GET", "/agent/chat?session_id=..%2F..%2Fetc", {}, None, 400,
+     "bad_session_id"),
+    ("history: bad percent-encoding", "GET", "/agent/chat?session_id=%ff%fe", {}, None, 400,
+     "bad_session_id"),
+    ("history: after negative", "GET", f"/agent/chat?session_id={IDLE}&after=-1", {}, None, 400,
+     "bad_query"),
+    ("history: after not a number", "GET", f"/agent/chat?session_id={IDLE}&after=abc", {}, None,
+     400, "bad_query"),
+    ("history: after float", "GET", f"/agent/chat?session_id={IDLE}&after=1e3", {}, None, 400,
+     "bad_query"),
+    ("history: after huge", "GET", f"/agent/chat?session_id={IDLE}&after={10**30}", {}, None, 400,
+     "bad_query"),
+    ("history: limit zero", "GET", f"/agent/chat?session_id={IDLE}&limit=0", {}, None, 400,
+     "bad_query"),
+    ("history: limit huge", "GET", f"/agent/chat?session_id={IDLE}&limit=100000", {}, None, 400,
+     "bad_query"),
+    ("history: tail negative", "GET", f"/agent/chat?session_id={IDLE}&tail=-5", {}, None, 400,
+     "bad_query"),
+    ("history: repeated after", "GET", f"/agent/chat?session_id={IDLE}&after=1&after=2", {}, None,
+     400, "bad_query"),
+    ("history: repeated session_id", "GET", f"/agent/chat?session_id={IDLE}&session_id=s_x", {},
+     None, 400, "bad_query"),
+    ("cancel: empty object", "POST", "/agent/cancel", J, b"{}", 400, "bad_session_id"),
+    ("cancel: not JSON", "POST", "/agent/cancel", J, b"cancel!", 400, "bad_json"),
+    ("cancel: session_id number", "POST", "/agent/cancel", J, b'{"session_id": 7}', 400,
+     "bad_session_id"),
+    ("cancel: unknown session", "POST", "/agent/cancel", J, b'{"session_id": "s_nope"}', 404,
+     "unknown_session"),
+    ("cancel: nothing running", "POST", "/agent/cancel", J,
+     json.dumps({"session_id": IDLE}).encode(), 409, "not_running"),
+    ("approve: empty object", "POST", "/agent/approve", J, b"{}", 400, "bad_session_id"),
+    ("approve: no call_id", "POST", "/agent/approve", J,
+     json.dumps({"session_id": IDLE, "decision": "allow"}).encode(), 400, "bad_field"),
+    ("approve: call_id number", "POST", "/agent/approve", J,
+     json.dumps({"session_id": IDLE, "call_id": 5, "decision": "allow"}).encode(), 400, "bad_field"),
+    ("approve: bad decision", "POST", "/agent/approve", J,
+     json.dumps({"session_id": IDLE, "call_id": "c", "decision": "maybe"}).encode(), 400,
+     "bad_field"),
+    ("approve: no decision", "POST", "/agent/approve", J,
+     json.dumps({"session_id": IDLE, "call_id": "c"}).encode(), 400, "bad_field"),
+    ("approve: nothing waiting", "POST", "/agent/approve", J,
+     json.dumps({"session_id": IDLE, "call_id": "c", "decision": "allow"}).encode(), 409,
+     "not_waiting"),
+    ("approve: unknown session", "POST", "/agent/approve", J,
+     b'{"session_id": "s_nope", "call_id": "c", "decision": "allow"}', 404, "unknown_session"),
+    ("delete: unknown session", "DELETE", "/agent/sessions/s_nope", {}, None, 404,
+     "unknown_session"),
+    ("delete: SQL id", "DELETE", "/agent/sessions/x%27%3BDROP%20TABLE%20events", {}, None, 400,
+     "bad_session_id"),
+    ("patch: bad mode", "PATCH", f"/agent/sessions/{IDLE}", J, b'{"approve_mode": "yolo"}', 400,
+     "bad_field"),
+    ("patch: not JSON", "PATCH", f"/agent/sessions/{IDLE}", J, b"{", 400, "bad_json"),
+    ("patch: unknown session", "PATCH", "/agent/sessions/s_nope", J, b'{"approve_mode": "auto"}',
+     404, "unknown_session"),
+    ("route: unknown", "GET", "/nope", {}, None, 404, "not_found"),
+    ("route: unknown under /agent", "GET", "/agent/nope", {}, None, 404, "not_found"),
+    ("route: PUT chat", "PUT", "/agent/chat", {}, None, 405, "method_not_allowed"),
+    ("route: DELETE chat", "DELETE", "/agent/chat", {}, None, 405, "method_not_allowed"),
+    ("route: GET cancel", "GET", "/agent/cancel", {}, None, 405, "method_not_allowed"),
+    ("route: GET approve", "GET", "/agent/approve", {}, None, 405, "method_not_allowed"),
+    ("route: POST healthz", "POST", "/healthz", {}, None, 405, "method_not_allowed"),
+    ("route: POST sessions", "POST", "/agent/sessions", J, b"{}", 405, "method_not_allowed"),
+    ("route: GET one session", "GET", f"/agent/sessions/{IDLE}", {}, None, 405,
+     "method_not_allowed"),
+    ("route: POST page", "POST", "/", {}, None, 405, "method_not_allowed"),
+    ("static: missing file", "GET", "/static/nope.js", {}, None, 404, "not_found"),
+    ("static: dot-dot", "GET", "/static/%2e%2e/agent_web.py", {}, None, 404, "not_found"),
+    ("static: encoded slash", "GET", "/static/..%2F..%2Fetc%2Fpasswd", {}, None, 404, "not_found"),
+    ("security: wrong token", "GET", "/agent/sessions", {"authorization": "Bearer nope"}, None,
+     401, "unauthorized"),
+    ("security: Host evil", "GET", "/agent/sessions", {"host": "evil.example"}, None, 403,
+     "bad_host"),
+    ("security: Origin null", "POST", "/agent/chat", {**J, "origin": "null"},
+     b'{"message": "hi"}', 403, "bad_origin"),
+    ("security: Origin other port", "POST", "/agent/chat", {**J, "origin": "http://127.0.0.1:1"},
+     b'{"message": "hi"}', 403, "bad_origin"),
+]
+
+
+@pytest.mark.parametrize("case", HTTP_CORPUS, ids=[c[0] for c in HTTP_CORPUS])
+def test_bad_http_input_gets_a_clear_4xx(corpus, case):
+    name, method, path, headers, body, status, code = case
+    path = path.replace(IDLE, corpus.idle)
+    if isinstance(body, bytes):
+        body = body.replace(IDLE.encode(), corpus.idle.encode())
+    h = {"authorization": f"Bearer {TOKEN}", **headers}
+    # a raw request, so nothing (httpx included) tidies the path or the body
+    url = httpx.URL(corpus.base + "/").copy_with(raw_path=path.encode())
+    r = httpx.request(method, url, content=body, headers=h, timeout=10)
+    assert r.status_code == status, (name, r.text)
+    assert r.json()["error"]["code"] == code, name
+    assert "Traceback" not in r.text
+
+
+# (name, frames to send, expected: ("error", code) | ("close", code) | ("frame", type))
+WS_CORPUS = [
+    ("text not JSON", ["hello"], ("error", "bad_json")),
+    ("JSON array", ["[]"], ("error", "bad_json")),
+    ("JSON number", ["42"], ("error", "bad_json")),
+    ("JSON nested deep", ["[" * 50_000], ("error", "bad_json")),
+    ("binary frame", [b"\x00\x01binary"], ("error", "bad_frame")),
+    ("unknown type", ['{"type": "dance"}'], ("error", "unknown_type")),
+    ("no type", ["{}"], ("error", "unknown_type")),
+    ("type not a string", ['{"type": 5}'], ("error", "unknown_type")),
+    ("subscribe without session", ['{"type": "subscribe"}'], ("error", "bad_session_id")),
+    ("subscribe unknown session", ['{"type": "subscribe", "session_id": "s_nope"}'],
+     ("error", "unknown_session")),
+    ("subscribe path-like session", ['{"type": "subscribe", "session_id": "../x"}'],
+     ("error", "bad_session_id")),
+    ("subscribe after negative", ['{"type": "subscribe", "session_id": "{idle}", "after": -1}'],
+     ("error", "bad_field")),
+    ("subscribe after string", ['{"type": "subscribe", "session_id": "{idle}", "after": "5"}'],
+     ("error", "bad_field")),
+    ("subscribe after bool", ['{"type": "subscribe", "session_id": "{idle}", "after": true}'],
+     ("error", "bad_field")),
+    ("cancel before subscribing", ['{"type": "cancel"}'], ("error", "not_subscribed")),
+    ("cancel with nothing running", ['{"type": "cancel", "session_id": "{idle}"}'],
+     ("error", "not_running")),
+    ("approve without call_id", ['{"type": "approve", "session_id": "{idle}", "decision": "allow"}'],
+     ("error", "bad_field")),
+    ("approve nothing waiting",
+     ['{"type": "approve", "session_id": "{idle}", "call_id": "c", "decision": "allow"}'],
+     ("error", "not_waiting")),
+    ("subscribing twice", ['{"type": "subscribe", "session_id": "{idle}", "after": 999}',
+                           '{"type": "subscribe", "session_id": "{idle}", "after": 999}'],
+     ("frame", "subscribed")),
+    ("ping", ['{"type": "ping"}'], ("frame", "pong")),
+    ("frame over 64 KiB", ['{"type": "ping", "pad": "' + "x" * 70_000 + '"}'], ("close", 1009)),
+]
+
+
+@pytest.mark.parametrize("case", WS_CORPUS, ids=[c[0] for c in WS_CORPUS])
+def test_bad_websocket_input_gets_an_error_frame_or_close_code(corpus, case):
+    name, frames, (kind, expected) = case
+
+    async def scenario():
+        async with websockets.connect(corpus.ws_url(), max_size=None) as ws:
+            for f in frames:
+                await ws.send(f.replace("{idle}", corpus.idle) if isinstance(f, str) else f)
+            try:
+                replies = []
+                for _ in range(len(frames)):
+                    replies.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                await ws.send('{"type": "ping"}')        # the socket stays open after an error
+                pong = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                return replies, pong, None
+            except websockets.ConnectionClosed as exc:
+                return None, None, exc.rcvd.code if exc.rcvd else None
+    replies, pong, closed = asyncio.run(scenario())
+    if kind == "close":
+        assert closed == expected, name
+        return
+    assert closed is None and pong == {"type": "pong"}, name
+    last = replies[-1]
+    if kind == "error":
+        assert last["type"] == "error" and last["code"] == expected, (name, last)
+        assert last["message"]
+    else:
+        assert last["type"] == expected, (name, last)
+
+
+def test_after_the_corpus_the_server_still_works_and_the_db_is_intact(corpus):
+    sid = corpus.chat("run: echo still-alive")["session_id"]
+    events = asyncio.run(ws_collect(corpus.ws_url(), sid))
+    assert "still-alive" in of(events, "tool_result")[0]["output"]
+    assert len(HTTP_CORPUS) + len(WS_CORPUS) >= 60
+    db = sqlite3.connect(corpus.db)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT count(*) FROM sessions WHERE status != 'idle'").fetchone()[0] == 0
