@@ -791,6 +791,18 @@ class Guard:
                             "the server printed at start-up")
 
 
+def rss_kb() -> int:
+    """Resident memory of this process (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def cookie_name(port: int) -> str:
     return f"{TOKEN_COOKIE}_{port}"
 
@@ -966,6 +978,14 @@ class AgentWebApp:
                                    "limits": {"message_chars": MAX_MESSAGE_CHARS,
                                               "body_bytes": MAX_BODY_BYTES,
                                               "ws_frame_bytes": MAX_WS_FRAME_BYTES}})
+
+    async def get_stats(self, req: Request) -> Response:
+        """Extension: what the process holds now, for leak checks and bench/."""
+        return json_response(200, {
+            "runs": len(self.runs.runs), "subscribers": self.registry.count(),
+            "tasks": len(asyncio.all_tasks()), "rss_kb": rss_kb(),
+            "commits": self.events.commits, "seconds_in_sqlite": self.store.seconds_in_sqlite,
+            "process_seconds": time.process_time()})
 
     # -- sessions and runs --------------------------------------------------------------
     async def session_or_404(self, session_id: str) -> dict:
@@ -1269,6 +1289,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("GET", "/static/{path:path}", AgentWebApp.static, False),
     ("GET", "/healthz", AgentWebApp.healthz, False),
     ("GET", "/agent/config", AgentWebApp.get_config, True),
+    ("GET", "/agent/stats", AgentWebApp.get_stats, True),
     ("POST", "/agent/chat", AgentWebApp.post_chat, True),
     ("GET", "/agent/chat", AgentWebApp.get_chat, True),
     ("POST", "/agent/cancel", AgentWebApp.post_cancel, True),

@@ -1870,3 +1870,103 @@ def test_after_the_corpus_the_server_still_works_and_the_db_is_intact(corpus):
     db = sqlite3.connect(corpus.db)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT count(*) FROM sessions WHERE status != 'idle'").fetchone()[0] == 0
+
+
+def stats(server) -> dict:
+    return server.http("GET", "/agent/stats").json()
+
+
+def test_crash_campaign_bounded(tmp_path):
+    """bench/crash_campaign.py runs 20 SIGKILL trials; CI runs 3 of them."""
+    sys.path.insert(0, str(HERE / "bench"))
+    from crash_campaign import run_trials
+    s = run_trials(3, tmp_path, seed=7)
+    assert s["received"] > 0 and s["lost"] == 0
+    assert s["continued"] == 3 and s["stuck"] == 0 and s["integrity"] == "ok"
+
+
+def test_vanishing_and_churning_clients_leak_nothing(server):
+    sid = server.chat("say: warm up")["session_id"]
+    server.wait_status(sid)
+    base = stats(server)
+
+    async def churn():
+        for _ in range(200):        # rapid subscribe / unsubscribe
+            async with websockets.connect(server.ws_url()) as ws:
+                await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": 0}))
+                await ws.recv()
+    asyncio.run(churn())
+    run = server.chat("slow and steady", sid)
+    for _ in range(5):              # clients that vanish without a close frame
+        raw = RawWebSocket(server.port, f"/agent/ws?token={TOKEN}")
+        raw.send_json({"type": "subscribe", "session_id": sid, "after": 0})
+        raw.sock.shutdown(socket.SHUT_RDWR)
+        raw.close()
+    h = server.wait_status(sid)
+    assert of(h["events"], "done")[-1]["status"] == "done" and run["seq"] > 1
+    time.sleep(0.5)
+    after = stats(server)
+    assert after["subscribers"] == 0 and after["runs"] == 0
+    assert after["tasks"] <= base["tasks"]
+    assert after["rss_kb"] - base["rss_kb"] < 20_000, (base, after)   # a bound, not a timing
+
+
+def test_failing_llm_never_leaves_a_session_running(server, llm):
+    llm.script += [Reply(status=500)] * 5
+    sid = server.chat("hi")["session_id"]
+    h = server.wait_status(sid)
+    errors = of(h["events"], "error")
+    assert [e["retrying"] for e in errors] == [True] * 4 + [False]
+    assert of(h["events"], "done")[-1]["status"] == "error"
+
+
+def test_tool_that_prints_50_mb_is_capped(server):
+    sid = server.chat("run: head -c 50000000 /dev/zero | tr '\\0' x")["session_id"]
+    out = of(server.wait_status(sid, timeout=60)["events"], "tool_result")[0]["output"]
+    assert len(out) < 40_000 and "cut" in out
+
+
+def test_background_child_that_keeps_writing_is_reclaimed(server):
+    log = server.workspace / "bg.log"
+    sid = server.chat(f"run: (while true; do echo bg >> {log}; sleep 0.05; done) & echo started")[
+        "session_id"]
+    h = server.wait_status(sid)
+    assert "started" in of(h["events"], "tool_result")[0]["output"]
+    time.sleep(0.3)
+    size = log.stat().st_size
+    time.sleep(0.5)
+    assert log.stat().st_size == size          # nothing writes any more
+
+
+def test_hanging_bash_times_out_and_the_run_ends(server, llm):
+    llm.script.append(Reply("", tools=[("bash", '{"command": "sleep 100", "timeout": 1}')]))
+    sid = server.chat("hang")["session_id"]
+    h = server.wait_status(sid)
+    result = of(h["events"], "tool_result")[0]
+    assert result["is_error"] and "timed out" in result["output"].lower()
+
+
+def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
+    target = server.chat("say: the contested session")["session_id"]
+    server.wait_status(target)
+
+    async def scenario():
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {TOKEN}"},
+                                     timeout=30) as c:
+            posts = await asyncio.gather(*[
+                c.post(server.base + "/agent/chat", json={"message": f"run: echo session-{i}"})
+                for i in range(50)])
+            sids = [p.json()["session_id"] for p in posts]
+            watchers = [ws_collect(server.ws_url(), sid, timeout=60) for sid in sids]
+            racers = [c.post(server.base + "/agent/chat",
+                             json={"session_id": target, "message": f"say: racer {i}"})
+                      for i in range(10)]
+            results = await asyncio.gather(*watchers, *racers)
+            return sids, results[:50], results[50:]
+    sids, streams, racers = asyncio.run(scenario())
+    assert sorted(r.status_code for r in racers) == [202] + [409] * 9
+    for i, (sid, events) in enumerate(zip(sids, streams)):
+        assert events == server.history(sid)["events"]
+        assert of(events, "tool_result")[0]["output"].strip() == f"session-{i}"
+    h = server.wait_status(target)
+    assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
