@@ -803,6 +803,34 @@ def rss_kb() -> int:
     return 0
 
 
+class LagProbe:
+    """How late the event loop runs a timer: the time anything blocked it.
+    Off unless AGENT_WEB_LAG_PROBE is set (it wakes the loop 100 times a second)."""
+
+    INTERVAL = 0.01
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self.task = asyncio.create_task(self._run(), name="agent-web-lag-probe")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.INTERVAL)
+            self.samples.append((loop.time() - start - self.INTERVAL) * 1000)
+            del self.samples[:-20_000]
+
+    def percentiles(self, reset: bool = True) -> dict:
+        data = sorted(self.samples)
+        if reset:
+            self.samples.clear()
+        if not data:
+            return {"n": 0}
+        return {"n": len(data), "p50": data[len(data) // 2],
+                "p99": data[min(len(data) - 1, int(len(data) * 0.99))], "max": data[-1]}
+
+
 def cookie_name(port: int) -> str:
     return f"{TOKEN_COOKIE}_{port}"
 
@@ -840,6 +868,7 @@ class AgentWebApp:
         self.events: EventLog
         self.runs: RunManager
         self.http = None
+        self.lag_probe: LagProbe | None = None
 
     # -- life cycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -867,6 +896,8 @@ class AgentWebApp:
                                    core.make_llm(self.llm_config, self.http), self.llm_config,
                                    core.Toolbox(self.workspace), self.max_steps)
             await self.runs.recover()
+            if os.environ.get("AGENT_WEB_LAG_PROBE"):      # bench/ only: see LagProbe
+                self.lag_probe = LagProbe()
             self._started = True
 
     async def stop(self) -> None:
@@ -985,7 +1016,8 @@ class AgentWebApp:
             "runs": len(self.runs.runs), "subscribers": self.registry.count(),
             "tasks": len(asyncio.all_tasks()), "rss_kb": rss_kb(),
             "commits": self.events.commits, "seconds_in_sqlite": self.store.seconds_in_sqlite,
-            "process_seconds": time.process_time()})
+            "process_seconds": time.process_time(),
+            "loop_lag_ms": self.lag_probe.percentiles() if self.lag_probe else None})
 
     # -- sessions and runs --------------------------------------------------------------
     async def session_or_404(self, session_id: str) -> dict:
@@ -1428,8 +1460,11 @@ def main(argv: list[str] | None = None) -> int:
               "who can reach\n!! this port and learns the token can run shell commands as "
               f"{env.get('USER', 'you')}.\n" + "!" * 78 + "\n", file=sys.stderr, flush=True)
 
+    # No per-message deflate: on loopback it only burns CPU (it was 11% of the
+    # server's time per pushed frame; see README, "Performance").
     config = uvicorn.Config(application, ws="wsproto", lifespan="on",
                             log_level=args.log_level, ws_max_size=MAX_WS_FRAME_BYTES,
+                            ws_per_message_deflate=False,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE + 2)
     server = uvicorn.Server(config)
 

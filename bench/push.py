@@ -1,0 +1,197 @@
+"""The push path: fan-out throughput against the bare stack, and added latency.
+
+    python bench/push.py [--tokens 5000] [--quick]
+
+Fan-out.  One run streams TOKENS events as fast as the fake LLM can send them
+(an OpenAI stream alternating reasoning and content fragments, so no two
+deltas can be merged: every token is its own event, committed to SQLite
+before it is pushed) to 1, 10 and 100 subscribers.  Beside it, the bare
+uvicorn + wsproto app (bench/bare_stack.py) pushes the same number of frames
+of the same size to the same number of clients.  ratio = ours / bare.
+
+Latency.  1 and then 50 sessions stream at once, 50 tokens a second each (the
+pace of a fast model); for every frame a subscriber receives, its arrival
+time minus the event's `ts` (stamped when the token came out of the LLM
+stream, before the commit).  Same clock: both ends are on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import httpx  # noqa: E402
+import websockets  # noqa: E402
+from test_agent_web import TOKEN, FakeLLM, Reply, ServerProcess, free_port, wait_http  # noqa: E402
+
+
+def alternating_openai_stream(tokens: int) -> bytes:
+    out = []
+    for i in range(tokens):
+        key = "reasoning_content" if i % 2 else "content"
+        out.append("data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
+                                          "created": 1, "model": "m", "choices": [
+                                              {"index": 0, "delta": {key: f"tok{i} "},
+                                               "finish_reason": None}]}) + "\n\n")
+    out.append('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+               '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    out.append("data: [DONE]\n\n")
+    return "".join(out).encode()
+
+
+async def subscribers(url: str, sid: str, after: int, n: int) -> list:
+    socks = []
+    for _ in range(n):
+        ws = await websockets.connect(url, max_size=None, max_queue=None)
+        await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": after}))
+        await ws.recv()                                 # "subscribed"
+        socks.append(ws)
+    return socks
+
+
+async def drain_until_done(ws) -> tuple[int, int, float]:
+    frames = size = 0
+    while True:
+        text = await ws.recv()
+        frames += 1
+        size += len(text)
+        if '"type":"done"' in text:
+            return frames, size, time.perf_counter()
+
+
+async def ours(server: ServerProcess, llm: FakeLLM, n: int, tokens: int) -> dict:
+    h = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(headers=h, timeout=60) as c:
+        sid = (await c.post(server.base + "/agent/chat", json={"message": "say: ready"})).json()[
+            "session_id"]
+        while (await c.get(server.base + f"/agent/chat?session_id={sid}")).json()["status"] != "idle":
+            await asyncio.sleep(0.05)
+        last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")).json()["last_seq"]
+        socks = await subscribers(server.ws_url(), sid, last, n)
+        llm.script.append(Reply(raw=[alternating_openai_stream(tokens)]))
+        t0 = time.perf_counter()
+        await c.post(server.base + "/agent/chat", json={"session_id": sid, "message": "go"})
+        results = await asyncio.gather(*[drain_until_done(ws) for ws in socks])
+    for ws in socks:
+        await ws.close()
+    frames = results[0][0]
+    return {"frames": frames, "avg_size": results[0][1] // frames,
+            "seconds": max(r[2] for r in results) - t0}
+
+
+async def bare(port: int, n: int, frames: int, size: int) -> float:
+    socks = [await websockets.connect(f"ws://127.0.0.1:{port}/", max_size=None, max_queue=None)
+             for _ in range(n)]
+
+    async def one(ws):
+        await ws.send(f"{frames} {size}")
+        while await ws.recv() != "end":
+            pass
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(ws) for ws in socks])
+    seconds = time.perf_counter() - t0
+    for ws in socks:
+        await ws.close()
+    return seconds
+
+
+async def latency(server: ServerProcess, sessions: int, tokens: int) -> dict:
+    h = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(headers=h, timeout=60) as c:
+        sids = []
+        for _ in range(sessions):
+            r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
+            sids.append(r.json()["session_id"])
+        await asyncio.sleep(1.0)
+        socks = []
+        for sid in sids:
+            last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")).json()["last_seq"]
+            socks += await subscribers(server.ws_url(), sid, last, 1)
+        samples: list[float] = []
+        await c.get(server.base + "/agent/stats")          # resets the server's lag probe
+
+        async def watch(ws):
+            while True:
+                text = await ws.recv()
+                now = time.time()
+                ev = json.loads(text)
+                if ev.get("type") == "delta":
+                    samples.append((now - ev["ts"]) * 1000)
+                if ev.get("type") == "done":
+                    return
+        watchers = [asyncio.ensure_future(watch(ws)) for ws in socks]
+        await asyncio.gather(*[c.post(server.base + "/agent/chat",
+                                      json={"session_id": sid, "message": f"stream {tokens}"})
+                               for sid in sids])
+        await asyncio.gather(*watchers)
+        lag = (await c.get(server.base + "/agent/stats")).json()["loop_lag_ms"]
+    for ws in socks:
+        await ws.close()
+    samples.sort()
+    return {"n": len(samples), "p50": samples[len(samples) // 2],
+            "p99": samples[int(len(samples) * 0.99)], "max": samples[-1], "lag_p99": lag["p99"]}
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=5000)
+    p.add_argument("--quick", action="store_true", help="1 and 10 subscribers only")
+    args = p.parse_args()
+    fanouts = [1, 10] if args.quick else [1, 10, 100]
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = FakeLLM()
+        # A queue deep enough for the whole torture run: here we measure the
+        # push path's speed, not the slow-consumer cut-off (4008).
+        server = ServerProcess(Path(tmp), llm, protocol="openai", extra_env={
+            "AGENT_WEB_QUEUE_SIZE": str(args.tokens * 2 + 100)})
+        # For latency the fake LLM runs in a process of its own, so its 50
+        # streaming threads do not hold this process's GIL while we time frames.
+        fake_proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+             "import test_agent_web as t; f = t.FakeLLM(); print(f.port, flush=True); "
+             "time.sleep(1e9)", str(HERE.parent)], stdout=subprocess.PIPE, text=True)
+        fake_port = int(fake_proc.stdout.readline())
+        (Path(tmp) / "lat").mkdir()
+        lat_server = ServerProcess(Path(tmp) / "lat", None, extra_env={
+            "ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{fake_port}",
+            "AGENT_WEB_LAG_PROBE": "1"})
+        port = free_port()
+        bare_proc = subprocess.Popen([sys.executable, str(HERE / "bare_stack.py"), str(port)],
+                                     stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)
+            print(f"Fan-out: one run of {args.tokens} events, each committed before it is pushed")
+            print(f"{'subscribers':>11} {'frames/s ours':>14} {'frames/s bare':>14} {'ratio':>6}"
+                  f" {'tokens/s':>9} {'frame B':>8}")
+            for n in fanouts:
+                o = await ours(server, llm, n, args.tokens)
+                b = await bare(port, n, o["frames"], o["avg_size"])
+                rate_o, rate_b = o["frames"] * n / o["seconds"], o["frames"] * n / b
+                print(f"{n:>11} {rate_o:>14,.0f} {rate_b:>14,.0f} {rate_o / rate_b:>6.2f}"
+                      f" {args.tokens / o['seconds']:>9,.0f} {o['avg_size']:>8}")
+            print()
+            print("Added latency: token out of the LLM stream -> frame at a WebSocket client (ms)")
+            print(f"{'sessions':>8} {'frames':>7} {'p50':>7} {'p99':>7} {'max':>7}"
+                  f" {'server loop lag p99':>20}")
+            for sessions in (1, 50):
+                r = await latency(lat_server, sessions, 100 if sessions > 1 else 200)
+                print(f"{sessions:>8} {r['n']:>7} {r['p50']:>7.2f} {r['p99']:>7.2f} {r['max']:>7.2f}"
+                      f" {r['lag_p99']:>20.2f}")
+        finally:
+            bare_proc.terminate()
+            fake_proc.terminate()
+            lat_server.stop()
+            server.stop()
+            llm.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
