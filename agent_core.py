@@ -760,7 +760,7 @@ class Toolbox:
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                await asyncio.wait_for(_exited(proc), timeout)
             except asyncio.TimeoutError:
                 timed_out = True
             # The shell has exited; a background child may still hold the pipe
@@ -842,6 +842,22 @@ class Toolbox:
             return f"Edited {args['path']}"
 
         return await asyncio.to_thread(edit)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Until the shell itself has exited.  proc.wait() is not enough: asyncio
+    wakes it only once every pipe is closed too, and a background child that
+    inherited stdout keeps the pipe open, so wait() would sit out the whole
+    time-out.  The return code is set as soon as the shell is reaped, so a
+    light poll beside wait() ends as soon as either knows."""
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        delay = 0.005
+        while proc.returncode is None and not waiter.done():
+            await asyncio.wait({waiter}, timeout=delay)
+            delay = min(delay * 2, 0.1)
+    finally:
+        waiter.cancel()
 
 
 def _kill_group(pid: int) -> None:

@@ -38,6 +38,27 @@ import agent_web
 HERE = Path(__file__).resolve().parent
 TOKEN = "test-token-1234"
 
+
+def arun(coro):
+    """asyncio.run(coro) on a thread of its own.  Playwright's sync API (the
+    page tests) leaves its loop marked as running in the main thread for as
+    long as the browser lives, and asyncio.run() refuses to start beside it."""
+    box: list = []
+
+    def target():
+        try:
+            box.append((True, asyncio.run(coro)))
+        except BaseException as exc:            # re-raised in the test's thread
+            box.append((False, exc))
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 # =============================================================================
 # The fake LLM server: both providers' wire formats, scriptable
 # =============================================================================
@@ -416,7 +437,7 @@ PROTOCOLS = ["anthropic", "openai"]
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_streamed_text_arrives_as_deltas_then_one_message(llm, tmp_path, protocol):
     llm.script.append(Reply("Hello there, streaming world."))
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
     deltas = "".join(e["content"] for e in of(events, "delta") if e["channel"] == "text")
     assert deltas == "Hello there, streaming world."
     assert of(events, "message")[0]["content"] == deltas
@@ -426,7 +447,7 @@ def test_streamed_text_arrives_as_deltas_then_one_message(llm, tmp_path, protoco
 
 
 def test_anthropic_request_carries_key_version_and_stream(llm, tmp_path):
-    asyncio.run(run_agent(cfg_for(llm), tmp_path, "hi"))
+    arun(run_agent(cfg_for(llm), tmp_path, "hi"))
     h = {k.lower(): v for k, v in llm.headers[0].items()}
     assert h["x-api-key"] == "key-123" and h["anthropic-version"] == "2023-06-01"
     assert llm.requests[0]["stream"] is True
@@ -435,7 +456,7 @@ def test_anthropic_request_carries_key_version_and_stream(llm, tmp_path):
 
 
 def test_openai_request_asks_for_usage_and_sends_bearer(llm, tmp_path):
-    asyncio.run(run_agent(cfg_for(llm, "openai"), tmp_path, "hi"))
+    arun(run_agent(cfg_for(llm, "openai"), tmp_path, "hi"))
     h = {k.lower(): v for k, v in llm.headers[0].items()}
     assert h["authorization"] == "Bearer key-123"
     assert llm.requests[0]["stream_options"] == {"include_usage": True}
@@ -444,7 +465,7 @@ def test_openai_request_asks_for_usage_and_sends_bearer(llm, tmp_path):
 def test_anthropic_thinking_and_signature_are_sent_back_next_request(llm, tmp_path):
     llm.script.append(Reply("Let me look.", thinking="I should list files.", signature="SIG42",
                             tools=[("bash", '{"command": "echo hi"}')]))
-    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "go"))
     assert of(events, "thinking")[0]["content"] == "I should list files."
     second = llm.requests[1]["messages"]
     assistant = [m for m in second if m["role"] == "assistant"][0]
@@ -454,7 +475,7 @@ def test_anthropic_thinking_and_signature_are_sent_back_next_request(llm, tmp_pa
 
 def test_openai_reasoning_content_becomes_thinking(llm, tmp_path):
     llm.script.append(Reply("Answer.", thinking="Because reasons."))
-    events = asyncio.run(run_agent(cfg_for(llm, "openai"), tmp_path, "why"))
+    events = arun(run_agent(cfg_for(llm, "openai"), tmp_path, "why"))
     assert of(events, "thinking")[0]["content"] == "Because reasons."
     assert any(e["channel"] == "thinking" for e in of(events, "delta"))
 
@@ -463,7 +484,7 @@ def test_openai_reasoning_content_becomes_thinking(llm, tmp_path):
 def test_tool_call_json_in_fragments_is_assembled_and_run(llm, tmp_path, protocol):
     llm.script.append(Reply("", tools=[("write_file", json.dumps(
         {"path": "a/b.txt", "content": "fragmented hello"}))], fragments=7))
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "write"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "write"))
     call = of(events, "tool_call")[0]
     assert call["input"] == {"path": "a/b.txt", "content": "fragmented hello"}
     assert (tmp_path / "a/b.txt").read_text() == "fragmented hello"
@@ -474,7 +495,7 @@ def test_tool_call_json_in_fragments_is_assembled_and_run(llm, tmp_path, protoco
 def test_two_tool_calls_in_one_step_both_run_in_order(llm, tmp_path, protocol):
     llm.script.append(Reply("Two things.", tools=[("bash", '{"command": "echo one"}'),
                                                   ("bash", '{"command": "echo two"}')]))
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "both"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "both"))
     results = of(events, "tool_result")
     assert [r["output"].strip() for r in results] == ["one", "two"]
     assert [c["call_id"] for c in of(events, "tool_call")] == [r["call_id"] for r in results]
@@ -483,7 +504,7 @@ def test_two_tool_calls_in_one_step_both_run_in_order(llm, tmp_path, protocol):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_unknown_tool_is_an_error_the_model_reads(llm, tmp_path, protocol):
     llm.script.append(Reply("", tools=[("launch_rockets", "{}")]))
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
     result = of(events, "tool_result")[0]
     assert result["is_error"] and "launch_rockets" in result["output"]
     assert events[-1]["status"] == "done"      # and the run went on
@@ -492,7 +513,7 @@ def test_unknown_tool_is_an_error_the_model_reads(llm, tmp_path, protocol):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_non_json_arguments_are_a_tool_error_not_a_crash(llm, tmp_path, protocol):
     llm.script.append(Reply("", tools=[("bash", '{"command": "echo hi"')]))   # truncated
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
     result = of(events, "tool_result")[0]
     assert result["is_error"] and "JSON" in result["output"]
     assert events[-1]["status"] == "done"
@@ -500,7 +521,7 @@ def test_non_json_arguments_are_a_tool_error_not_a_crash(llm, tmp_path, protocol
 
 def test_wrong_argument_type_is_a_tool_error(llm, tmp_path):
     llm.script.append(Reply("", tools=[("bash", '{"command": 42}')]))
-    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "go"))
     assert of(events, "tool_result")[0]["is_error"]
 
 
@@ -509,7 +530,7 @@ def test_429_with_retry_after_is_retried_then_succeeds(llm, tmp_path, protocol):
     llm.script.append(Reply(status=429, headers={"retry-after": "0.2"}))
     llm.script.append(Reply("finally"))
     started = time.monotonic()
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
     retry = of(events, "error")[0]
     assert retry["retrying"] is True and "429" in retry["message"]
     assert time.monotonic() - started >= 0.2            # Retry-After was honoured
@@ -519,14 +540,14 @@ def test_429_with_retry_after_is_retried_then_succeeds(llm, tmp_path, protocol):
 @pytest.mark.parametrize("status", [500, 529])
 def test_5xx_and_529_are_retried(llm, tmp_path, status):
     llm.script.append(Reply(status=status))
-    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "hi"))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "hi"))
     assert of(events, "error")[0]["retrying"] and events[-1]["status"] == "done"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_401_is_not_retried_and_says_key_rejected(llm, tmp_path, protocol):
     llm.script.append(Reply(status=401, body=b'{"error": {"message": "invalid x-api-key"}}'))
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "hi"))
     assert len(llm.requests) == 1
     errors = of(events, "error")
     assert len(errors) == 1 and not errors[0]["retrying"]
@@ -541,7 +562,7 @@ def test_stream_cut_mid_tool_call_never_runs_the_half_call(llm, tmp_path, protoc
     llm.script.append(Reply("About to", tools=[("bash", args)], cut_after=6 if protocol == "anthropic"
                             else 4))
     llm.script.append(Reply("Recovered without the tool."))
-    events = asyncio.run(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
     assert not marker.exists()
     assert not of(events, "tool_call")
     assert of(events, "error")[0]["retrying"]
@@ -551,7 +572,7 @@ def test_stream_cut_mid_tool_call_never_runs_the_half_call(llm, tmp_path, protoc
 def test_stream_cut_every_time_ends_in_one_error_and_done(llm, tmp_path):
     for _ in range(5):
         llm.script.append(Reply("partial text here", cut_after=4))
-    events = asyncio.run(run_agent(cfg_for(llm, retry_attempts=3), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm, retry_attempts=3), tmp_path, "go"))
     final = [e for e in of(events, "error") if not e["retrying"]]
     assert len(final) == 1 and "message_stop" in final[0]["message"]
     assert events[-1] == {**events[-1], "type": "done", "status": "error"}
@@ -562,7 +583,7 @@ def test_stream_cut_every_time_ends_in_one_error_and_done(llm, tmp_path):
 def test_garbage_sse_is_retried_then_reported(llm, tmp_path):
     for _ in range(3):
         llm.script.append(Reply(raw=[b"event: message_start\ndata: {not json\n\n"]))
-    events = asyncio.run(run_agent(cfg_for(llm, retry_attempts=3), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm, retry_attempts=3), tmp_path, "go"))
     assert "garbled" in of(events, "error")[-1]["message"]
     assert events[-1]["status"] == "error"
 
@@ -574,7 +595,7 @@ def test_connection_refused_is_retried_then_reported(tmp_path):
     sock.close()
     cfg = core.LLMConfig("anthropic", "m", "k", f"http://127.0.0.1:{port}",
                          retry_attempts=2, retry_base_delay=0.01)
-    events = asyncio.run(run_agent(cfg, tmp_path, "hi"))
+    events = arun(run_agent(cfg, tmp_path, "hi"))
     errors = of(events, "error")
     assert errors[0]["retrying"] and "cannot reach" in errors[-1]["message"]
     assert events[-1]["status"] == "error"
@@ -583,7 +604,7 @@ def test_connection_refused_is_retried_then_reported(tmp_path):
 def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
     llm.script += [Reply(hang=True), Reply(hang=True)]
     cfg = cfg_for(llm, retry_attempts=2, read_timeout=0.5)
-    events = asyncio.run(run_agent(cfg, tmp_path, "hi"))
+    events = arun(run_agent(cfg, tmp_path, "hi"))
     assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
 
 
@@ -601,7 +622,7 @@ def test_cancel_mid_stream_ends_cancelled_with_incomplete_message(llm, tmp_path,
                 if len(of(events, "delta")) == 5:
                     agent.cancel()
             return events
-    events = asyncio.run(scenario())
+    events = arun(scenario())
     assert events[-1]["status"] == "cancelled"
     msg = of(events, "message")[-1]
     assert msg["incomplete"] and msg["content"].startswith("word")
@@ -628,7 +649,7 @@ def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
                     asyncio.ensure_future(later())
             return events, history
     started = time.monotonic()
-    events, history = asyncio.run(scenario())
+    events, history = arun(scenario())
     assert time.monotonic() - started < 20
     assert events[-1]["status"] == "cancelled"
     result = of(events, "tool_result")[0]
@@ -643,14 +664,14 @@ def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
 def test_max_steps_stops_the_loop(llm, tmp_path):
     for _ in range(5):
         llm.script.append(Reply("again", tools=[("bash", '{"command": "true"}')]))
-    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "loop", max_steps=2))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "loop", max_steps=2))
     assert events[-1]["status"] == "max_steps" and events[-1]["steps"] == 2
     assert len(llm.requests) == 2
 
 
 def test_usage_is_summed_across_steps(llm, tmp_path):
     llm.script.append(Reply("step", tools=[("bash", '{"command": "true"}')]))
-    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go"))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "go"))
     assert events[-1]["usage"] == {"input_tokens": 22, "output_tokens": 14}
 
 
@@ -665,7 +686,7 @@ def test_workspace_escape_is_refused(tmp_path):
         return [await box.execute("read_file", {"path": p}) for p in
                 ("../secret.txt", str(tmp_path / "secret.txt"), "link")] + \
                [await box.execute("write_file", {"path": "../evil.txt", "content": "x"})]
-    for output, is_error in asyncio.run(attempts()):
+    for output, is_error in arun(attempts()):
         assert is_error and "outside the workspace" in output
         assert "top secret" not in output
     assert not (tmp_path / "evil.txt").exists()
@@ -674,7 +695,7 @@ def test_workspace_escape_is_refused(tmp_path):
 def test_edit_file_with_two_matches_is_refused_and_says_how_many(tmp_path):
     (tmp_path / "f.txt").write_text("a = 1\na = 1\n")
     box = core.Toolbox(tmp_path)
-    output, is_error = asyncio.run(box.execute(
+    output, is_error = arun(box.execute(
         "edit_file", {"path": "f.txt", "old_str": "a = 1", "new_str": "a = 2"}))
     assert is_error and "2" in output
     assert (tmp_path / "f.txt").read_text() == "a = 1\na = 1\n"
@@ -682,14 +703,14 @@ def test_edit_file_with_two_matches_is_refused_and_says_how_many(tmp_path):
 
 def test_edit_file_with_one_match_edits(tmp_path):
     (tmp_path / "f.txt").write_text("x = 1\ny = 2\n")
-    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+    output, is_error = arun(core.Toolbox(tmp_path).execute(
         "edit_file", {"path": "f.txt", "old_str": "y = 2", "new_str": "y = 3"}))
     assert not is_error and (tmp_path / "f.txt").read_text() == "x = 1\ny = 3\n"
 
 
 def test_read_file_numbers_lines_with_offset_and_limit(tmp_path):
     (tmp_path / "f.txt").write_text("".join(f"line {i}\n" for i in range(1, 11)))
-    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+    output, is_error = arun(core.Toolbox(tmp_path).execute(
         "read_file", {"path": "f.txt", "offset": 3, "limit": 2}))
     assert not is_error
     assert "line 3" in output and "line 4" in output and "line 5" not in output
@@ -698,14 +719,14 @@ def test_read_file_numbers_lines_with_offset_and_limit(tmp_path):
 
 def test_bash_timeout_kills_the_command(tmp_path):
     started = time.monotonic()
-    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+    output, is_error = arun(core.Toolbox(tmp_path).execute(
         "bash", {"command": "sleep 20", "timeout": 1}))
     assert is_error and "timed out" in output.lower()
     assert time.monotonic() - started < 10
 
 
 def test_bash_output_is_capped_head_and_tail(tmp_path):
-    output, is_error = asyncio.run(core.Toolbox(tmp_path).execute(
+    output, is_error = arun(core.Toolbox(tmp_path).execute(
         "bash", {"command": "seq 1 2000000"}))
     assert not is_error and len(output) < 40_000
     assert output.startswith("1\n2\n") and output.rstrip().endswith("2000000")
@@ -715,7 +736,7 @@ def test_bash_output_is_capped_head_and_tail(tmp_path):
 def test_history_is_rebuilt_from_stored_events(llm, tmp_path):
     llm.script.append(Reply("Checking.", thinking="hmm", tools=[("bash", '{"command": "echo x"}')]))
     history: list[dict] = []
-    events = asyncio.run(run_agent(cfg_for(llm), tmp_path, "go", history=history))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "go", history=history))
     stored = [{"type": "message", "role": "user", "content": "go", "message_id": "u1"}] + events
     assert core.history_from_events(stored) == history
 
@@ -746,7 +767,7 @@ def test_terminal_denied_tool_is_not_run(llm, tmp_path):
 def test_demo_model_with_no_key_calls_a_tool(tmp_path):
     cfg = core.config_from_env(env={})
     assert cfg.provider == "demo"
-    events = asyncio.run(run_agent(cfg, tmp_path, "list the files"))
+    events = arun(run_agent(cfg, tmp_path, "list the files"))
     assert of(events, "tool_call")[0]["input"] == {"command": "ls -la"}
     assert events[-1]["status"] == "done" and "demo" in of(events, "message")[-1]["content"].lower()
 
@@ -765,7 +786,7 @@ def test_config_reads_the_sdk_environment_variables():
 
 def test_a_message_streams_over_the_websocket_and_matches_the_store(server):
     sid = server.chat("run: echo hello-web")["session_id"]
-    events = asyncio.run(ws_collect(server.ws_url(), sid))
+    events = arun(ws_collect(server.ws_url(), sid))
     kinds = [e["type"] for e in events]
     assert kinds[0] == "message" and "tool_call" in kinds and "tool_result" in kinds
     assert of(events, "tool_result")[0]["output"].strip() == "hello-web"
@@ -788,14 +809,14 @@ def test_two_subscribers_receive_identical_streams(server):
     async def both():
         return await asyncio.gather(ws_collect(server.ws_url(), sid),
                                     ws_collect(server.ws_url(), sid))
-    a, b = asyncio.run(both())
+    a, b = arun(both())
     assert a == b and a[-1]["type"] == "done"
 
 
 def test_subscribe_mid_run_joins_store_and_live_with_no_gap(server):
     sid = server.chat("slow answer")["session_id"]
     server.wait_event(sid, "delta", count=5)
-    events = asyncio.run(ws_collect(server.ws_url(), sid, after=2))
+    events = arun(ws_collect(server.ws_url(), sid, after=2))
     assert [e["seq"] for e in events] == list(range(3, events[-1]["seq"] + 1))
     text = "".join(e["content"] for e in of(events, "delta") if e["channel"] == "text")
     assert of(events, "message")[-1]["content"].endswith(text)
@@ -823,7 +844,7 @@ def test_racing_posts_to_one_session_start_exactly_one_run(server):
             return await asyncio.gather(*[
                 c.post(server.base + "/agent/chat", json={"session_id": sid, "message": f"slow {i}"})
                 for i in range(10)])
-    codes = sorted(r.status_code for r in asyncio.run(race()))
+    codes = sorted(r.status_code for r in arun(race()))
     assert codes == [202] + [409] * 9
     h = server.wait_status(sid)
     assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
@@ -852,7 +873,7 @@ def test_cancel_mid_tool_by_websocket_frame(server):
                 if frame.get("type") == "done":
                     return frame
     started = time.monotonic()
-    done = asyncio.run(cancel_and_watch())
+    done = arun(cancel_and_watch())
     assert done["status"] == "cancelled" and time.monotonic() - started < 10
     assert of(server.history(sid)["events"], "tool_result")[0]["is_error"]
 
@@ -918,7 +939,7 @@ def test_a_subscriber_that_never_reads_is_closed_4008_and_the_run_goes_on(tmp_pa
         sid = server.chat("say: go")["session_id"]
         slow = RawWebSocket(server.port, f"/agent/ws?token={TOKEN}")
         slow.send_json({"type": "subscribe", "session_id": sid, "after": 0})
-        events = asyncio.run(ws_collect(server.ws_url(), sid, timeout=60, max_size=None))
+        events = arun(ws_collect(server.ws_url(), sid, timeout=60, max_size=None))
         assert events[-1]["type"] == "done" and events[-1]["status"] == "done"
         code, got = slow.read_until_close()
         slow.close()
@@ -1014,7 +1035,7 @@ def test_websocket_without_token_is_refused(server):
         with pytest.raises(websockets.InvalidStatus) as info:
             await websockets.connect(f"ws://127.0.0.1:{server.port}/agent/ws")
         return info.value.response.status_code
-    assert asyncio.run(attempt()) == 401
+    assert arun(attempt()) == 401
 
 
 def test_foreign_origin_is_refused_on_post_and_websocket(server):
@@ -1026,7 +1047,7 @@ def test_foreign_origin_is_refused_on_post_and_websocket(server):
         with pytest.raises(websockets.InvalidStatus) as info:
             await websockets.connect(server.ws_url(), origin="http://evil.example")
         return info.value.response.status_code
-    assert asyncio.run(attempt()) == 403
+    assert arun(attempt()) == 403
     same = server.http("POST", "/agent/chat", {"message": "say: ok"},
                        headers={"origin": server.base})
     assert same.status_code == 202
@@ -1082,7 +1103,7 @@ def test_module_level_app_runs_under_plain_uvicorn(tmp_path, llm):
         r = httpx.post(f"http://127.0.0.1:{port}/agent/chat", json={"message": "say: plain"},
                        headers=h)
         assert r.status_code == 202
-        events = asyncio.run(ws_collect(f"ws://127.0.0.1:{port}/agent/ws?token={TOKEN}",
+        events = arun(ws_collect(f"ws://127.0.0.1:{port}/agent/ws?token={TOKEN}",
                                         r.json()["session_id"]))
         assert of(events, "message")[-1]["content"] == "plain"
     finally:
@@ -1125,7 +1146,7 @@ def test_mounted_under_a_prefix_in_starlette_serves_a_whole_flow(tmp_path, llm):
                           cookies=cookies)
         assert post.status_code == 202, post.text
         sid = post.json()["session_id"]
-        events = asyncio.run(ws_collect(f"ws://127.0.0.1:{port}/agent-ui/agent/ws?token={TOKEN}",
+        events = arun(ws_collect(f"ws://127.0.0.1:{port}/agent-ui/agent/ws?token={TOKEN}",
                                         sid))
         assert "mounted" in of(events, "tool_result")[0]["output"]
         listed = httpx.get(base + "/agent/sessions", cookies=cookies).json()["sessions"]
@@ -1207,7 +1228,7 @@ def test_answer_by_websocket_from_a_second_tab(asking):
                 frame = json.loads(await asyncio.wait_for(ws.recv(), 15))
                 if frame.get("type") == "done":
                     return
-    asyncio.run(second_tab())
+    arun(second_tab())
     assert "second-tab" in of(asking.history(sid)["events"], "tool_result")[0]["output"]
 
 
@@ -1220,7 +1241,7 @@ def test_racing_answers_one_202_one_409(asking):
             return await asyncio.gather(*[c.post(asking.base + "/agent/approve", json={
                 "session_id": sid, "call_id": req["call_id"], "decision": d})
                 for d in ("allow", "deny")])
-    codes = sorted(r.status_code for r in asyncio.run(race()))
+    codes = sorted(r.status_code for r in arun(race()))
     assert codes == [202, 409]
     h = asking.wait_status(sid)
     assert len(of(h["events"], "approval")) == 1
@@ -1616,13 +1637,15 @@ def test_page_screenshot_mid_run(asking, page_for, llm, tmp_path):
     page = page_for(asking)
     llm.script.append(Reply("I'll look at the workspace first.", thinking="The user wants an overview.",
                             tools=[("bash", '{"command": "echo README.md agent_web.py; uname -s"}')]))
-    send_in_page(page, "What is in this workspace?")
-    page.locator("#approval-bar button[data-decision=allow]").click()
+    # Both replies are queued before the first message: the second LLM request
+    # can follow the Allow click faster than this test could append it.
     llm.script.append(Reply(" ".join(["The workspace holds two files: **README.md** and "
                                       "`agent_web.py`. Let me check the system too."] * 3),
                             delay=0.03, tools=[("bash", '{"command": "sleep 5"}')]))
-    page.wait_for_selector("#approval-bar:not([hidden]) >> nth=0")
+    send_in_page(page, "What is in this workspace?")
+    page.locator("#approval-bar button[data-decision=allow]").click()
     page.wait_for_selector(".tool >> nth=1")
+    page.wait_for_selector("#approval-bar:not([hidden]) >> nth=0")
     target = (HERE / "static" / "screenshot.png" if os.environ.get("UPDATE_SCREENSHOT")
               else tmp_path / "screenshot.png")
     page.screenshot(path=str(target))
@@ -1851,7 +1874,7 @@ def test_bad_websocket_input_gets_an_error_frame_or_close_code(corpus, case):
                 return replies, pong, None
             except websockets.ConnectionClosed as exc:
                 return None, None, exc.rcvd.code if exc.rcvd else None
-    replies, pong, closed = asyncio.run(scenario())
+    replies, pong, closed = arun(scenario())
     if kind == "close":
         assert closed == expected, name
         return
@@ -1866,7 +1889,7 @@ def test_bad_websocket_input_gets_an_error_frame_or_close_code(corpus, case):
 
 def test_after_the_corpus_the_server_still_works_and_the_db_is_intact(corpus):
     sid = corpus.chat("run: echo still-alive")["session_id"]
-    events = asyncio.run(ws_collect(corpus.ws_url(), sid))
+    events = arun(ws_collect(corpus.ws_url(), sid))
     assert "still-alive" in of(events, "tool_result")[0]["output"]
     assert len(HTTP_CORPUS) + len(WS_CORPUS) >= 60
     db = sqlite3.connect(corpus.db)
@@ -1897,7 +1920,7 @@ def test_vanishing_and_churning_clients_leak_nothing(server):
             async with websockets.connect(server.ws_url()) as ws:
                 await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": 0}))
                 await ws.recv()
-    asyncio.run(churn())
+    arun(churn())
     run = server.chat("slow and steady", sid)
     for _ in range(5):              # clients that vanish without a close frame
         raw = RawWebSocket(server.port, f"/agent/ws?token={TOKEN}")
@@ -1965,7 +1988,7 @@ def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
                       for i in range(10)]
             results = await asyncio.gather(*watchers, *racers)
             return sids, results[:50], results[50:]
-    sids, streams, racers = asyncio.run(scenario())
+    sids, streams, racers = arun(scenario())
     assert sorted(r.status_code for r in racers) == [202] + [409] * 9
     for i, (sid, events) in enumerate(zip(sids, streams)):
         assert events == server.history(sid)["events"]
