@@ -408,11 +408,13 @@ class AnthropicClient:
                 elif kind == "content_block_delta":
                     block, delta = blocks[msg["index"]], msg["delta"]
                     dtype = delta.get("type")
+                    # Fragments are collected in lists and joined once at the
+                    # end: `s = s + piece` copies the whole text every time.
                     if dtype == "text_delta":
-                        block["text"] = block.get("text", "") + delta["text"]
+                        block.setdefault("parts", []).append(delta["text"])
                         yield ("text", delta["text"])
                     elif dtype == "thinking_delta":
-                        block["thinking"] = block.get("thinking", "") + delta["thinking"]
+                        block.setdefault("parts", []).append(delta["thinking"])
                         yield ("thinking", delta["thinking"])
                     elif dtype == "signature_delta":
                         block["signature"] = block.get("signature", "") + delta["signature"]
@@ -440,10 +442,11 @@ class AnthropicClient:
                            retryable=True)
         for index in sorted(blocks):
             b = blocks[index]
+            streamed = "".join(b.get("parts", ()))
             if b["type"] == "text":
-                turn.text += b.get("text", "")
+                turn.text += b.get("text", "") + streamed
             elif b["type"] == "thinking":
-                turn.thinking.append({"thinking": b.get("thinking", ""),
+                turn.thinking.append({"thinking": b.get("thinking", "") + streamed,
                                       "signature": b.get("signature", "")})
             elif b["type"] == "redacted_thinking":
                 turn.thinking.append({"redacted": b.get("data", "")})
@@ -496,6 +499,7 @@ class OpenAIClient:
         headers = {"authorization": f"Bearer {self.cfg.api_key}",
                    "content-type": "application/json", "accept": "text/event-stream"}
         turn, calls, finished = Turn(), {}, False
+        text, thinking = [], []          # fragments, joined once at the end
         async with self.http.stream("POST", self.url, json=body, headers=headers) as resp:
             await _raise_for_status(resp, self.url)
             async for _event, data in sse_events(resp):
@@ -520,11 +524,9 @@ class OpenAIClient:
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if reasoning:
                         yield ("thinking", reasoning)
-                        if not turn.thinking:
-                            turn.thinking.append({"thinking": "", "signature": ""})
-                        turn.thinking[0]["thinking"] += reasoning
+                        thinking.append(reasoning)
                     if delta.get("content"):
-                        turn.text += delta["content"]
+                        text.append(delta["content"])
                         yield ("text", delta["content"])
                     for tc in delta.get("tool_calls") or []:
                         slot = calls.setdefault(tc.get("index", 0),
@@ -538,6 +540,9 @@ class OpenAIClient:
         # Some compatible servers end without [DONE]; a finish_reason will do.
         if not finished and not turn.stop_reason:
             raise LLMError(f"the stream from {self.url} ended before [DONE]", retryable=True)
+        turn.text = "".join(text)
+        if thinking:
+            turn.thinking.append({"thinking": "".join(thinking), "signature": ""})
         for index in sorted(calls):
             c = calls[index]
             args, problem = _parse_tool_input(c["arguments"])
@@ -980,19 +985,19 @@ class Agent:
                 steps += 1
                 # 2. One LLM step, streamed.
                 message_id = new_id("msg")
-                partial = {"text": ""}
+                partial: list[str] = []      # this step's text so far, in fragments
                 turn = None
                 async for item in self._stream_step(history):
                     kind = item[0]
                     if kind in ("text", "thinking"):
                         if kind == "text":
-                            partial["text"] += item[1]
+                            partial.append(item[1])
                         yield {"type": "delta", "message_id": message_id,
                                "channel": kind, "content": item[1]}
                     elif kind == "retry":
                         if item[2]:    # the failed try had streamed: close it, start anew
-                            yield self._incomplete(message_id, partial["text"])
-                            message_id, partial["text"] = new_id("msg"), ""
+                            yield self._incomplete(message_id, "".join(partial))
+                            message_id, partial = new_id("msg"), []
                         yield {"type": "error", "message": item[1], "retrying": True}
                     elif kind == "turn":
                         turn = item[1]
@@ -1023,7 +1028,7 @@ class Agent:
         except RunCancelled:
             status = self.cancel_status or "cancelled"
             if message_id is not None:
-                yield self._incomplete(message_id, partial["text"])
+                yield self._incomplete(message_id, "".join(partial))
             # Every tool call gets a result, so the history stays valid.
             for call in pending_tool_calls(history):
                 output = f"Not run: the run was {status} before this tool call finished."
@@ -1035,7 +1040,7 @@ class Agent:
                              else f"run {status}", steps, usage)
         except LLMError as exc:
             if message_id is not None:
-                yield self._incomplete(message_id, partial["text"])
+                yield self._incomplete(message_id, "".join(partial))
             yield {"type": "error", "message": exc.message, "retrying": False}
             yield self._done("error", exc.message, steps, usage)
 

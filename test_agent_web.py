@@ -182,8 +182,10 @@ def default_reply(body: dict, protocol: str) -> Reply:
         prompt = content or ""
     if prompt.startswith("run: "):
         return Reply("Running it.", tools=[("bash", json.dumps({"command": prompt[5:]}))])
-    if prompt.startswith("stream "):            # bench/: "stream N" -> N words, 50 a second
-        return Reply(" ".join(f"t{i}" for i in range(int(prompt.split()[1]))), delay=0.02)
+    if prompt.startswith("stream "):            # bench/: "stream N [R]": N words, R a second
+        words = prompt.split()
+        rate = float(words[2]) if len(words) > 2 else 50.0
+        return Reply(" ".join(f"t{i}" for i in range(int(words[1]))), delay=1 / rate)
     if prompt.startswith("slow"):
         return Reply(" ".join(f"word{i}" for i in range(60)) + " END", delay=0.05)
     if prompt.startswith("say: "):
