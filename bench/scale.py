@@ -1,6 +1,6 @@
 """Scale: 1,000 idle subscribed WebSockets, then 100 sessions streaming at once.
 
-    python bench/scale.py [--sockets 1000] [--sessions 100]
+    python bench/scale.py [--sockets 1000] [--sessions 100] [--tokens 250] [--rate 50]
 
 Memory: the server's resident size (GET /agent/stats, VmRSS) before and after
 opening SOCKETS WebSockets, each subscribed to a session, divided by SOCKETS.
