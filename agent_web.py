@@ -206,6 +206,7 @@ class Store:
         `None` for an event whose session no longer exists (deleted mid-run).
         """
         results: list[tuple[int, str] | None] = []
+        rows: list[tuple] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             i = 0
@@ -215,16 +216,27 @@ class Store:
                 while j < len(items) and items[j][0] == session_id:
                     j += 1
                 group = [ev for _, ev in items[i:j]]
-                results.extend(Store._append_group(conn, session_id, group))
+                results.extend(Store._append_group(conn, session_id, group, rows))
                 i = j
+            # Multi-row INSERTs rather than executemany(): each sqlite3 call
+            # lets go of the GIL and must win it back from the busy event-loop
+            # thread, and executemany() makes one such call per row.
+            for k in range(0, len(rows), Store.ROWS_PER_INSERT):
+                chunk = rows[k:k + Store.ROWS_PER_INSERT]
+                conn.execute("INSERT INTO events (session_id, seq, type, data) VALUES "
+                             + ",".join(["(?,?,?,?)"] * len(chunk)),
+                             [value for row in chunk for value in row])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return results
 
+    ROWS_PER_INSERT = 200       # 800 parameters: under SQLite's oldest limit (999)
+
     @staticmethod
-    def _append_group(conn, session_id: str, group: list[dict]) -> list:
+    def _append_group(conn, session_id: str, group: list[dict], rows: list[tuple]) -> list:
+        """Assign the group's seqs and update its session; adds its rows to `rows`."""
         status, title = None, ""
         for ev in group:
             if ev["type"] == "message" and ev.get("role") == "user":
@@ -241,13 +253,11 @@ class Store:
         if row is None:
             return [None] * len(group)
         first = row[0] - len(group) + 1
-        out, rows = [], []
+        out = []
         for seq, ev in enumerate(group, first):
             text = to_json({"seq": seq, "session_id": session_id, **ev})
             rows.append((session_id, seq, ev["type"], text))
             out.append((seq, text))
-        conn.executemany("INSERT INTO events (session_id, seq, type, data) VALUES (?, ?, ?, ?)",
-                         rows)
         return out
 
     @staticmethod
