@@ -14,15 +14,16 @@ How to run it
     #   Mount("/agent-ui", app=agent_web.create_app(db_path="agent.db"))
 
 How one message flows through this file
-    1. `POST /agent/chat` → `handle_post_chat` checks the body, reserves the
+    1. `POST /agent/chat` → `AgentWebApp.post_chat` checks the body, reserves the
        session's one run slot in `RunManager` (409 if taken) and hands the
        user's text to `RunManager.start`.
     2. The run is an asyncio task (`RunManager._drive`) iterating
        `agent_core.Agent.run()`.  Each event it yields goes to `EventLog`.
-    3. `EventLog` is the only writer: it batches pending events, merges
-       adjacent streamed `delta`s, commits them in one SQLite transaction on
-       the store's writer thread (`Store.append`), which assigns `seq`, and
-       only then publishes each stored event to `PushRegistry`.
+    3. `EventLog` is the only writer: it batches pending events (a streamed
+       `delta` joins its session's pending delta of the same message), commits
+       them in one SQLite transaction on the store's writer thread
+       (`Store.append`), which assigns `seq`, and only then publishes each
+       stored event to `PushRegistry`.
     4. `PushRegistry` puts the event's JSON text on a bounded `asyncio.Queue`
        per subscribed WebSocket; that socket's writer task sends it.  A queue
        that overflows is closed with 4008; the page resubscribes from its last
