@@ -150,7 +150,9 @@ class Store:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
         self._local = threading.local()
-        self.seconds_in_sqlite = 0.0     # for bench/: the share of time spent in SQLite
+        # For bench/ and GET /agent/stats: seconds inside sqlite3 calls, per
+        # thread.  Two counters, each only ever added to by its own thread.
+        self.seconds_in_sqlite = {"write": 0.0, "read": 0.0}
 
     # -- plumbing -------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -163,20 +165,21 @@ class Store:
             self._local.conn = conn
         return conn
 
-    async def _run(self, pool: ThreadPoolExecutor, fn: Callable, *args) -> Any:
+    async def _run(self, kind: str, fn: Callable, *args) -> Any:
         def timed():
             started = time.perf_counter()
             try:
                 return fn(self._conn(), *args)
             finally:
-                self.seconds_in_sqlite += time.perf_counter() - started
+                self.seconds_in_sqlite[kind] += time.perf_counter() - started
+        pool = self._writer if kind == "write" else self._reader
         return await asyncio.get_running_loop().run_in_executor(pool, timed)
 
     def write(self, fn: Callable, *args) -> Awaitable:
-        return self._run(self._writer, fn, *args)
+        return self._run("write", fn, *args)
 
     def read(self, fn: Callable, *args) -> Awaitable:
-        return self._run(self._reader, fn, *args)
+        return self._run("read", fn, *args)
 
     async def open(self) -> None:
         await self.write(lambda conn: None)      # creates the file and the tables
@@ -334,8 +337,8 @@ class Store:
 # while a commit is in flight, new events pile up in `_pending` and go in the
 # next transaction together (group commit), and a `delta` is merged into the
 # session's last pending event when that is a delta of the same message
-# (other sessions' events in between do not matter: order is per session).  So deltas reach the store and the browsers within
-# one commit time (well under the 50 ms the contract allows), and a model that
+# (other sessions' events in between do not matter: order is per session).
+# So deltas reach the store and the browsers within one commit time (well under the 50 ms the contract allows), and a model that
 # streams faster than SQLite commits makes bigger deltas, not a longer queue.
 
 @dataclass
@@ -826,11 +829,11 @@ def rss_kb() -> int:
 
 class LagProbe:
     """How late the event loop runs a timer: the time anything blocked it.
-    Off unless AGENT_WEB_LAG_PROBE is set (it wakes the loop 100 times a second)."""
+    The server runs one only if AGENT_WEB_LAG_PROBE is set (it wakes the loop
+    100 times a second); bench/store.py runs a faster one in process."""
 
-    INTERVAL = 0.01
-
-    def __init__(self):
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
         self.samples: list[float] = []
         self.task = asyncio.create_task(self._run(), name="agent-web-lag-probe")
 
@@ -838,9 +841,13 @@ class LagProbe:
         loop = asyncio.get_running_loop()
         while True:
             start = loop.time()
-            await asyncio.sleep(self.INTERVAL)
-            self.samples.append((loop.time() - start - self.INTERVAL) * 1000)
+            await asyncio.sleep(self.interval)
+            self.samples.append((loop.time() - start - self.interval) * 1000)
             del self.samples[:-20_000]
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
 
     def percentiles(self, reset: bool = True) -> dict:
         data = sorted(self.samples)
@@ -925,6 +932,9 @@ class AgentWebApp:
         if not self._started:
             return
         self._started = False
+        if self.lag_probe:
+            await self.lag_probe.stop()
+            self.lag_probe = None
         await self.runs.shutdown()
         await self.events.stop()
         await self.http.aclose()
@@ -1036,7 +1046,8 @@ class AgentWebApp:
         return json_response(200, {
             "runs": len(self.runs.runs), "subscribers": self.registry.count(),
             "tasks": len(asyncio.all_tasks()), "rss_kb": rss_kb(),
-            "commits": self.events.commits, "seconds_in_sqlite": self.store.seconds_in_sqlite,
+            "commits": self.events.commits,
+            "seconds_in_sqlite": dict(self.store.seconds_in_sqlite),
             "process_seconds": time.process_time(),
             "loop_lag_ms": self.lag_probe.percentiles() if self.lag_probe else None})
 

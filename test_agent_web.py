@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,7 +32,6 @@ import pytest
 import websockets
 
 import agent_core as core
-import agent_web
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "test-token-1234"
@@ -266,6 +264,27 @@ class FakeLLM:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FakeLLMProcess:
+    """A FakeLLM (rules only, no script) in a process of its own, for bench/:
+    its streaming threads then do not share a GIL with the client being timed.
+    Has `url`, so ServerProcess takes it as its `llm`."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+             "import test_agent_web as t; f = t.FakeLLM(); print(f.port, flush=True); "
+             "time.sleep(1e9)", str(HERE)], stdout=subprocess.PIPE, text=True)
+        self.port, self.pid = int(self.proc.stdout.readline()), self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -1604,26 +1623,33 @@ def test_page_long_session_opens_newest_first_and_loads_earlier(server, page_for
     print(f"5,000-event session opened in {opened:.2f} s")
 
 
-def seed_long_session(db_path: Path, n: int) -> str:
-    """Write a session of n events straight into the store (4 per exchange)."""
-    sid = "s_long"
+def seed_session(db_path: Path, sid: str, title: str, events: list[dict]) -> str:
+    """Write a session straight into a database (created if new): `events`
+    get seq, session_id and ts as the store would give them."""
     db = sqlite3.connect(db_path)
+    db.executescript((HERE / "schema.sql").read_text())
     now = time.time()
     db.execute("INSERT INTO sessions (id, title, status, created_at, updated_at, last_seq) "
-               "VALUES (?, 'long session', 'idle', ?, ?, ?)", (sid, now, now, n))
-    rows = []
-    for seq in range(1, n + 1):
-        i, k = divmod(seq - 1, 4)
-        ev = [{"type": "message", "role": "user", "content": f"question {i}", "message_id": f"u{i}"},
-              {"type": "delta", "message_id": f"a{i}", "channel": "text", "content": f"answer {i}"},
-              {"type": "message", "role": "assistant", "content": f"answer {i}", "message_id": f"a{i}"},
-              {"type": "done", "status": "done", "summary": "", "steps": 1,
-               "usage": {"input_tokens": 1, "output_tokens": 1}}][k]
-        rows.append((sid, seq, ev["type"], json.dumps({"seq": seq, "session_id": sid, "ts": now, **ev})))
-    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
+               "VALUES (?, ?, 'idle', ?, ?, ?)", (sid, title, now, now, len(events)))
+    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", [
+        (sid, seq, ev["type"], json.dumps({"seq": seq, "session_id": sid, "ts": now, **ev},
+                                          separators=(",", ":")))
+        for seq, ev in enumerate(events, 1)])
     db.commit()
     db.close()
     return sid
+
+
+def seed_long_session(db_path: Path, n: int) -> str:
+    """A session of n events, 4 per exchange."""
+    def exchange(i: int) -> list[dict]:
+        return [{"type": "message", "role": "user", "content": f"question {i}", "message_id": f"u{i}"},
+                {"type": "delta", "message_id": f"a{i}", "channel": "text", "content": f"answer {i}"},
+                {"type": "message", "role": "assistant", "content": f"answer {i}", "message_id": f"a{i}"},
+                {"type": "done", "status": "done", "summary": "", "steps": 1,
+                 "usage": {"input_tokens": 1, "output_tokens": 1}}]
+    events = [ev for i in range((n + 3) // 4) for ev in exchange(i)][:n]
+    return seed_session(db_path, "s_long", "long session", events)
 
 
 # -- approvals in the page ----------------------------------------------------------

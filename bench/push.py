@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import httpx  # noqa: E402
 import websockets  # noqa: E402
-from test_agent_web import TOKEN, FakeLLM, Reply, ServerProcess, free_port, wait_http  # noqa: E402
+from test_agent_web import (TOKEN, FakeLLM, FakeLLMProcess, Reply, ServerProcess,  # noqa: E402
+                            free_port)
 
 
 def alternating_openai_stream(tokens: int) -> bytes:
@@ -165,15 +166,10 @@ async def main() -> None:
             "AGENT_WEB_QUEUE_SIZE": str(args.tokens * 2 + 100)})
         # For latency the fake LLM runs in a process of its own, so its 50
         # streaming threads do not hold this process's GIL while we time frames.
-        fake_proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-             "import test_agent_web as t; f = t.FakeLLM(); print(f.port, flush=True); "
-             "time.sleep(1e9)", str(HERE.parent)], stdout=subprocess.PIPE, text=True)
-        fake_port = int(fake_proc.stdout.readline())
+        fake_proc = FakeLLMProcess()
         (Path(tmp) / "lat").mkdir()
-        lat_server = ServerProcess(Path(tmp) / "lat", None, extra_env={
-            "ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{fake_port}",
-            "AGENT_WEB_LAG_PROBE": "1"})
+        lat_server = ServerProcess(Path(tmp) / "lat", fake_proc,
+                                   extra_env={"AGENT_WEB_LAG_PROBE": "1"})
         port = free_port()
         bare_proc = subprocess.Popen([sys.executable, str(HERE / "bare_stack.py"), str(port)],
                                      stdout=subprocess.DEVNULL)
@@ -200,7 +196,7 @@ async def main() -> None:
                       f" {r['max']:>7.2f} {r['steady_p99']:>11.2f} {r['lag_p99']:>13.2f}")
         finally:
             bare_proc.terminate()
-            fake_proc.terminate()
+            fake_proc.close()
             lat_server.stop()
             server.stop()
             llm.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import websockets  # noqa: E402
-from test_agent_web import TOKEN, ServerProcess  # noqa: E402
+from test_agent_web import TOKEN, ServerProcess, seed_session  # noqa: E402
 
 SHAPES = [
     {"type": "message", "role": "user", "content": "Please look at the build script and fix "
@@ -43,21 +42,12 @@ SHAPES = [
 
 
 def seed(db_path: Path, n: int) -> str:
-    db = sqlite3.connect(db_path)
-    db.executescript((Path(__file__).resolve().parent.parent / "schema.sql").read_text())
-    sid, now = "s_resume_bench", time.time()
-    db.execute("INSERT INTO sessions (id, title, created_at, updated_at, last_seq) "
-               "VALUES (?, 'bench', ?, ?, ?)", (sid, now, now, n))
-    rows = []
+    events = []
     for seq in range(1, n + 1):
         ev = dict(SHAPES[(seq - 1) % len(SHAPES)])
         ev.update(message_id=f"m{seq // 7}", call_id=f"c{seq // 7}")
-        rows.append((sid, seq, ev["type"], json.dumps(
-            {"seq": seq, "session_id": sid, "ts": now, **ev}, separators=(",", ":"))))
-    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
-    db.commit()
-    db.close()
-    return sid
+        events.append(ev)
+    return seed_session(db_path, "s_resume_bench", "bench", events)
 
 
 async def replay(url: str, sid: str, last: int) -> float:

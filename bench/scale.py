@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import httpx  # noqa: E402
 import websockets  # noqa: E402
-from test_agent_web import TOKEN, ServerProcess  # noqa: E402
+from test_agent_web import TOKEN, FakeLLMProcess, ServerProcess  # noqa: E402
 
 
 def machine_busy() -> tuple[int, int]:
@@ -48,15 +47,9 @@ async def main() -> None:
     p.add_argument("--tokens", type=int, default=250, help="SSE text events per answer")
     p.add_argument("--rate", type=float, default=50, help="SSE events a second per answer")
     args = p.parse_args()
-    fake = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-         "import test_agent_web as t; f = t.FakeLLM(); print(f.port, flush=True); "
-         "time.sleep(1e9)", str(HERE.parent)], stdout=subprocess.PIPE, text=True)
-    port = int(fake.stdout.readline())
+    fake = FakeLLMProcess()
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(Path(tmp), None, extra_env={
-            "ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
-            "AGENT_WEB_LAG_PROBE": "1"})
+        server = ServerProcess(Path(tmp), fake, extra_env={"AGENT_WEB_LAG_PROBE": "1"})
         h = {"authorization": f"Bearer {TOKEN}"}
         try:
             async with httpx.AsyncClient(headers=h, timeout=60) as c:
@@ -133,6 +126,9 @@ async def main() -> None:
                           f"{(m1[0] - m0[0]) / max(1, m1[1] - m0[1]):.0%} busy of {os.cpu_count()} cores")
                     for part, lag in (("first 1.2 s", s1["loop_lag_ms"]),
                                       ("after that ", s["loop_lag_ms"])):
+                        if not lag["n"]:             # the runs ended within the first part
+                            print(f"  event-loop lag, {part}: no samples")
+                            continue
                         print(f"  event-loop lag, {part}: p50 {lag['p50']:5.2f} ms, "
                               f"p99 {lag['p99']:6.2f} ms, max {lag['max']:6.2f} ms "
                               f"({lag['n']} samples)")
@@ -141,7 +137,7 @@ async def main() -> None:
                     await ws.close()
         finally:
             server.stop()
-            fake.terminate()
+            fake.close()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import agent_web  # noqa: E402
-from agent_web import EventLog, PushRegistry, Store  # noqa: E402
+from agent_web import EventLog, LagProbe, PushRegistry, Store  # noqa: E402
 
 
 class CountingStore(Store):
@@ -45,14 +45,6 @@ class CountingStore(Store):
         if threading.get_ident() == self.loop_thread:
             self.on_loop_thread += 1
         return super()._conn()
-
-
-async def lag_probe(samples: list[float], stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    while not stop.is_set():
-        t = loop.time()
-        await asyncio.sleep(0.001)
-        samples.append((loop.time() - t - 0.001) * 1000)
 
 
 async def scenario(name: str, sessions: int, events: int, awaited: bool) -> None:
@@ -72,7 +64,7 @@ async def scenario(name: str, sessions: int, events: int, awaited: bool) -> None
                 await sub.queue.get()
         drains = [asyncio.create_task(drain(s)) for s in subs]
         per = events // sessions
-        in_sqlite0, calls0, commits0 = store.seconds_in_sqlite, store.calls, log.commits
+        in_sqlite0, calls0, commits0 = store.seconds_in_sqlite["write"], store.calls, log.commits
 
         async def run(sid: str) -> None:
             for i in range(per):
@@ -88,23 +80,20 @@ async def scenario(name: str, sessions: int, events: int, awaited: bool) -> None
                     if i % 5 == 4:
                         await asyncio.sleep(0)     # let other runs in, as network reads do
 
-        lag: list[float] = []
-        stop = asyncio.Event()
-        probe = asyncio.create_task(lag_probe(lag, stop))
+        probe = LagProbe(interval=0.001)
         cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*[run(sid) for sid in sids])
         await log.flush()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        stop.set()
-        await probe
+        lag = probe.percentiles()
+        await probe.stop()
         rows = sum(s["last_seq"] for s in await store.read(Store.list_sessions))
         commits = log.commits - commits0
-        lag.sort()
         print(f"{name:<8} {sessions:>8} {sessions * per / wall:>14,.0f} {rows / wall:>12,.0f} "
               f"{commits:>8,} {rows / max(1, commits):>9.1f} "
-              f"{(store.seconds_in_sqlite - in_sqlite0) / wall:>10.0%} {cpu / wall:>8.2f} "
+              f"{(store.seconds_in_sqlite['write'] - in_sqlite0) / wall:>10.0%} {cpu / wall:>8.2f} "
               f"{store.calls - calls0:>7,} {store.on_loop_thread:>8} "
-              f"{lag[len(lag) // 2]:>7.2f} {lag[int(len(lag) * 0.99)]:>7.2f}")
+              f"{lag['p50']:>7.2f} {lag['p99']:>7.2f}")
         for t in drains:
             t.cancel()
         await log.stop()
