@@ -91,6 +91,7 @@ MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
 REPLAY_CHUNK = 1_000                # events read from the store per replay query
+CHECKPOINT_EVERY = 1.0              # seconds between WAL checkpoints while writing
 HISTORY_LIMIT_DEFAULT = 1_000       # GET /agent/chat page size when none is given
 HISTORY_LIMIT_MAX = 5_000
 SHUTDOWN_GRACE = 5.0                # seconds runs get to write `interrupted`
@@ -121,6 +122,10 @@ STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
                 "done": "idle"}            # and a user `message`: running
 
 
+def _chunks(seq: list, size: int):
+    return (seq[k:k + size] for k in range(0, len(seq), size))
+
+
 # =============================================================================
 # Errors
 # =============================================================================
@@ -135,24 +140,28 @@ class HTTPError(Exception):
 
 
 # =============================================================================
-# Store: SQLite, WAL, one writer thread and one reader thread
+# Store: SQLite, WAL, a writer thread, a reader thread, a checkpoint thread
 # =============================================================================
 #
 # sqlite3 calls block, so none runs on the event loop.  All writes go through
 # one thread with one connection (SQLite allows one writer anyway; a single
 # thread makes "seq = last_seq + 1" atomic without retries).  Reads use a
 # second connection on its own thread: in WAL mode a reader never waits for
-# the writer, and a big history read never delays a commit.
+# the writer, and a big history read never delays a commit.  A third copies
+# the WAL back into the database file now and then, beside the writer.
 
 class Store:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-checkpoint")
         self._local = threading.local()
+        self._checkpoint: asyncio.Future | None = None    # the one in flight
+        self._checkpoint_at = 0.0
         # For bench/ and GET /agent/stats: seconds inside sqlite3 calls, per
-        # thread.  Two counters, each only ever added to by its own thread.
-        self.seconds_in_sqlite = {"write": 0.0, "read": 0.0}
+        # thread.  One counter each, only ever added to by its own thread.
+        self.seconds_in_sqlite = {"write": 0.0, "read": 0.0, "checkpoint": 0.0}
 
     # -- plumbing -------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -162,6 +171,11 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.executescript(SCHEMA_PATH.read_text())
+            # No checkpoint inside a commit: it copies the WAL into the
+            # database and syncs the disk, which made every thousandth commit
+            # (and the frames waiting on it) several ms late.  The
+            # checkpointer thread does it instead (see _run).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._local.conn = conn
         return conn
 
@@ -172,8 +186,23 @@ class Store:
                 return fn(self._conn(), *args)
             finally:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
-        pool = self._writer if kind == "write" else self._reader
-        return await asyncio.get_running_loop().run_in_executor(pool, timed)
+        pool = {"write": self._writer, "read": self._reader,
+                "checkpoint": self._checkpointer}[kind]
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(pool, timed)
+        if kind == "write" and self._checkpoint is None \
+                and loop.time() - self._checkpoint_at >= CHECKPOINT_EVERY:
+            # A PASSIVE checkpoint runs beside the writer, not in its way, and
+            # keeps the WAL file to about CHECKPOINT_EVERY seconds of writes.
+            self._checkpoint_at = loop.time()
+            self._checkpoint = asyncio.ensure_future(self._run("checkpoint", Store.checkpoint))
+            self._checkpoint.add_done_callback(self._checkpointed)
+        return result
+
+    def _checkpointed(self, future: asyncio.Future) -> None:
+        self._checkpoint = None
+        if not future.cancelled() and future.exception() is not None:
+            log.error("WAL checkpoint failed: %s", future.exception())   # tried again later
 
     def write(self, fn: Callable, *args) -> Awaitable:
         return self._run("write", fn, *args)
@@ -186,7 +215,9 @@ class Store:
         await self.read(lambda conn: None)
 
     def close(self) -> None:
-        for pool in (self._writer, self._reader):
+        # The writer's connection goes last: closing the last connection
+        # checkpoints the whole WAL into the database file.
+        for pool in (self._checkpointer, self._reader, self._writer):
             pool.submit(self._close_thread_conn).result()
             pool.shutdown(wait=True)
 
@@ -195,6 +226,10 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    @staticmethod
+    def checkpoint(conn) -> None:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- writes (run on the writer thread) -------------------------------------
     @staticmethod
@@ -209,24 +244,49 @@ class Store:
 
         `None` for an event whose session no longer exists (deleted mid-run).
         """
-        results: list[tuple[int, str] | None] = []
-        rows: list[tuple] = []
+        # Each session's events in their order (seq is per session; the
+        # order between sessions means nothing), and what they do to it.
+        by_session: dict[str, list[int]] = {}
+        for i, (session_id, _) in enumerate(items):
+            by_session.setdefault(session_id, []).append(i)
+        changes = []                        # (id, count, new status or None, title)
+        for session_id, indexes in by_session.items():
+            status, title = None, ""
+            for i in indexes:
+                ev = items[i][1]
+                if ev["type"] == "message" and ev.get("role") == "user":
+                    status = "running"
+                    title = title or " ".join(ev["content"].split())[:80]
+                elif ev["type"] in STATUS_AFTER:
+                    status = STATUS_AFTER[ev["type"]]
+            changes.append((session_id, len(indexes), status, title))
+        # As few sqlite3 calls as possible: each one lets go of the GIL and
+        # must win it back from the busy event-loop thread.  So one UPDATE
+        # for all sessions and one multi-row INSERT (not one call per row).
+        results: list[tuple[int, str] | None] = [None] * len(items)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            i = 0
-            while i < len(items):      # consecutive events of one session together
-                session_id = items[i][0]
-                j = i
-                while j < len(items) and items[j][0] == session_id:
-                    j += 1
-                group = [ev for _, ev in items[i:j]]
-                results.extend(Store._append_group(conn, session_id, group, rows))
-                i = j
-            # Multi-row INSERTs rather than executemany(): each sqlite3 call
-            # lets go of the GIL and must win it back from the busy event-loop
-            # thread, and executemany() makes one such call per row.
-            for k in range(0, len(rows), Store.ROWS_PER_INSERT):
-                chunk = rows[k:k + Store.ROWS_PER_INSERT]
+            last_seq: dict[str, int] = {}
+            for chunk in _chunks(changes, Store.ROWS_PER_STATEMENT):
+                last_seq.update(conn.execute(
+                    "UPDATE sessions SET last_seq = last_seq + v.column2, updated_at = ?, "
+                    "status = COALESCE(v.column3, status), "
+                    "title = CASE WHEN title = '' THEN v.column4 ELSE title END "
+                    "FROM (VALUES " + ",".join(["(?,?,?,?)"] * len(chunk)) + ") AS v "
+                    "WHERE sessions.id = v.column1 RETURNING sessions.id, sessions.last_seq",
+                    [time.time(), *(value for change in chunk for value in change)]))
+            rows = []
+            for session_id, indexes in by_session.items():
+                if session_id not in last_seq:
+                    continue                # deleted while its run was still going
+                seq = last_seq[session_id] - len(indexes)
+                for i in indexes:
+                    seq += 1
+                    ev = items[i][1]
+                    text = to_json({"seq": seq, "session_id": session_id, **ev})
+                    rows.append((session_id, seq, ev["type"], text))
+                    results[i] = (seq, text)
+            for chunk in _chunks(rows, Store.ROWS_PER_STATEMENT):
                 conn.execute("INSERT INTO events (session_id, seq, type, data) VALUES "
                              + ",".join(["(?,?,?,?)"] * len(chunk)),
                              [value for row in chunk for value in row])
@@ -236,33 +296,8 @@ class Store:
             raise
         return results
 
-    ROWS_PER_INSERT = 200       # 800 parameters: under SQLite's oldest limit (999)
-
-    @staticmethod
-    def _append_group(conn, session_id: str, group: list[dict], rows: list[tuple]) -> list:
-        """Assign the group's seqs and update its session; adds its rows to `rows`."""
-        status, title = None, ""
-        for ev in group:
-            if ev["type"] == "message" and ev.get("role") == "user":
-                status = "running"
-                title = title or " ".join(ev["content"].split())[:80]
-            elif ev["type"] in STATUS_AFTER:
-                status = STATUS_AFTER[ev["type"]]
-        row = conn.execute(
-            "UPDATE sessions SET last_seq = last_seq + ?, updated_at = ?, "
-            "status = COALESCE(?, status), "
-            "title = CASE WHEN title = '' THEN ? ELSE title END "
-            "WHERE id = ? RETURNING last_seq",
-            (len(group), time.time(), status, title, session_id)).fetchone()
-        if row is None:
-            return [None] * len(group)
-        first = row[0] - len(group) + 1
-        out = []
-        for seq, ev in enumerate(group, first):
-            text = to_json({"seq": seq, "session_id": session_id, **ev})
-            rows.append((session_id, seq, ev["type"], text))
-            out.append((seq, text))
-        return out
+    # 4 parameters a row: 801 at most, under SQLite's oldest limit (999).
+    ROWS_PER_STATEMENT = 200
 
     @staticmethod
     def set_approve_mode(conn, session_id: str, mode: str) -> bool:

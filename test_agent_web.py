@@ -802,6 +802,87 @@ def test_config_reads_the_sdk_environment_variables():
 
 
 # =============================================================================
+# The store: one transaction per batch, seqs with no gaps, checkpoints aside
+# =============================================================================
+
+def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
+    """More sessions and rows than one statement takes, interleaved, one of
+    them deleted while its run was still going: every live session gets
+    1..n in its own order, its status and title, and the rows are what the
+    batch returned."""
+    import agent_web as web
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        names = [f"s{i}" for i in range(web.Store.ROWS_PER_STATEMENT + 50)]
+        for sid in names + ["gone"]:
+            await store.write(web.Store.create_session, sid, "auto")
+        await store.write(web.Store.delete_session, "gone")
+        items = []
+        for i in range(3):
+            for sid in names + ["gone"]:
+                items.append((sid, {"type": "delta", "message_id": "m", "channel": "text",
+                                    "content": f"{sid}-{i}", "ts": 1.0}))
+        items.insert(0, ("s1", {"type": "message", "role": "user", "ts": 1.0,
+                                "content": "  fix   the\nbuild  "}))
+        items.append(("s2", {"type": "done", "status": "done", "summary": "", "steps": 1,
+                             "usage": {}, "ts": 1.0}))
+        out = await store.write(web.Store.append, items)
+        rows = await store.read(lambda conn: conn.execute(
+            "SELECT session_id, seq, data FROM events ORDER BY session_id, seq").fetchall())
+        sessions = await store.read(lambda conn: {r[0]: r[1:] for r in conn.execute(
+            "SELECT id, last_seq, status, title FROM sessions")})
+        store.close()
+        return items, out, rows, sessions
+
+    items, out, rows, sessions = arun(go())
+    assert [r is None for r in out] == [sid == "gone" for sid, _ in items]
+    seen: dict[str, list] = {}
+    for (sid, ev), result in zip(items, out):
+        if result is not None:
+            seq, text = result
+            assert json.loads(text) == {"seq": seq, "session_id": sid, **ev}
+            seen.setdefault(sid, []).append(seq)
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in seen.values())
+    assert {(sid, seq) for sid, seq, _ in rows} == {
+        (sid, r[0]) for (sid, _), r in zip(items, out) if r is not None}
+    assert "gone" not in sessions
+    assert sessions["s1"] == (4, "running", "fix the build")
+    assert sessions["s2"] == (4, "idle", "")
+    assert sessions["s3"] == (3, "idle", "")
+
+
+def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path, monkeypatch):
+    """Commits never checkpoint (that synced the disk inside one commit in a
+    thousand); the checkpointer thread copies the WAL into the database."""
+    import agent_web as web
+    monkeypatch.setattr(web, "CHECKPOINT_EVERY", 3600.0)
+    db = tmp_path / "a.db"
+
+    async def write_and_checkpoint():
+        store = web.Store(db)
+        await store.open()
+        await store.write(web.Store.create_session, "s", "auto")
+        big = [("s", {"type": "delta", "message_id": "m", "channel": "text",
+                      "content": "x" * 1000, "ts": 1.0})] * 5000   # over SQLite's 4 MB default
+        await store.write(web.Store.append, big)
+        before = db.stat().st_size           # still in the WAL: no commit checkpointed
+        web.CHECKPOINT_EVERY = 0.0
+        await store.write(web.Store.set_approve_mode, "s", "ask")
+        await store._checkpoint               # the one that write started
+        after = db.stat().st_size
+        store.close()
+        return before, after
+
+    before, after = arun(write_and_checkpoint())
+    assert before < 200_000 and after > 5_000_000
+    with sqlite3.connect(db) as conn:        # and the close left it whole
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 5000
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# =============================================================================
 # The server (issue 3): real uvicorn + wsproto, real WebSocket clients
 # =============================================================================
 
