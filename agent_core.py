@@ -267,24 +267,58 @@ class Turn:
 # is never run.
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """Parse a text/event-stream body into (event, data) pairs (WHATWG rules)."""
+    """Parse a text/event-stream body into (event, data) pairs (WHATWG rules).
+
+    Our own splitting rather than httpx's `aiter_lines()`, for two reasons.
+    SSE lines end only at CR, LF or CRLF, while `aiter_lines()` splits like
+    `str.splitlines()`, also at U+2028, U+0085 and others that JSON carries
+    unescaped inside a string: a model writing one of those would have cut
+    its own data line in two.  And whole chunks of bytes are cut into events
+    at once, with two generator layers less per chunk than text then lines.
+    """
+    rest = b""                    # the bytes after the last complete event
+    start = True                  # a byte order mark may still come
+    async for chunk in response.aiter_bytes():
+        data = rest + chunk
+        if start:
+            if len(data) < 3:
+                rest = data
+                continue
+            start = False
+            data = data.removeprefix(b"\xef\xbb\xbf")
+        if b"\r" in data:
+            # A CR at the very end may be the first half of a CRLF: keep it.
+            hold = data.endswith(b"\r")
+            data = data[:-1] if hold else data
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if hold else b"")
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            rest = data
+            continue
+        rest = data[end + 2:]
+        for block in data[:end].split(b"\n\n"):
+            event = _sse_event(block)
+            if event is not None:
+                yield event
+    event = _sse_event(rest.replace(b"\r", b"\n"))  # a last event with no blank line after it
+    if event is not None:
+        yield event
+
+
+def _sse_event(block: bytes) -> tuple[str, str] | None:
+    """One event's lines (no blank line among them but maybe a leading one)."""
     event, data = "", []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield event or "message", "\n".join(data)
-            event, data = "", []
-        elif line.startswith(":"):
-            continue                     # a comment / keep-alive
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-    if data:                             # a last event with no blank line after it
-        yield event or "message", "\n".join(data)
+    for line in block.decode("utf-8", "replace").split("\n"):
+        if not line or line[0] == ":":
+            continue                      # a leftover blank line, or a comment / keep-alive
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+    return (event or "message", "\n".join(data)) if data else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -609,6 +609,37 @@ def test_garbage_sse_is_retried_then_reported(llm, tmp_path):
     assert events[-1]["status"] == "error"
 
 
+class _Chunks(httpx.AsyncByteStream):
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = chunks
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+def parse_sse(chunks: list[bytes]) -> list[tuple[str, str]]:
+    async def go():
+        response = httpx.Response(200, stream=_Chunks(chunks))
+        return [event async for event in core.sse_events(response)]
+    return arun(go())
+
+
+def test_sse_lines_end_only_at_cr_lf_or_crlf_however_the_bytes_are_cut():
+    body = ("\ufeffevent: first\r\n: a comment, then two data lines\r\n"
+            "data: {\"text\": \"one\u2028two\x85three\"}\r\ndata:second line\r\n\r\n"
+            "retry: 10\nid: 7\ndata: lf only\n\n\n\n"
+            "data: cr only\rdata: \u00e9t\u00e9\r\r"
+            "event: unfinished\ndata: no blank line after me").encode()
+    want = [("first", "{\"text\": \"one\u2028two\x85three\"}\nsecond line"),
+            ("message", "lf only"), ("message", "cr only\n\u00e9t\u00e9"),
+            ("unfinished", "no blank line after me")]
+    assert parse_sse([body]) == want
+    # One byte at a time: CRLF, multi-byte characters and the BOM all cut in two.
+    assert parse_sse([body[i:i + 1] for i in range(len(body))]) == want
+    assert parse_sse([body[:50], body[50:51], body[51:]]) == want
+
+
 def test_connection_refused_is_retried_then_reported(tmp_path):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
