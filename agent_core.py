@@ -46,6 +46,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import sys
 import time
 import uuid
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import httpcore
 import httpx
 
 # =============================================================================
@@ -648,7 +650,174 @@ def make_llm(cfg: LLMConfig, http: httpx.AsyncClient):
 def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
     timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
                             write=30.0, pool=30.0)
-    return httpx.AsyncClient(timeout=timeout)
+    client = httpx.AsyncClient(timeout=timeout)
+    # httpx has no public switch for the socket layer: each of its pools (one
+    # more per proxy taken from the environment) keeps it in
+    # `_network_backend`.  Should a version keep it elsewhere, httpx's own
+    # stays in place: slower, never wrong.
+    for transport in (client._transport, *client._mounts.values()):
+        pool = getattr(transport, "_pool", None)
+        if hasattr(pool, "_network_backend"):
+            pool._network_backend = AsyncioBackend()
+    return client
+
+
+# =============================================================================
+# The socket under httpx
+# =============================================================================
+#
+# httpx reaches sockets through httpcore's "network backend"; on asyncio that
+# is anyio's, which for every read enters a cancel scope, asks sniffio which
+# event loop is running and registers, then unregisters, the socket with
+# epoll.  A model sends one token per read, so with 50 sessions streaming
+# that was a fifth of the server's CPU (bench/, py-spy; README, Performance).
+# This backend keeps an asyncio Protocol reading into a buffer and hands the
+# buffer over.  Everything above the socket (HTTP/1.1, TLS set-up, proxies,
+# the pool) is still httpx's.
+
+class _SocketProtocol(asyncio.Protocol):
+    MAX_BUFFER = 256 * 1024        # read no further ahead than this
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.closed = False            # EOF, or the connection is lost
+        self.error: Exception | None = None
+        self.paused = False            # we stopped reading: the buffer is full
+        self.waiter: asyncio.Future | None = None          # a read() waiting for data
+        self.drained: asyncio.Future | None = None         # a write() waiting for room
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > self.MAX_BUFFER and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake("waiter")
+
+    def eof_received(self) -> None:
+        self.closed = True
+        self._wake("waiter")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed, self.error = True, exc
+        self._wake("waiter")
+        self._wake("drained")
+
+    def pause_writing(self) -> None:
+        self.drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._wake("drained")
+
+    def _wake(self, name: str) -> None:
+        future = getattr(self, name)
+        setattr(self, name, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+async def _wait(future: asyncio.Future, timeout: float | None, error: type) -> None:
+    """Wait for a future the protocol resolves; `error` if it takes too long."""
+    timer = None
+    if timeout is not None:
+        timer = asyncio.get_running_loop().call_later(
+            timeout, lambda: future.done() or future.set_exception(error("timed out")))
+    try:
+        await future
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+class _SocketStream(httpcore.AsyncNetworkStream):
+    def __init__(self, transport: asyncio.Transport, protocol: _SocketProtocol):
+        self._transport, self._protocol = transport, protocol
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        p = self._protocol
+        if not p.buffer and not p.closed:
+            p.waiter = asyncio.get_running_loop().create_future()
+            await _wait(p.waiter, timeout, httpcore.ReadTimeout)
+        if p.buffer:
+            data = bytes(p.buffer[:max_bytes])
+            del p.buffer[:max_bytes]
+            if p.paused and len(p.buffer) <= p.MAX_BUFFER // 2:
+                p.paused = False
+                self._transport.resume_reading()
+            return data
+        if p.error is not None:
+            raise httpcore.ReadError(str(p.error))
+        return b""                     # the peer closed: httpcore reports it
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        p = self._protocol
+        if p.closed or self._transport.is_closing():
+            raise httpcore.WriteError(str(p.error or "the connection is closed"))
+        self._transport.write(buffer)
+        if p.drained is not None:      # the kernel's buffer is full: wait for room
+            await _wait(p.drained, timeout, httpcore.WriteTimeout)
+            if p.error is not None:
+                raise httpcore.WriteError(str(p.error))
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> "_SocketStream":
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await asyncio.wait_for(loop.start_tls(
+                self._transport, self._protocol, ssl_context,
+                server_hostname=server_hostname), timeout)
+        except asyncio.TimeoutError:
+            self._transport.close()
+            raise httpcore.ConnectTimeout("TLS handshake timed out") from None
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            self._transport.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        self._protocol.transport = transport     # pause and resume the TLS layer now
+        return _SocketStream(transport, self._protocol)
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":      # an idle pooled connection the server closed
+            return self._protocol.closed or bool(self._protocol.buffer)
+        name = {"ssl_object": "ssl_object", "client_addr": "sockname",
+                "server_addr": "peername", "socket": "socket"}.get(info)
+        return self._transport.get_extra_info(name) if name else None
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options=None) -> _SocketStream:
+        loop = asyncio.get_running_loop()
+        local = (local_address, 0) if local_address else None
+        return await self._connect(loop.create_connection(
+            _SocketProtocol, host, port, local_addr=local), timeout, socket_options)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options=None) -> _SocketStream:
+        loop = asyncio.get_running_loop()
+        return await self._connect(loop.create_unix_connection(_SocketProtocol, path),
+                                   timeout, socket_options)
+
+    @staticmethod
+    async def _connect(connecting, timeout, socket_options) -> _SocketStream:
+        try:
+            transport, protocol = await asyncio.wait_for(connecting, timeout)
+        except asyncio.TimeoutError:
+            raise httpcore.ConnectTimeout("connecting timed out") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        for option in socket_options or ():
+            transport.get_extra_info("socket").setsockopt(*option)
+        return _SocketStream(transport, protocol)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float:

@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -195,7 +196,7 @@ class FakeLLM:
     """An HTTP server on 127.0.0.1 speaking Anthropic Messages and OpenAI Chat
     Completions streaming.  `requests` records every request body."""
 
-    def __init__(self):
+    def __init__(self, tls: "ssl.SSLContext | None" = None):
         self.script: list[Reply] = []
         self.requests: list[dict] = []
         self.headers: list[dict] = []
@@ -253,13 +254,17 @@ class FakeLLM:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:            # HTTPS, as the real providers speak
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def close(self):
         self.server.shutdown()
@@ -658,6 +663,69 @@ def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
     cfg = cfg_for(llm, retry_attempts=2, read_timeout=0.5)
     events = arun(run_agent(cfg, tmp_path, "hi"))
     assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
+
+
+# A self-signed certificate for 127.0.0.1 (until 2126), made for these tests
+# with `openssl req -x509 -newkey ec -subj /CN=127.0.0.1
+# -addext subjectAltName=IP:127.0.0.1`: the real providers speak HTTPS.
+TEST_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIBjzCCATagAwIBAgIUIGuG4khQKfAgHwyZCF5IDB51oSEwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyNTIzNDM0M1oYDzIxMjYxMTAx
+MjM0MzQzWjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAStW794o+7A4Dx8YaHJf6CQgONKAUDGg9d3Bb2gwjZ0DO4knVbbXi7m
+XD6l6/L2fmhIJSDSyYipnsoBcGT1O6xAo2QwYjAdBgNVHQ4EFgQUyf4hBb5zATnx
+TW2fNgNfhjKeypcwHwYDVR0jBBgwFoAUyf4hBb5zATnxTW2fNgNfhjKeypcwDwYD
+VR0TAQH/BAUwAwEB/zAPBgNVHREECDAGhwR/AAABMAoGCCqGSM49BAMCA0cAMEQC
+IGo2XtrgTuTOD9FB0CEPTevNqYJhQs3XRvqU6dHn0sNvAiAHbBmClpraGix9mzz7
+jBBjtHWdI9qwETsLZYti6PY8KA==
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSXjrtRsLx9SVKJ7X
+QdZgb3uM3XebOBQVuZ1z0+BIsqGhRANCAAStW794o+7A4Dx8YaHJf6CQgONKAUDG
+g9d3Bb2gwjZ0DO4knVbbXi7mXD6l6/L2fmhIJSDSyYipnsoBcGT1O6xA
+-----END PRIVATE KEY-----
+"""
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_llm_streams_over_https_through_our_socket_layer(tmp_path, monkeypatch, protocol):
+    """TLS is set up by httpx on our asyncio socket layer (agent_core's
+    AsyncioBackend), and the certificate is checked: trusted through
+    SSL_CERT_FILE it streams; untrusted, the run fails with a clear error."""
+    (tmp_path / "cert.pem").write_text(TEST_CERT)
+    (tmp_path / "key.pem").write_text(TEST_KEY)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    fake = FakeLLM(tls=tls)
+    try:
+        assert fake.url.startswith("https://")
+        fake.script.append(Reply("Over TLS.", tools=[("bash", '{"command": "echo tls-ok"}')]))
+        fake.script.append(Reply("Done over TLS."))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+        events = arun(run_agent(cfg_for(fake, protocol), tmp_path / "ws", "go"))
+        assert "tls-ok" in of(events, "tool_result")[0]["output"]
+        assert events[-1]["status"] == "done" and len(fake.requests) == 2
+
+        monkeypatch.delenv("SSL_CERT_FILE")          # now the certificate is a stranger's
+        events = arun(run_agent(cfg_for(fake, protocol, retry_attempts=1), tmp_path / "ws", "go"))
+        assert events[-1]["status"] == "error" and len(fake.requests) == 2
+        assert "certificate" in of(events, "error")[-1]["message"].lower()
+    finally:
+        fake.close()
+
+
+def test_every_pool_of_the_llm_client_uses_our_socket_layer(monkeypatch):
+    """httpx has no public switch for it: if an httpx upgrade moved the
+    attribute, this says so (the client would still work, only slower)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")   # a proxy adds a pool
+    client = core.make_http_client(core.LLMConfig("anthropic", "m", "k", "https://x"))
+    pools = [client._transport._pool] + [t._pool for t in client._mounts.values() if t]
+    assert len(pools) == 2
+    assert all(isinstance(p._network_backend, core.AsyncioBackend) for p in pools)
+    arun(client.aclose())
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
