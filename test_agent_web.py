@@ -161,6 +161,12 @@ def openai_sse(r: Reply) -> list[bytes]:
     return out
 
 
+# In the words of a "stream" reply, replaced by the time (time.time()) at which
+# the fake server writes that token to the socket: bench/push.py measures the
+# latency a token sees from the moment it leaves the LLM.
+SENT_AT = b"SENT_AT"
+
+
 def default_reply(body: dict, protocol: str) -> Reply:
     """What the fake model says when no test scripted otherwise."""
     msgs = body["messages"]
@@ -184,7 +190,8 @@ def default_reply(body: dict, protocol: str) -> Reply:
     if prompt.startswith("stream "):            # bench/: "stream N [R]": N words, R a second
         words = prompt.split()
         rate = float(words[2]) if len(words) > 2 else 50.0
-        return Reply(" ".join(f"t{i}" for i in range(int(words[1]))), delay=1 / rate)
+        return Reply(" ".join(f"t{i}@" + SENT_AT.decode() for i in range(int(words[1]))),
+                     delay=1 / rate)
     if prompt.startswith("slow"):
         return Reply(" ".join(f"word{i}" for i in range(60)) + " END", delay=0.05)
     if prompt.startswith("say: "):
@@ -244,6 +251,8 @@ class FakeLLM:
                 self.end_headers()
                 try:
                     for c in chunks:
+                        if SENT_AT in c:     # bench/: the moment this token leaves
+                            c = c.replace(SENT_AT, b"%.6f" % time.time())
                         self.wfile.write(c)
                         self.wfile.flush()
                         if reply.delay:

@@ -11,10 +11,11 @@ of the same size to the same number of clients.  ratio = ours / bare.
 
 Latency.  1 and then 50 sessions stream 200 tokens, 50 a second each (the
 pace of a fast model); the 50 runs start at random moments within 1 s (as
-users would), then all in the same instant.  For every frame a subscriber
-receives: its arrival time minus the event's `ts` (stamped when the token
-came out of the LLM stream, before the commit).  Same clock: both ends are on
-this machine.
+users would), then all in the same instant.  For every token a subscriber
+receives: its arrival time minus the time the fake LLM wrote it to its socket
+(stamped into the token's text at that moment), so the server's whole path
+counts: reading the SSE, the agent, the commit, the push.  Same clock: both
+ends are on this machine.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,9 @@ import httpx  # noqa: E402
 import websockets  # noqa: E402
 from test_agent_web import (TOKEN, FakeLLM, FakeLLMProcess, Reply, ServerProcess,  # noqa: E402
                             free_port)
+
+
+SENT = re.compile(r"@(\d+\.\d+)")          # test_agent_web.SENT_AT, filled in
 
 
 def alternating_openai_stream(tokens: int) -> bytes:
@@ -127,8 +132,9 @@ async def latency(server: ServerProcess, sessions: int, tokens: int, spread: flo
                 text = await ws.recv()
                 now = time.time()
                 ev = json.loads(text)
-                if ev.get("type") == "delta":
-                    samples.append((now, (now - ev["ts"]) * 1000))
+                if ev.get("type") == "delta":      # a frame may carry several tokens
+                    for sent in SENT.findall(ev["content"]):
+                        samples.append((now, (now - float(sent)) * 1000))
                 if ev.get("type") == "done":
                     return
 
@@ -185,9 +191,9 @@ async def main() -> None:
                 print(f"{n:>11} {rate_o:>14,.0f} {rate_b:>14,.0f} {rate_o / rate_b:>6.2f}"
                       f" {args.tokens / o['seconds']:>9,.0f} {o['avg_size']:>8}")
             print()
-            print("Added latency: token out of the LLM stream -> frame at a WebSocket client (ms)")
-            print("('p99 steady': frames that arrived once every run had started)")
-            print(f"{'sessions':>8} {'runs start':>15} {'frames':>7} {'p50':>7} {'p99':>7}"
+            print("Added latency: token written by the LLM -> its frame at a WebSocket client (ms)")
+            print("('p99 steady': tokens that arrived once every run had started)")
+            print(f"{'sessions':>8} {'runs start':>15} {'tokens':>7} {'p50':>7} {'p99':>7}"
                   f" {'max':>7} {'p99 steady':>11} {'loop lag p99':>13}")
             for sessions, spread, how in ((1, 0.0, "-"), (50, 1.0, "spread over 1 s"),
                                           (50, 0.0, "same instant")):
