@@ -91,7 +91,7 @@ MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
 REPLAY_CHUNK = 1_000                # events read from the store per replay query
-CHECKPOINT_EVERY = 1.0              # seconds between WAL checkpoints while writing
+CHECKPOINT_BYTES = 4_000_000        # event bytes committed between WAL checkpoints
 HISTORY_LIMIT_DEFAULT = 1_000       # GET /agent/chat page size when none is given
 HISTORY_LIMIT_MAX = 5_000
 SHUTDOWN_GRACE = 5.0                # seconds runs get to write `interrupted`
@@ -158,7 +158,6 @@ class Store:
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-checkpoint")
         self._local = threading.local()
         self._checkpoint: asyncio.Future | None = None    # the one in flight
-        self._checkpoint_at = 0.0
         # For bench/ and GET /agent/stats: seconds inside sqlite3 calls, per
         # thread.  One counter each, only ever added to by its own thread.
         self.seconds_in_sqlite = {"write": 0.0, "read": 0.0, "checkpoint": 0.0}
@@ -174,7 +173,7 @@ class Store:
             # No checkpoint inside a commit: it copies the WAL into the
             # database and syncs the disk, which made every thousandth commit
             # (and the frames waiting on it) several ms late.  The
-            # checkpointer thread does it instead (see _run).
+            # checkpointer thread does it instead (see checkpoint_soon).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._local.conn = conn
         return conn
@@ -188,16 +187,15 @@ class Store:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
         pool = {"write": self._writer, "read": self._reader,
                 "checkpoint": self._checkpointer}[kind]
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(pool, timed)
-        if kind == "write" and self._checkpoint is None \
-                and loop.time() - self._checkpoint_at >= CHECKPOINT_EVERY:
-            # A PASSIVE checkpoint runs beside the writer, not in its way, and
-            # keeps the WAL file to about CHECKPOINT_EVERY seconds of writes.
-            self._checkpoint_at = loop.time()
+        return await asyncio.get_running_loop().run_in_executor(pool, timed)
+
+    def checkpoint_soon(self) -> None:
+        """Copy the WAL into the database on the checkpoint thread.  PASSIVE:
+        it runs beside the writer, never in its way.  As rare as SQLite's own
+        (every few MB), because its disk sync still slows commits a little."""
+        if self._checkpoint is None:
             self._checkpoint = asyncio.ensure_future(self._run("checkpoint", Store.checkpoint))
             self._checkpoint.add_done_callback(self._checkpointed)
-        return result
 
     def _checkpointed(self, future: asyncio.Future) -> None:
         self._checkpoint = None
@@ -391,6 +389,7 @@ class EventLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.commits = 0
+        self._unchecked = 0                      # bytes committed since the last checkpoint
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="agent-web-event-log")
@@ -457,8 +456,12 @@ class EventLog:
                 if item is not None:
                     self.registry.publish(p.session_id, item[0], item[1])
                     p.event["seq"] = item[0]
+                    self._unchecked += len(item[1])
                 if p.future and not p.future.done():
                     p.future.set_result(p.event)
+            if self._unchecked >= CHECKPOINT_BYTES:
+                self._unchecked = 0
+                self.store.checkpoint_soon()
 
 
 # =============================================================================

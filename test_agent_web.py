@@ -963,30 +963,37 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
 
 def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path, monkeypatch):
     """Commits never checkpoint (that synced the disk inside one commit in a
-    thousand); the checkpointer thread copies the WAL into the database."""
+    thousand); after CHECKPOINT_BYTES of events the checkpointer thread
+    copies the WAL into the database."""
     import agent_web as web
-    monkeypatch.setattr(web, "CHECKPOINT_EVERY", 3600.0)
+    monkeypatch.setattr(web, "CHECKPOINT_BYTES", 10**12)
     db = tmp_path / "a.db"
 
     async def write_and_checkpoint():
         store = web.Store(db)
         await store.open()
+        log = web.EventLog(store, web.PushRegistry())
+        log.start()
         await store.write(web.Store.create_session, "s", "auto")
-        big = [("s", {"type": "delta", "message_id": "m", "channel": "text",
-                      "content": "x" * 1000, "ts": 1.0})] * 5000   # over SQLite's 4 MB default
-        await store.write(web.Store.append, big)
-        before = db.stat().st_size           # still in the WAL: no commit checkpointed
-        web.CHECKPOINT_EVERY = 0.0
-        await store.write(web.Store.set_approve_mode, "s", "ask")
-        await store._checkpoint               # the one that write started
+        for i in range(5000):                  # over SQLite's own 4 MB threshold
+            log.emit_nowait("s", {"type": "delta", "message_id": f"m{i}", "channel": "text",
+                                  "content": "x" * 1000})
+        await log.flush()
+        before = db.stat().st_size             # still in the WAL: no commit checkpointed
+        assert store._checkpoint is None
+        web.CHECKPOINT_BYTES = 1000
+        await log.emit("s", {"type": "message", "role": "assistant", "message_id": "m",
+                             "content": "x" * 1000})
+        await store._checkpoint                # the one that commit started
         after = db.stat().st_size
+        await log.stop()
         store.close()
         return before, after
 
     before, after = arun(write_and_checkpoint())
     assert before < 200_000 and after > 5_000_000
-    with sqlite3.connect(db) as conn:        # and the close left it whole
-        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 5000
+    with sqlite3.connect(db) as conn:          # and the close left it whole
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 5001
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
