@@ -726,6 +726,49 @@ def test_the_llm_streams_over_https_through_our_socket_layer(tmp_path, monkeypat
         fake.close()
 
 
+def test_pooled_llm_connections_are_reused_and_a_closed_one_is_replaced():
+    """Real providers keep connections open between requests and close idle
+    ones: the socket layer must tell httpx's pool which one was closed."""
+    ports: list[int] = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 0.3                       # the server closes a connection idle this long
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            ports.append(self.client_address[1])
+            body = b'data: {"n": %d}\n\n' % len(ports)
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    async def go():
+        got = []
+        async with core.make_http_client(core.LLMConfig("openai", "m", "k", url)) as http:
+            for pause in (0, 0, 1.0, 0):         # the third comes after the server closed
+                await asyncio.sleep(pause)
+                async with http.stream("GET", url) as response:
+                    got += [data async for _, data in core.sse_events(response)]
+        return got
+
+    try:
+        assert arun(go()) == ['{"n": 1}', '{"n": 2}', '{"n": 3}', '{"n": 4}']
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ports[0] == ports[1] != ports[2] == ports[3]
+
+
 def test_every_pool_of_the_llm_client_uses_our_socket_layer(monkeypatch):
     """httpx has no public switch for it: if an httpx upgrade moved the
     attribute, this says so (the client would still work, only slower)."""
