@@ -31,7 +31,8 @@ LLM protocols (raw httpx, streaming Server-Sent Events, no vendor SDK)
     DemoClient       offline; honest that it is a demo; still calls a tool.
     `stream_with_retries` wraps any of them: 429/5xx/529/time-outs are retried
     with exponential back-off and jitter (honouring Retry-After); 400/401/403/
-    404 are reported once and not retried.
+    404 are reported once and not retried.  Under httpx, `AsyncioBackend` is
+    the socket layer (cheaper per read than anyio's; see its section).
 
 What this is not
     A sandbox.  `bash` runs real commands as the user running the server; the
