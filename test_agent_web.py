@@ -772,6 +772,9 @@ def test_pooled_llm_connections_are_reused_and_a_closed_one_is_replaced():
 def test_every_pool_of_the_llm_client_uses_our_socket_layer(monkeypatch):
     """httpx has no public switch for it: if an httpx upgrade moved the
     attribute, this says so (the client would still work, only slower)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")   # a proxy adds a pool
     client = core.make_http_client(core.LLMConfig("anthropic", "m", "k", "https://x"))
     pools = [client._transport._pool] + [t._pool for t in client._mounts.values() if t]
