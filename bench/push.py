@@ -7,7 +7,9 @@ Fan-out.  One run streams TOKENS events as fast as the fake LLM can send them
 deltas can be merged: every token is its own event, committed to SQLite
 before it is pushed) to 1, 10 and 100 subscribers.  Beside it, the bare
 uvicorn + wsproto app (bench/bare_stack.py) pushes the same number of frames
-of the same size to the same number of clients.  ratio = ours / bare.
+of the same size to the same number of clients.  ratio = ours / bare.  The
+first row, with no subscriber, is what producing and storing events costs
+on its own.
 
 Latency.  1 and then 50 sessions stream 200 tokens, 50 a second each (the
 pace of a fast model); the 50 runs start at random moments within 1 s (as
@@ -93,6 +95,24 @@ async def ours(server: ServerProcess, llm: FakeLLM, n: int, tokens: int) -> dict
     frames = results[0][0]
     return {"frames": frames, "avg_size": results[0][1] // frames,
             "seconds": max(r[2] for r in results) - t0}
+
+
+async def store_only(server: ServerProcess, llm: FakeLLM, tokens: int) -> float:
+    """Seconds for one run to store `tokens` events with no subscriber: what
+    producing events costs on its own (polled every 2 ms)."""
+    h = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(headers=h, timeout=60) as c:
+        sid = (await c.post(server.base + "/agent/chat", json={"message": "say: ready"})).json()[
+            "session_id"]
+        url = server.base + f"/agent/chat?session_id={sid}&tail=1"
+        while (await c.get(url)).json()["status"] != "idle":
+            await asyncio.sleep(0.05)
+        llm.script.append(Reply(raw=[alternating_openai_stream(tokens)]))
+        t0 = time.perf_counter()
+        await c.post(server.base + "/agent/chat", json={"session_id": sid, "message": "go"})
+        while (await c.get(url)).json()["status"] != "idle":
+            await asyncio.sleep(0.002)
+        return time.perf_counter() - t0
 
 
 async def bare(port: int, n: int, frames: int, size: int) -> float:
@@ -184,6 +204,9 @@ async def main() -> None:
             print(f"Fan-out: one run of {args.tokens} events, each committed before it is pushed")
             print(f"{'subscribers':>11} {'frames/s ours':>14} {'frames/s bare':>14} {'ratio':>6}"
                   f" {'tokens/s':>9} {'frame B':>8}")
+            seconds = await store_only(server, llm, args.tokens * 4)
+            print(f"{'0':>11} {args.tokens * 4 / seconds:>14,.0f} {'-':>14} {'-':>6}"
+                  f"   (no subscriber: producing and storing {args.tokens * 4} events)")
             for n in fanouts:
                 o = await ours(server, llm, n, args.tokens)
                 b = await bare(port, n, o["frames"], o["avg_size"])
