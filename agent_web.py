@@ -122,10 +122,6 @@ STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
                 "done": "idle"}            # and a user `message`: running
 
 
-def _chunks(seq: list, size: int):
-    return (seq[k:k + size] for k in range(0, len(seq), size))
-
-
 # =============================================================================
 # Errors
 # =============================================================================
@@ -150,12 +146,19 @@ class HTTPError(Exception):
 # the writer, and a big history read never delays a commit.  A third copies
 # the WAL back into the database file now and then, beside the writer.
 
+def _chunks(seq: list, size: int):
+    """`seq` in slices of `size`: one SQL statement takes only so many values."""
+    return (seq[k:k + size] for k in range(0, len(seq), size))
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-checkpoint")
+        self._pools = {"write": self._writer, "read": self._reader,
+                       "checkpoint": self._checkpointer}
         self._local = threading.local()
         self._checkpoint: asyncio.Future | None = None    # the one in flight
         # For bench/ and GET /agent/stats: seconds inside sqlite3 calls, per
@@ -170,10 +173,11 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.executescript(SCHEMA_PATH.read_text())
-            # No checkpoint inside a commit: it copies the WAL into the
-            # database and syncs the disk, which made every thousandth commit
-            # (and the frames waiting on it) several ms late.  The
-            # checkpointer thread does it instead (see checkpoint_soon).
+            # No checkpoint inside a commit: SQLite's own runs in the commit
+            # that takes the WAL past 1,000 pages, copies the WAL into the
+            # database and syncs the disk, which made that commit (and the
+            # frames waiting on it) several ms late.  The checkpoint thread
+            # does it instead (see checkpoint_soon).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._local.conn = conn
         return conn
@@ -185,9 +189,7 @@ class Store:
                 return fn(self._conn(), *args)
             finally:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
-        pool = {"write": self._writer, "read": self._reader,
-                "checkpoint": self._checkpointer}[kind]
-        return await asyncio.get_running_loop().run_in_executor(pool, timed)
+        return await asyncio.get_running_loop().run_in_executor(self._pools[kind], timed)
 
     def checkpoint_soon(self) -> None:
         """Copy the WAL into the database on the checkpoint thread.  PASSIVE:

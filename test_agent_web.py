@@ -1008,9 +1008,9 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
 
 
 def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path, monkeypatch):
-    """Commits never checkpoint (that synced the disk inside one commit in a
-    thousand); after CHECKPOINT_BYTES of events the checkpointer thread
-    copies the WAL into the database."""
+    """Commits never checkpoint (SQLite's own synced the disk inside the
+    commit that took the WAL past 1,000 pages); after CHECKPOINT_BYTES of
+    events the checkpoint thread copies the WAL into the database."""
     import agent_web as web
     monkeypatch.setattr(web, "CHECKPOINT_BYTES", 10**12)
     db = tmp_path / "a.db"

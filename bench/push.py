@@ -77,14 +77,21 @@ async def drain_until_done(ws) -> tuple[int, int, float]:
             return frames, size, time.perf_counter()
 
 
+async def idle_session(c: httpx.AsyncClient, server: ServerProcess, poll: float = 0.05
+                       ) -> tuple[str, str, int]:
+    """A new session whose first run is over: (id, its tail URL, last seq)."""
+    sid = (await c.post(server.base + "/agent/chat", json={"message": "say: ready"})).json()[
+        "session_id"]
+    url = server.base + f"/agent/chat?session_id={sid}&tail=1"
+    while (state := (await c.get(url)).json())["status"] != "idle":
+        await asyncio.sleep(poll)
+    return sid, url, state["last_seq"]
+
+
 async def ours(server: ServerProcess, llm: FakeLLM, n: int, tokens: int) -> dict:
     h = {"authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(headers=h, timeout=60) as c:
-        sid = (await c.post(server.base + "/agent/chat", json={"message": "say: ready"})).json()[
-            "session_id"]
-        while (await c.get(server.base + f"/agent/chat?session_id={sid}")).json()["status"] != "idle":
-            await asyncio.sleep(0.05)
-        last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")).json()["last_seq"]
+        sid, _, last = await idle_session(c, server)
         socks = await subscribers(server.ws_url(), sid, last, n)
         llm.script.append(Reply(raw=[alternating_openai_stream(tokens)]))
         t0 = time.perf_counter()
@@ -102,11 +109,7 @@ async def store_only(server: ServerProcess, llm: FakeLLM, tokens: int) -> float:
     producing events costs on its own (polled every 2 ms)."""
     h = {"authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(headers=h, timeout=60) as c:
-        sid = (await c.post(server.base + "/agent/chat", json={"message": "say: ready"})).json()[
-            "session_id"]
-        url = server.base + f"/agent/chat?session_id={sid}&tail=1"
-        while (await c.get(url)).json()["status"] != "idle":
-            await asyncio.sleep(0.05)
+        sid, url, _ = await idle_session(c, server)
         llm.script.append(Reply(raw=[alternating_openai_stream(tokens)]))
         t0 = time.perf_counter()
         await c.post(server.base + "/agent/chat", json={"session_id": sid, "message": "go"})
