@@ -91,7 +91,8 @@ MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
 REPLAY_CHUNK = 1_000                # events read from the store per replay query
-CHECKPOINT_BYTES = 4_000_000        # event bytes committed between WAL checkpoints
+WAL_CHECKPOINT_BYTES = 4_000_000    # a WAL this big is copied back (SQLite's default)
+WAL_KEEP_BYTES = 1_000_000          # what a restarted WAL file is cut back to
 HISTORY_LIMIT_DEFAULT = 1_000       # GET /agent/chat page size when none is given
 HISTORY_LIMIT_MAX = 5_000
 SHUTDOWN_GRACE = 5.0                # seconds runs get to write `interrupted`
@@ -144,7 +145,7 @@ class HTTPError(Exception):
 # thread makes "seq = last_seq + 1" atomic without retries).  Reads use a
 # second connection on its own thread: in WAL mode a reader never waits for
 # the writer, and a big history read never delays a commit.  A third copies
-# the WAL back into the database file now and then, beside the writer.
+# the WAL back into the database file, beside the writer (see checkpoints).
 
 def _chunks(seq: list, size: int):
     """`seq` in slices of `size`: one SQL statement takes only so many values."""
@@ -160,7 +161,9 @@ class Store:
         self._pools = {"write": self._writer, "read": self._reader,
                        "checkpoint": self._checkpointer}
         self._local = threading.local()
-        self._checkpoint: asyncio.Future | None = None    # the one in flight
+        # Set by the checkpoint thread, read by the writer (see checkpoints).
+        self._checkpointing = self._catch_up = False
+        self.checkpoints = 0
         # For bench/ and GET /agent/stats: seconds inside sqlite3 calls, per
         # thread.  One counter each, only ever added to by its own thread.
         self.seconds_in_sqlite = {"write": 0.0, "read": 0.0, "checkpoint": 0.0}
@@ -177,8 +180,9 @@ class Store:
             # that takes the WAL past 1,000 pages, copies the WAL into the
             # database and syncs the disk, which made that commit (and the
             # frames waiting on it) several ms late.  The checkpoint thread
-            # does it instead (see checkpoint_soon).
+            # does it instead (see checkpoints).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
             self._local.conn = conn
         return conn
 
@@ -191,21 +195,55 @@ class Store:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
         return await asyncio.get_running_loop().run_in_executor(self._pools[kind], timed)
 
-    def checkpoint_soon(self) -> None:
-        """Copy the WAL into the database on the checkpoint thread.  PASSIVE:
-        it runs beside the writer, never in its way.  As rare as SQLite's own
-        (every few MB), because its disk sync still slows commits a little."""
-        if self._checkpoint is None:
-            self._checkpoint = asyncio.ensure_future(self._run("checkpoint", Store.checkpoint))
-            self._checkpoint.add_done_callback(self._checkpointed)
-
-    def _checkpointed(self, future: asyncio.Future) -> None:
-        self._checkpoint = None
-        if not future.cancelled() and future.exception() is not None:
-            log.error("WAL checkpoint failed: %s", future.exception())   # tried again later
-
     def write(self, fn: Callable, *args) -> Awaitable:
-        return self._run("write", fn, *args)
+        return self._run("write", self._write_and_checkpoint, fn, *args)
+
+    # -- checkpoints ------------------------------------------------------------
+    # A WAL only grows until a checkpoint has copied *all* of it back into the
+    # database: the next write transaction then starts it again from the top
+    # (and SQLite cuts the file back to WAL_KEEP_BYTES).  A checkpoint beside
+    # a busy writer never copies all of it, since commits land while it
+    # works, so on its own the WAL would grow without end.  Hence two steps:
+    #   1. the checkpoint thread copies the bulk and syncs the disk, beside the
+    #      writer (the slow part, which SQLite's own did inside a commit);
+    #   2. the writer, before its next write, copies the few pages committed
+    #      meanwhile, so that write restarts the WAL.
+    def _write_and_checkpoint(self, conn, fn: Callable, *args) -> Any:
+        """On the writer thread."""
+        if self._catch_up:
+            self._catch_up = False
+            try:
+                Store.checkpoint(conn)                                   # step 2
+            except sqlite3.Error as exc:    # the write itself may still succeed
+                log.error("WAL checkpoint failed: %s", exc)
+        result = fn(conn, *args)
+        if (not (self._checkpointing or self._catch_up)
+                and self._wal_bytes() >= WAL_CHECKPOINT_BYTES):
+            self._checkpointing = True
+            try:
+                self._checkpointer.submit(self._checkpoint_beside)         # step 1
+            except RuntimeError:             # closing: the last close checkpoints
+                pass
+        return result
+
+    def _checkpoint_beside(self) -> None:
+        """On the checkpoint thread."""
+        started = time.perf_counter()
+        try:
+            Store.checkpoint(self._conn())
+            self.checkpoints += 1
+        except sqlite3.Error as exc:        # step 2 copies it all anyway
+            log.error("WAL checkpoint failed: %s", exc)
+        finally:
+            self.seconds_in_sqlite["checkpoint"] += time.perf_counter() - started
+            self._catch_up = True            # before this, so no second step 1 starts
+            self._checkpointing = False
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except OSError:
+            return 0
 
     def read(self, fn: Callable, *args) -> Awaitable:
         return self._run("read", fn, *args)
@@ -229,7 +267,10 @@ class Store:
 
     @staticmethod
     def checkpoint(conn) -> None:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        # PASSIVE: never waits for the writer or a reader, nor makes them wait.
+        # fetchall() steps the statement to its end, so it lets go of its read
+        # snapshot (a snapshot held keeps the WAL from restarting).
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- writes (run on the writer thread) -------------------------------------
     @staticmethod
@@ -391,7 +432,6 @@ class EventLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.commits = 0
-        self._unchecked = 0                      # bytes committed since the last checkpoint
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="agent-web-event-log")
@@ -458,12 +498,8 @@ class EventLog:
                 if item is not None:
                     self.registry.publish(p.session_id, item[0], item[1])
                     p.event["seq"] = item[0]
-                    self._unchecked += len(item[1])
                 if p.future and not p.future.done():
                     p.future.set_result(p.event)
-            if self._unchecked >= CHECKPOINT_BYTES:
-                self._unchecked = 0
-                self.store.checkpoint_soon()
 
 
 # =============================================================================
@@ -1086,7 +1122,7 @@ class AgentWebApp:
         return json_response(200, {
             "runs": len(self.runs.runs), "subscribers": self.registry.count(),
             "tasks": len(asyncio.all_tasks()), "rss_kb": rss_kb(),
-            "commits": self.events.commits,
+            "commits": self.events.commits, "wal_checkpoints": self.store.checkpoints,
             "seconds_in_sqlite": dict(self.store.seconds_in_sqlite),
             "process_seconds": time.process_time(),
             "loop_lag_ms": self.lag_probe.percentiles() if self.lag_probe else None})

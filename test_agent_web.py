@@ -1009,10 +1009,10 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
 
 def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path, monkeypatch):
     """Commits never checkpoint (SQLite's own synced the disk inside the
-    commit that took the WAL past 1,000 pages); after CHECKPOINT_BYTES of
-    events the checkpoint thread copies the WAL into the database."""
+    commit that took the WAL past 1,000 pages); once the WAL passes
+    WAL_CHECKPOINT_BYTES the checkpoint thread copies it into the database."""
     import agent_web as web
-    monkeypatch.setattr(web, "CHECKPOINT_BYTES", 10**12)
+    monkeypatch.setattr(web, "WAL_CHECKPOINT_BYTES", 10**12)
     db = tmp_path / "a.db"
 
     async def write_and_checkpoint():
@@ -1026,11 +1026,12 @@ def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path,
                                   "content": "x" * 1000})
         await log.flush()
         before = db.stat().st_size             # still in the WAL: no commit checkpointed
-        assert store._checkpoint is None
-        web.CHECKPOINT_BYTES = 1000
+        assert store.checkpoints == 0
+        web.WAL_CHECKPOINT_BYTES = 1000
         await log.emit("s", {"type": "message", "role": "assistant", "message_id": "m",
                              "content": "x" * 1000})
-        await store._checkpoint                # the one that commit started
+        while store.checkpoints == 0:          # the one that commit started
+            await asyncio.sleep(0.01)
         after = db.stat().st_size
         await log.stop()
         store.close()
@@ -1040,6 +1041,47 @@ def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path,
     assert before < 200_000 and after > 5_000_000
     with sqlite3.connect(db) as conn:          # and the close left it whole
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 5001
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_the_wal_stays_small_while_writes_never_stop(tmp_path, monkeypatch):
+    """A checkpoint beside a busy writer never copies the whole WAL (commits
+    land while it works), and only a whole copy lets the WAL start again: on
+    its own the file grew by gigabytes.  The writer copies the rest before
+    its next write, so the WAL restarts every cycle and stays small."""
+    import agent_web as web
+    monkeypatch.setattr(web, "WAL_CHECKPOINT_BYTES", 256 * 1024)
+    monkeypatch.setattr(web, "WAL_KEEP_BYTES", 64 * 1024)
+    db = tmp_path / "a.db"
+    wal = Path(str(db) + "-wal")
+
+    async def write_without_pause():
+        store = web.Store(db)
+        await store.open()
+        log = web.EventLog(store, web.PushRegistry())
+        log.start()
+        sessions = [f"s{k}" for k in range(4)]
+        for sid in sessions:
+            await store.write(web.Store.create_session, sid, "auto")
+        sizes = []
+
+        async def run(sid):
+            for i in range(600):               # each awaited: one commit after another
+                await log.emit(sid, {"type": "tool_result", "call_id": f"c{i}", "tool": "bash",
+                                     "output": "x" * 300, "is_error": False, "duration_ms": 1})
+                sizes.append(wal.stat().st_size)
+        await asyncio.gather(*[run(sid) for sid in sessions])
+        await log.stop()
+        checkpoints = store.checkpoints
+        store.close()
+        return sizes, checkpoints
+
+    sizes, checkpoints = arun(write_without_pause())
+    restarts = sum(1 for a, b in zip(sizes, sizes[1:]) if b < a)   # cut back: started again
+    assert checkpoints >= 3 and restarts >= 3, (checkpoints, restarts)
+    assert max(sizes) < 16_000_000, max(sizes)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2400
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
