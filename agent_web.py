@@ -158,8 +158,7 @@ class Store:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-checkpoint")
-        self._pools = {"write": self._writer, "read": self._reader,
-                       "checkpoint": self._checkpointer}
+        self._pools = {"write": self._writer, "read": self._reader}   # for _run
         self._local = threading.local()
         # Set by the checkpoint thread, read by the writer (see checkpoints).
         self._checkpointing = self._catch_up = False
@@ -236,7 +235,9 @@ class Store:
             log.error("WAL checkpoint failed: %s", exc)
         finally:
             self.seconds_in_sqlite["checkpoint"] += time.perf_counter() - started
-            self._catch_up = True            # before this, so no second step 1 starts
+            # In this order: the writer never sees both False before step 2,
+            # so it cannot start another step 1 first.
+            self._catch_up = True
             self._checkpointing = False
 
     def _wal_bytes(self) -> int:
