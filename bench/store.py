@@ -15,7 +15,9 @@ For each: events offered per second (what the runs produced), rows committed
 per second, commits, rows per commit, wall time spent in SQLite calls (on the
 writer thread), and how many SQLite calls ran on the event-loop thread itself
 (the design says none; the figure is counted, not assumed).  The loop's lag
-(a 1 ms timer, how late it fires) is printed beside it.
+(a 1 ms timer, how late it fires) is printed beside it, then the largest size
+the WAL file reached (it restarts after each checkpoint; see Store) and the
+number of checkpoints.
 """
 from __future__ import annotations
 
@@ -33,12 +35,18 @@ from agent_web import EventLog, LagProbe, PushRegistry, Store  # noqa: E402
 
 
 class CountingStore(Store):
-    """Store that counts its SQLite calls by the thread they ran on."""
+    """Store that counts its SQLite calls by the thread they ran on, and
+    keeps the largest size its WAL file reached."""
 
     def __init__(self, path):
         super().__init__(path)
-        self.on_loop_thread = self.calls = 0
+        self.on_loop_thread = self.calls = self.wal_max = 0
         self.loop_thread = threading.get_ident()
+
+    def _write_and_checkpoint(self, conn, fn, *args):
+        result = super()._write_and_checkpoint(conn, fn, *args)
+        self.wal_max = max(self.wal_max, self._wal_bytes())
+        return result
 
     def _conn(self):
         self.calls += 1
@@ -93,7 +101,8 @@ async def scenario(name: str, sessions: int, events: int, awaited: bool) -> None
               f"{commits:>8,} {rows / max(1, commits):>9.1f} "
               f"{(store.seconds_in_sqlite['write'] - in_sqlite0) / wall:>10.0%} {cpu / wall:>8.2f} "
               f"{store.calls - calls0:>7,} {store.on_loop_thread:>8} "
-              f"{lag['p50']:>7.2f} {lag['p99']:>7.2f}")
+              f"{lag['p50']:>7.2f} {lag['p99']:>7.2f} {store.wal_max / 1e6:>7.1f} "
+              f"{store.checkpoints:>6}")
         for t in drains:
             t.cancel()
         await log.stop()
@@ -108,14 +117,15 @@ async def main() -> None:
           f"WAL, synchronous=NORMAL\n")
     print(f"{'scenario':<8} {'sessions':>8} {'offered ev/s':>14} {'rows/s':>12} {'commits':>8} "
           f"{'rows/cmt':>9} {'in SQLite':>10} {'CPU':>8} {'calls':>7} {'on loop':>8} "
-          f"{'lag p50':>7} {'lag p99':>7}")
+          f"{'lag p50':>7} {'lag p99':>7} {'WAL MB':>7} {'ckpts':>6}")
     for sessions in (1, 10, 100):
         await scenario("deltas", sessions, args.events, awaited=False)
     for sessions in (1, 10, 100):
         await scenario("awaited", sessions, args.events // 4, awaited=True)
     print("\nin SQLite: wall time the writer thread spent inside sqlite3 calls, "
           "as a share of the scenario's wall time.\nCPU: process CPU seconds per wall "
-          "second (both threads).  on loop: SQLite calls made on the event-loop thread.")
+          "second (both threads).  on loop: SQLite calls made on the event-loop thread.\n"
+          "WAL MB: the largest the WAL file grew.  ckpts: checkpoints the checkpoint thread ran.")
 
 
 if __name__ == "__main__":
