@@ -269,8 +269,8 @@ class Store:
     @staticmethod
     def checkpoint(conn) -> None:
         # PASSIVE: never waits for the writer or a reader, nor makes them wait.
-        # fetchall() steps the statement to its end, so it lets go of its read
-        # snapshot (a snapshot held keeps the WAL from restarting).
+        # fetchall() runs the statement to its end at once: one left open holds
+        # a read snapshot, and a snapshot held keeps the WAL from restarting.
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- writes (run on the writer thread) -------------------------------------
