@@ -158,7 +158,6 @@ class Store:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-checkpoint")
-        self._pools = {"write": self._writer, "read": self._reader}   # for _run
         self._local = threading.local()
         # Set by the checkpoint thread, read by the writer (see checkpoints).
         self._checkpointing = self._catch_up = False
@@ -192,7 +191,8 @@ class Store:
                 return fn(self._conn(), *args)
             finally:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
-        return await asyncio.get_running_loop().run_in_executor(self._pools[kind], timed)
+        pool = self._writer if kind == "write" else self._reader
+        return await asyncio.get_running_loop().run_in_executor(pool, timed)
 
     def write(self, fn: Callable, *args) -> Awaitable:
         return self._run("write", self._write_and_checkpoint, fn, *args)

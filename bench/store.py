@@ -124,7 +124,7 @@ async def main() -> None:
         await scenario("awaited", sessions, args.events // 4, awaited=True)
     print("\nin SQLite: wall time the writer thread spent inside sqlite3 calls, "
           "as a share of the scenario's wall time.\nCPU: process CPU seconds per wall "
-          "second (both threads).  on loop: SQLite calls made on the event-loop thread.\n"
+          "second (all its threads).  on loop: SQLite calls made on the event-loop thread.\n"
           "WAL MB: the largest the WAL file grew.  ckpts: checkpoints the checkpoint thread ran.")
 
 
