@@ -91,8 +91,7 @@ MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
 REPLAY_CHUNK = 1_000                # events read from the store per replay query
-WAL_CHECKPOINT_BYTES = 4_000_000    # a WAL this big is copied back (SQLite's default)
-WAL_KEEP_BYTES = 1_000_000          # what a restarted WAL file is cut back to
+WAL_CHECKPOINT_BYTES = 8_000_000    # a WAL this big is copied back (see checkpoints)
 HISTORY_LIMIT_DEFAULT = 1_000       # GET /agent/chat page size when none is given
 HISTORY_LIMIT_MAX = 5_000
 SHUTDOWN_GRACE = 5.0                # seconds runs get to write `interrupted`
@@ -142,10 +141,11 @@ class HTTPError(Exception):
 #
 # sqlite3 calls block, so none runs on the event loop.  All writes go through
 # one thread with one connection (SQLite allows one writer anyway; a single
-# thread makes "seq = last_seq + 1" atomic without retries).  Reads use a
-# second connection on its own thread: in WAL mode a reader never waits for
-# the writer, and a big history read never delays a commit.  A third copies
-# the WAL back into the database file, beside the writer (see checkpoints).
+# thread makes "seq = the session's last + 1" atomic without retries).  Reads
+# use a second connection on its own thread: in WAL mode a reader never waits
+# for the writer, and a big history read never delays a commit.  A third
+# copies the WAL back into the database file, beside the writer (see
+# checkpoints).
 
 def _chunks(seq: list, size: int):
     """`seq` in slices of `size`: one SQL statement takes only so many values."""
@@ -180,7 +180,11 @@ class Store:
             # frames waiting on it) several ms late.  The checkpoint thread
             # does it instead (see checkpoints).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-            conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
+            # A restarted WAL is written over from the top, and its file is
+            # cut back to this size only: writing over a file's blocks costs
+            # less than growing it again (cutting 30 MB of them once took
+            # 10 ms inside a commit).
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
             self._local.conn = conn
         return conn
 
@@ -199,14 +203,17 @@ class Store:
 
     # -- checkpoints ------------------------------------------------------------
     # A WAL only grows until a checkpoint has copied *all* of it back into the
-    # database: the next write transaction then starts it again from the top
-    # (and SQLite cuts the file back to WAL_KEEP_BYTES).  A checkpoint beside
-    # a busy writer never copies all of it, since commits land while it
-    # works, so on its own the WAL would grow without end.  Hence two steps:
+    # database: the next write transaction then starts it again from the top.
+    # A checkpoint beside a busy writer never copies all of it, since commits
+    # land while it works, so on its own the WAL would grow without end.
+    # Hence two steps, once the WAL file grows past WAL_CHECKPOINT_BYTES
+    # (which, as the file is kept at that size, is when the WAL itself does):
     #   1. the checkpoint thread copies the bulk and syncs the disk, beside the
     #      writer (the slow part, which SQLite's own did inside a commit);
     #   2. the writer, before its next write, copies the few pages committed
     #      meanwhile, so that write restarts the WAL.
+    # Step 2 and the restart sync the disk on the writer thread (~3 ms here,
+    # all of it fsync): the bigger the WAL, the rarer they are.
     def _write_and_checkpoint(self, conn, fn: Callable, *args) -> Any:
         """On the writer thread."""
         if self._catch_up:
@@ -217,7 +224,7 @@ class Store:
                 log.error("WAL checkpoint failed: %s", exc)
         result = fn(conn, *args)
         if (not (self._checkpointing or self._catch_up)
-                and self._wal_bytes() >= WAL_CHECKPOINT_BYTES):
+                and self._wal_bytes() > WAL_CHECKPOINT_BYTES):
             self._checkpointing = True
             try:
                 self._checkpointer.submit(self._checkpoint_beside)         # step 1
@@ -229,6 +236,9 @@ class Store:
         """On the checkpoint thread."""
         started = time.perf_counter()
         try:
+            # Twice: the first pass copies the bulk, and what was committed
+            # while it ran (~10 ms) is left for the second, not for step 2.
+            Store.checkpoint(self._conn())
             Store.checkpoint(self._conn())
             self.checkpoints += 1
         except sqlite3.Error as exc:        # step 2 copies it all anyway
@@ -291,37 +301,51 @@ class Store:
         by_session: dict[str, list[int]] = {}
         for i, (session_id, _) in enumerate(items):
             by_session.setdefault(session_id, []).append(i)
-        changes = []                        # (id, count, new status or None, title)
+        # Only events other than deltas touch the session's row: a commit of
+        # streamed text (most commits) then writes no page but its events'
+        # own, a third fewer bytes into the WAL (see Performance).
+        changes = []                        # (id, new status or None, title)
         for session_id, indexes in by_session.items():
-            status, title = None, ""
+            status, title, touched = None, "", False
             for i in indexes:
                 ev = items[i][1]
+                if ev["type"] == "delta":
+                    continue
+                touched = True
                 if ev["type"] == "message" and ev.get("role") == "user":
                     status = "running"
                     title = title or " ".join(ev["content"].split())[:80]
                 elif ev["type"] in STATUS_AFTER:
                     status = STATUS_AFTER[ev["type"]]
-            changes.append((session_id, len(indexes), status, title))
+            if touched:
+                changes.append((session_id, status, title))
         # As few sqlite3 calls as possible: each one lets go of the GIL and
-        # must win it back from the busy event-loop thread.  So one UPDATE
-        # for all sessions and one multi-row INSERT (not one call per row).
+        # must win it back from the busy event-loop thread.  So one SELECT
+        # (and, unless all are deltas, one UPDATE) for all sessions, and one
+        # multi-row INSERT.
         results: list[tuple[int, str] | None] = [None] * len(items)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Each session's last seq, read inside this write transaction (so
+            # no other writer can take the same numbers); a deleted session
+            # has no row and so no entry.
             last_seq: dict[str, int] = {}
-            for chunk in _chunks(changes, Store.ROWS_PER_STATEMENT):
+            for chunk in _chunks(list(by_session), Store.IDS_PER_STATEMENT):
                 last_seq.update(conn.execute(
-                    "UPDATE sessions SET last_seq = last_seq + v.column2, updated_at = ?, "
-                    "status = COALESCE(v.column3, status), "
-                    "title = CASE WHEN title = '' THEN v.column4 ELSE title END "
-                    "FROM (VALUES " + ",".join(["(?,?,?,?)"] * len(chunk)) + ") AS v "
-                    "WHERE sessions.id = v.column1 RETURNING sessions.id, sessions.last_seq",
-                    [time.time(), *(value for change in chunk for value in change)]))
+                    f"SELECT id, {Store.LAST_SEQ} FROM sessions WHERE id IN "
+                    "(" + ",".join("?" * len(chunk)) + ")", chunk))
+            for chunk in _chunks(changes, Store.ROWS_PER_STATEMENT):
+                conn.execute(
+                    "UPDATE sessions SET updated_at = ?, status = COALESCE(v.column2, status), "
+                    "title = CASE WHEN title = '' THEN v.column3 ELSE title END "
+                    "FROM (VALUES " + ",".join(["(?,?,?)"] * len(chunk)) + ") AS v "
+                    "WHERE sessions.id = v.column1",
+                    [time.time(), *(value for change in chunk for value in change)])
             rows = []
             for session_id, indexes in by_session.items():
                 if session_id not in last_seq:
                     continue                # deleted while its run was still going
-                seq = last_seq[session_id] - len(indexes)
+                seq = last_seq[session_id]
                 for i in indexes:
                     seq += 1
                     ev = items[i][1]
@@ -338,8 +362,14 @@ class Store:
             raise
         return results
 
-    # 4 parameters a row: 801 at most, under SQLite's oldest limit (999).
-    ROWS_PER_STATEMENT = 200
+    # A session's last seq is not stored: it is its newest event's, found by
+    # one step down the events' primary key.  Storing it meant rewriting the
+    # session's row, and its `updated_at` index entry, on every commit.
+    LAST_SEQ = ("(SELECT coalesce(max(seq), 0) FROM events "
+                "WHERE events.session_id = sessions.id)")
+    # Values per statement: under SQLite's oldest limit of 999.
+    IDS_PER_STATEMENT = 900
+    ROWS_PER_STATEMENT = 200            # 4 values a row: 801 at most
 
     @staticmethod
     def set_approve_mode(conn, session_id: str, mode: str) -> bool:
@@ -355,7 +385,7 @@ class Store:
         return gone == 1
 
     # -- reads (run on the reader thread) --------------------------------------
-    SESSION_COLUMNS = "id, title, status, approve_mode, created_at, updated_at, last_seq"
+    SESSION_COLUMNS = f"id, title, status, approve_mode, created_at, updated_at, {LAST_SEQ}"
 
     @staticmethod
     def _session_row(row) -> dict | None:

@@ -3,8 +3,9 @@
 --
 -- The event log is the truth: everything a page shows is a row in `events`,
 -- written before it is pushed to any browser.  `sessions` is a small index
--- over it (title, status, last_seq) kept in the same transaction as the
--- events, so the two never disagree.
+-- over it (title, status) kept in the same transaction as the events, so the
+-- two never disagree.  A session's last seq is not stored: it is the seq of
+-- its newest event, one step down the primary key of `events`.
 
 PRAGMA journal_mode = WAL;          -- readers never block the one writer
 PRAGMA synchronous = NORMAL;        -- safe against a process crash; see README
@@ -17,8 +18,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     -- auto | ask | ask-all: which tool calls wait for the user
     approve_mode  TEXT NOT NULL DEFAULT 'ask',
     created_at    REAL NOT NULL,
-    updated_at    REAL NOT NULL,
-    last_seq      INTEGER NOT NULL DEFAULT 0
+    -- the last event other than a `delta`: streamed text never rewrites
+    -- this row, which keeps each commit of a streamed answer small
+    updated_at    REAL NOT NULL
+    -- (databases made before 2026-11-26 also have `last_seq`, now unused)
 );
 
 CREATE INDEX IF NOT EXISTS sessions_by_update ON sessions (updated_at DESC);

@@ -969,7 +969,8 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
     async def go():
         store = web.Store(tmp_path / "a.db")
         await store.open()
-        names = [f"s{i}" for i in range(web.Store.ROWS_PER_STATEMENT + 50)]
+        names = [f"s{i}" for i in range(
+            max(web.Store.ROWS_PER_STATEMENT, web.Store.IDS_PER_STATEMENT) + 50)]
         for sid in names + ["gone"]:
             await store.write(web.Store.create_session, sid, "auto")
         await store.write(web.Store.delete_session, "gone")
@@ -985,8 +986,8 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
         out = await store.write(web.Store.append, items)
         rows = await store.read(lambda conn: conn.execute(
             "SELECT session_id, seq, data FROM events ORDER BY session_id, seq").fetchall())
-        sessions = await store.read(lambda conn: {r[0]: r[1:] for r in conn.execute(
-            "SELECT id, last_seq, status, title FROM sessions")})
+        sessions = {s["session_id"]: (s["last_seq"], s["status"], s["title"])
+                    for s in await store.read(web.Store.list_sessions)}
         store.close()
         return items, out, rows, sessions
 
@@ -1005,6 +1006,78 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
     assert sessions["s1"] == (4, "running", "fix the build")
     assert sessions["s2"] == (4, "idle", "")
     assert sessions["s3"] == (3, "idle", "")
+
+
+def test_streamed_deltas_rewrite_no_session_row(tmp_path):
+    """A commit of deltas only writes events: the session's row (status,
+    title, updated_at) changes with the other events, and its last_seq, read
+    from the events, still counts every one."""
+    import agent_web as web
+
+    def delta(i):
+        return {"type": "delta", "message_id": "a", "channel": "text", "content": f"t{i}",
+                "ts": 1.0}
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        await store.write(web.Store.create_session, "s", "auto")
+        await store.write(web.Store.append, [("s", {"type": "message", "role": "user",
+                                                    "content": "hi", "ts": 1.0})])
+        seen = [await store.read(web.Store.get_session, "s")]
+        for i in range(5):
+            await store.write(web.Store.append, [("s", delta(i)), ("s", delta(i))])
+            seen.append(await store.read(web.Store.get_session, "s"))
+        time.sleep(0.01)                                   # a later updated_at
+        await store.write(web.Store.append, [("s", {"type": "done", "status": "done",
+                                                    "summary": "", "steps": 1, "usage": {},
+                                                    "ts": 1.0})])
+        seen.append(await store.read(web.Store.get_session, "s"))
+        store.close()
+        return seen
+
+    seen = arun(go())
+    assert [s["last_seq"] for s in seen] == [1, 3, 5, 7, 9, 11, 12]
+    assert [s["status"] for s in seen] == ["running"] * 6 + ["idle"]
+    assert len({s["updated_at"] for s in seen[:6]}) == 1      # the deltas left it
+    assert seen[6]["updated_at"] > seen[0]["updated_at"]
+
+
+def test_a_database_made_before_last_seq_was_derived_still_works(tmp_path):
+    """Databases made before 2026-11-26 store `sessions.last_seq`; the store
+    now reads it from the events, and such a file opens and goes on."""
+    import agent_web as web
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript("""
+        PRAGMA journal_mode = WAL;
+        CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT 'idle', approve_mode TEXT NOT NULL DEFAULT 'ask',
+            created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX sessions_by_update ON sessions (updated_at DESC);
+        CREATE TABLE events (session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL, type TEXT NOT NULL, data TEXT NOT NULL,
+            PRIMARY KEY (session_id, seq)) WITHOUT ROWID;
+        INSERT INTO sessions VALUES ('old', 'hello', 'idle', 'ask', 1.0, 1.0, 2);
+        INSERT INTO events VALUES ('old', 1, 'message', '{"seq":1}'), ('old', 2, 'done', '{"seq":2}');
+    """)
+    db.close()
+
+    async def go():
+        store = web.Store(tmp_path / "old.db")
+        await store.open()
+        await store.write(web.Store.create_session, "new", "auto")
+        out = await store.write(web.Store.append, [
+            ("old", {"type": "message", "role": "user", "content": "again", "ts": 1.0}),
+            ("new", {"type": "message", "role": "user", "content": "first", "ts": 1.0})])
+        sessions = await store.read(web.Store.list_sessions)
+        store.close()
+        return out, sessions
+
+    out, sessions = arun(go())
+    assert [seq for seq, _ in out] == [3, 1]
+    assert {s["session_id"]: (s["last_seq"], s["title"]) for s in sessions} == {
+        "old": (3, "hello"), "new": (1, "first")}
 
 
 def test_the_wal_is_checkpointed_beside_the_writer_not_inside_a_commit(tmp_path, monkeypatch):
@@ -1051,7 +1124,6 @@ def test_the_wal_stays_small_while_writes_never_stop(tmp_path, monkeypatch):
     its next write, so the WAL restarts every cycle and stays small."""
     import agent_web as web
     monkeypatch.setattr(web, "WAL_CHECKPOINT_BYTES", 256 * 1024)
-    monkeypatch.setattr(web, "WAL_KEEP_BYTES", 64 * 1024)
     db = tmp_path / "a.db"
     wal = Path(str(db) + "-wal")
 
@@ -1913,8 +1985,8 @@ def seed_session(db_path: Path, sid: str, title: str, events: list[dict]) -> str
     db = sqlite3.connect(db_path)
     db.executescript((HERE / "schema.sql").read_text())
     now = time.time()
-    db.execute("INSERT INTO sessions (id, title, status, created_at, updated_at, last_seq) "
-               "VALUES (?, ?, 'idle', ?, ?, ?)", (sid, title, now, now, len(events)))
+    db.execute("INSERT INTO sessions (id, title, status, created_at, updated_at) "
+               "VALUES (?, ?, 'idle', ?, ?)", (sid, title, now, now))
     db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", [
         (sid, seq, ev["type"], json.dumps({"seq": seq, "session_id": sid, "ts": now, **ev},
                                           separators=(",", ":")))
