@@ -1028,7 +1028,7 @@ def test_streamed_deltas_rewrite_no_session_row(tmp_path):
         for i in range(5):
             await store.write(web.Store.append, [("s", delta(i)), ("s", delta(i))])
             seen.append(await store.read(web.Store.get_session, "s"))
-        time.sleep(0.01)                                   # a later updated_at
+        await asyncio.sleep(0.01)                          # a later updated_at
         await store.write(web.Store.append, [("s", {"type": "done", "status": "done",
                                                     "summary": "", "steps": 1, "usage": {},
                                                     "ts": 1.0})])
