@@ -1135,22 +1135,25 @@ def test_the_wal_stays_small_while_writes_never_stop(tmp_path, monkeypatch):
         sessions = [f"s{k}" for k in range(4)]
         for sid in sessions:
             await store.write(web.Store.create_session, sid, "auto")
-        sizes = []
+        sizes, generations = [], set()
 
         async def run(sid):
             for i in range(600):               # each awaited: one commit after another
                 await log.emit(sid, {"type": "tool_result", "call_id": f"c{i}", "tool": "bash",
                                      "output": "x" * 300, "is_error": False, "duration_ms": 1})
                 sizes.append(wal.stat().st_size)
+                with open(wal, "rb") as f:     # the WAL header's checkpoint sequence
+                    generations.add(f.read(16)[12:16])   # number: +1 at each restart
         await asyncio.gather(*[run(sid) for sid in sessions])
         await log.stop()
         checkpoints = store.checkpoints
         store.close()
-        return sizes, checkpoints
+        return sizes, checkpoints, len(generations) - 1
 
-    sizes, checkpoints = arun(write_without_pause())
+    sizes, checkpoints, restarted = arun(write_without_pause())
     restarts = sum(1 for a, b in zip(sizes, sizes[1:]) if b < a)   # cut back: started again
     assert checkpoints >= 3 and restarts >= 3, (checkpoints, restarts)
+    assert restarted >= 3, restarted
     assert max(sizes) < 16_000_000, max(sizes)
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2400
