@@ -238,8 +238,9 @@ class Store:
         try:
             # Twice: the first pass copies the bulk, and what was committed
             # while it ran (~10 ms) is left for the second, not for step 2.
-            Store.checkpoint(self._conn())
-            Store.checkpoint(self._conn())
+            conn = self._conn()
+            Store.checkpoint(conn)
+            Store.checkpoint(conn)
             self.checkpoints += 1
         except sqlite3.Error as exc:        # step 2 copies it all anyway
             log.error("WAL checkpoint failed: %s", exc)
@@ -367,9 +368,10 @@ class Store:
     # session's row, and its `updated_at` index entry, on every commit.
     LAST_SEQ = ("(SELECT coalesce(max(seq), 0) FROM events "
                 "WHERE events.session_id = sessions.id)")
-    # Values per statement: under SQLite's oldest limit of 999.
+    # Values per statement, under SQLite's oldest limit of 999: ids one
+    # each; rows up to 4 each (800), session changes 3 each plus the time.
     IDS_PER_STATEMENT = 900
-    ROWS_PER_STATEMENT = 200            # 4 values a row: 801 at most
+    ROWS_PER_STATEMENT = 200
 
     @staticmethod
     def set_approve_mode(conn, session_id: str, mode: str) -> bool:
