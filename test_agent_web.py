@@ -413,6 +413,15 @@ class ServerProcess:
         assert r.status_code == 200, r.text
         return r.json()
 
+    def all_events(self, session_id: str) -> list[dict]:
+        """Every stored event, page after page (one page holds at most 5,000)."""
+        events: list[dict] = []
+        while True:
+            page = self.history(session_id, after=len(events))["events"]
+            events += page
+            if not page:
+                return events
+
     def wait_status(self, session_id: str, status: str = "idle", timeout: float = 20) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -1043,6 +1052,102 @@ def test_streamed_deltas_rewrite_no_session_row(tmp_path):
     assert seen[6]["updated_at"] > seen[0]["updated_at"]
 
 
+def test_a_commit_of_streamed_text_is_one_statement_and_other_writers_are_caught(tmp_path):
+    """The writer remembers each session's last seq, so streamed text for a
+    session it wrote to before commits in one INSERT (one sqlite3 call, not
+    four).  Rows another connection adds behind its back, or a session it
+    deletes, are caught: seqs stay unique and gapless, the deleted session's
+    event is dropped."""
+    import agent_web as web
+
+    def delta(text):
+        return {"type": "delta", "message_id": "a", "channel": "text", "content": text,
+                "ts": 1.0}
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        for sid in ("s", "t"):
+            await store.write(web.Store.create_session, sid, "auto")
+        statements: list[str] = []
+        await store.write(lambda conn: conn.set_trace_callback(statements.append))
+        out = [await store.write(web.Store.append, [("s", delta("1")), ("t", delta("1"))])]
+        first = statements[:]
+        statements.clear()
+        out.append(await store.write(web.Store.append, [("s", delta("2")), ("s", delta("3"))]))
+        known = statements[:]
+        other = sqlite3.connect(tmp_path / "a.db")
+        other.execute("PRAGMA foreign_keys = ON")
+        other.execute("""INSERT INTO events VALUES ('s', 4, 'delta', '{"seq":4}')""")
+        other.execute("DELETE FROM sessions WHERE id = 't'")
+        other.commit()
+        other.close()
+        out.append(await store.write(web.Store.append, [("s", delta("5")), ("t", delta("2"))]))
+        out.append(await store.write(web.Store.append, [("s", delta("6"))]))
+        rows = await store.read(lambda conn: conn.execute(
+            "SELECT session_id, seq FROM events ORDER BY session_id, seq").fetchall())
+        store.close()
+        return first, known, out, rows
+
+    first, known, out, rows = arun(go())
+    assert [q.split()[0] for q in first] == ["BEGIN", "SELECT", "INSERT", "COMMIT"]
+    assert len(known) == 1 and known[0].startswith("INSERT INTO events")
+    assert [[r and r[0] for r in batch] for batch in out] == [[1, 1], [2, 3], [5, None], [6]]
+    assert rows == [("s", n) for n in range(1, 7)]
+
+
+def test_a_commit_that_fails_loses_only_its_own_events(tmp_path, monkeypatch):
+    """A commit that fails (a full disk, say) fails the events waiting on it
+    and takes no seq, whether it was one INSERT or a transaction rolled
+    back: the next commit goes on from the last stored event."""
+    import agent_web as web
+    insert, fail = web.Store._insert, []
+
+    def failing_insert(conn, rows):
+        if fail:
+            fail.pop()
+            if conn.in_transaction:
+                insert(conn, rows)            # written, then rolled back
+            raise sqlite3.OperationalError("database or disk is full")
+        insert(conn, rows)
+    monkeypatch.setattr(web.Store, "_insert", staticmethod(failing_insert))
+
+    def delta(text):
+        return {"type": "delta", "message_id": "a", "channel": "text", "content": text}
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        await store.write(web.Store.create_session, "s", "auto")
+        registry = web.PushRegistry()
+        sub = registry.subscribe("s")
+        log = web.EventLog(store, registry)
+        log.start()
+        await log.emit("s", {"type": "message", "role": "user", "content": "hi"})
+        fail.append(True)
+        log.emit_nowait("s", delta("lost"))              # deltas only: one INSERT
+        with pytest.raises(sqlite3.OperationalError):      # its commit is flush's
+            await log.flush()
+        fail.append(True)
+        with pytest.raises(sqlite3.OperationalError):      # a transaction
+            await log.emit("s", {"type": "error", "message": "lost", "retrying": False})
+        log.emit_nowait("s", delta("kept"))
+        await log.emit("s", {"type": "error", "message": "kept", "retrying": False})
+        await log.stop()
+        rows = await store.read(lambda conn: conn.execute(
+            "SELECT seq, data FROM events ORDER BY seq").fetchall())
+        store.close()
+        published = []
+        while not sub.queue.empty():
+            published.append(sub.queue.get_nowait())
+        return published, rows
+
+    published, rows = arun(go())
+    assert published == rows
+    assert [(seq, json.loads(text).get("content") or json.loads(text).get("message"))
+            for seq, text in rows] == [(1, "hi"), (2, "kept"), (3, "kept")]
+
+
 def test_a_database_made_before_last_seq_was_derived_still_works(tmp_path):
     """Databases made before 2026-11-26 store `sessions.last_seq`; the store
     now reads it from the events, and such a file opens and goes on."""
@@ -1371,7 +1476,7 @@ def test_a_subscriber_that_never_reads_is_closed_4008_and_the_run_goes_on(tmp_pa
         slow.close()
         assert code == 4008
         assert got == events[:len(got)] and len(got) < len(events)   # a prefix, no gap
-        assert server.history(sid)["events"] == events
+        assert server.all_events(sid) == events
     finally:
         server.stop()
 
