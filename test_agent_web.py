@@ -338,11 +338,13 @@ def free_env(**extra) -> dict:
 
 
 class ServerProcess:
-    """`python agent_web.py` on an ephemeral loopback port, as a user runs it."""
+    """`python agent_web.py` on an ephemeral loopback port, as a user runs it.
+    (`script`: another checkout's, for bench/push.py --against.)"""
 
     def __init__(self, tmp: Path, llm: FakeLLM | None, protocol: str = "anthropic",
-                 approve: str = "auto", extra_env: dict | None = None, args: list[str] = ()):
-        self.tmp, self.db = tmp, tmp / "agent.db"
+                 approve: str = "auto", extra_env: dict | None = None, args: list[str] = (),
+                 script: Path = HERE / "agent_web.py"):
+        self.tmp, self.db, self.script = tmp, tmp / "agent.db", script
         self.workspace = tmp / "ws"
         env = free_env(AGENT_WEB_TOKEN=TOKEN, AGENT_RETRY_BASE_DELAY="0.05",
                        AGENT_LLM_READ_TIMEOUT="5", PYTHONUNBUFFERED="1")
@@ -356,7 +358,7 @@ class ServerProcess:
         self.start()
 
     def start(self):
-        cmd = [sys.executable, str(HERE / "agent_web.py"), "--port", "0", "--no-browser",
+        cmd = [sys.executable, str(self.script), "--port", "0", "--no-browser",
                "--db", str(self.db), "--workspace", str(self.workspace),
                "--approve", self.approve, *self.args]
         self.log = open(self.tmp / "server.log", "ab")

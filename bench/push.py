@@ -1,6 +1,7 @@
 """The push path: fan-out throughput against the bare stack, and added latency.
 
     python bench/push.py [--tokens 5000] [--quick]
+    python bench/push.py --latency-only --rounds 14 --against ../before
 
 Fan-out.  One run streams TOKENS events as fast as the fake LLM can send them
 (an OpenAI stream alternating reasoning and content fragments, so no two
@@ -18,6 +19,11 @@ receives: its arrival time minus the time the fake LLM wrote it to its socket
 (stamped into the token's text at that moment), so the server's whole path
 counts: reading the SSE, the agent, the commit, the push.  Same clock: both
 ends are on this machine.
+
+One latency run says little on a shared machine.  --rounds N repeats the
+50-session runs N times and sums up their p99s; --against DIR runs another
+checkout's server (say `git worktree add ../before HEAD~1`) in turn with
+this one's, round after round, so both see the same moments of the machine.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import gc
 import json
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,57 +197,101 @@ async def latency(server: ServerProcess, sessions: int, tokens: int, spread: flo
             "steady_p99": pct(steady, 0.99) if steady else float("nan"), "lag_p99": lag["p99"]}
 
 
+async def fan_out(tmp: Path, tokens: int, fanouts: list[int]) -> None:
+    llm = FakeLLM()
+    # A queue deep enough for the whole torture run: here we measure the
+    # push path's speed, not the slow-consumer cut-off (4008).
+    server = ServerProcess(tmp, llm, protocol="openai", extra_env={
+        "AGENT_WEB_QUEUE_SIZE": str(tokens * 2 + 100)})
+    port = free_port()
+    bare_proc = subprocess.Popen([sys.executable, str(HERE / "bare_stack.py"), str(port)],
+                                 stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        print(f"Fan-out: one run of {tokens} events, each committed before it is pushed")
+        print(f"{'subscribers':>11} {'frames/s ours':>14} {'frames/s bare':>14} {'ratio':>6}"
+              f" {'tokens/s':>9} {'frame B':>8}")
+        seconds = await store_only(server, llm, tokens * 4)
+        print(f"{'0':>11} {tokens * 4 / seconds:>14,.0f} {'-':>14} {'-':>6}"
+              f"   (no subscriber: producing and storing {tokens * 4} events)")
+        for n in fanouts:
+            o = await ours(server, llm, n, tokens)
+            b = await bare(port, n, o["frames"], o["avg_size"])
+            rate_o, rate_b = o["frames"] * n / o["seconds"], o["frames"] * n / b
+            print(f"{n:>11} {rate_o:>14,.0f} {rate_b:>14,.0f} {rate_o / rate_b:>6.2f}"
+                  f" {tokens / o['seconds']:>9,.0f} {o['avg_size']:>8}")
+        print()
+    finally:
+        bare_proc.terminate()
+        server.stop()
+        llm.close()
+
+
+async def added_latency(tmp: Path, rounds: int, against: Path | None) -> None:
+    """The latency table; with `rounds` > 1 the 50-session rows again and
+    again, and with `against` another checkout's server in turn with ours,
+    then each one's p99s summed up.  One run says little on a shared
+    machine: the same code gives p99s 2x apart from one minute to the next."""
+    # The fake LLM runs in a process of its own, so its 50 streaming threads
+    # do not hold this process's GIL while we time frames.
+    fake_proc = FakeLLMProcess()
+    codes = {"this checkout": HERE.parent / "agent_web.py"}
+    if against is not None:
+        codes[str(against)] = against / "agent_web.py"
+    servers = {}
+    p99s: dict[str, list[float]] = {name: [] for name in codes}
+    try:
+        for k, (name, script) in enumerate(codes.items()):
+            (tmp / f"lat{k}").mkdir()
+            servers[name] = ServerProcess(tmp / f"lat{k}", fake_proc, script=script,
+                                          extra_env={"AGENT_WEB_LAG_PROBE": "1"})
+        print("Added latency: token written by the LLM -> its frame at a WebSocket client (ms)")
+        print("('p99 steady': tokens that arrived once every run had started)")
+        print(f"{'sessions':>8} {'runs start':>15} {'tokens':>7} {'p50':>7} {'p99':>7}"
+              f" {'max':>7} {'p99 steady':>11} {'loop lag p99':>13}"
+              + ("  code" if against else ""))
+        for round_ in range(rounds):
+            for name, server in servers.items():
+                rows = [(50, 1.0, "spread over 1 s"), (50, 0.0, "same instant")]
+                if round_ == 0:
+                    rows.insert(0, (1, 0.0, "-"))
+                for sessions, spread, how in rows:
+                    r = await latency(server, sessions, 200, spread)
+                    if sessions == 50:
+                        p99s[name].append(r["p99"])
+                    print(f"{sessions:>8} {how:>15} {r['n']:>7} {r['p50']:>7.2f} {r['p99']:>7.2f}"
+                          f" {r['max']:>7.2f} {r['steady_p99']:>11.2f} {r['lag_p99']:>13.2f}"
+                          + (f"  {name}" if against else ""), flush=True)
+        if rounds > 1 or against:
+            print()
+            print("p99 at 50 sessions, both ways of starting (min - median - max):")
+            for name, values in p99s.items():
+                print(f"  {name:>20}: {min(values):.2f} - {statistics.median(values):.2f} - "
+                      f"{max(values):.2f} ms, under 5 ms in {sum(v < 5 for v in values)}"
+                      f" of {len(values)}")
+    finally:
+        fake_proc.close()
+        for server in servers.values():
+            server.stop()
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=5000)
     p.add_argument("--quick", action="store_true", help="1 and 10 subscribers only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the 50-session latency this many times (and sum up the p99s)")
+    p.add_argument("--against", type=Path, metavar="CHECKOUT",
+                   help="another checkout of this project: its server's latency, in turn "
+                        "with ours (e.g. a `git worktree` of the commit before)")
+    p.add_argument("--latency-only", action="store_true", help="skip the fan-out")
     args = p.parse_args()
-    fanouts = [1, 10] if args.quick else [1, 10, 100]
+    if args.against is not None and not (args.against / "agent_web.py").is_file():
+        p.error(f"no agent_web.py in {args.against}")
     with tempfile.TemporaryDirectory() as tmp:
-        llm = FakeLLM()
-        # A queue deep enough for the whole torture run: here we measure the
-        # push path's speed, not the slow-consumer cut-off (4008).
-        server = ServerProcess(Path(tmp), llm, protocol="openai", extra_env={
-            "AGENT_WEB_QUEUE_SIZE": str(args.tokens * 2 + 100)})
-        # For latency the fake LLM runs in a process of its own, so its 50
-        # streaming threads do not hold this process's GIL while we time frames.
-        fake_proc = FakeLLMProcess()
-        (Path(tmp) / "lat").mkdir()
-        lat_server = ServerProcess(Path(tmp) / "lat", fake_proc,
-                                   extra_env={"AGENT_WEB_LAG_PROBE": "1"})
-        port = free_port()
-        bare_proc = subprocess.Popen([sys.executable, str(HERE / "bare_stack.py"), str(port)],
-                                     stdout=subprocess.DEVNULL)
-        try:
-            time.sleep(1.0)
-            print(f"Fan-out: one run of {args.tokens} events, each committed before it is pushed")
-            print(f"{'subscribers':>11} {'frames/s ours':>14} {'frames/s bare':>14} {'ratio':>6}"
-                  f" {'tokens/s':>9} {'frame B':>8}")
-            seconds = await store_only(server, llm, args.tokens * 4)
-            print(f"{'0':>11} {args.tokens * 4 / seconds:>14,.0f} {'-':>14} {'-':>6}"
-                  f"   (no subscriber: producing and storing {args.tokens * 4} events)")
-            for n in fanouts:
-                o = await ours(server, llm, n, args.tokens)
-                b = await bare(port, n, o["frames"], o["avg_size"])
-                rate_o, rate_b = o["frames"] * n / o["seconds"], o["frames"] * n / b
-                print(f"{n:>11} {rate_o:>14,.0f} {rate_b:>14,.0f} {rate_o / rate_b:>6.2f}"
-                      f" {args.tokens / o['seconds']:>9,.0f} {o['avg_size']:>8}")
-            print()
-            print("Added latency: token written by the LLM -> its frame at a WebSocket client (ms)")
-            print("('p99 steady': tokens that arrived once every run had started)")
-            print(f"{'sessions':>8} {'runs start':>15} {'tokens':>7} {'p50':>7} {'p99':>7}"
-                  f" {'max':>7} {'p99 steady':>11} {'loop lag p99':>13}")
-            for sessions, spread, how in ((1, 0.0, "-"), (50, 1.0, "spread over 1 s"),
-                                          (50, 0.0, "same instant")):
-                r = await latency(lat_server, sessions, 200, spread)
-                print(f"{sessions:>8} {how:>15} {r['n']:>7} {r['p50']:>7.2f} {r['p99']:>7.2f}"
-                      f" {r['max']:>7.2f} {r['steady_p99']:>11.2f} {r['lag_p99']:>13.2f}")
-        finally:
-            bare_proc.terminate()
-            fake_proc.close()
-            lat_server.stop()
-            server.stop()
-            llm.close()
+        if not args.latency_only:
+            await fan_out(Path(tmp), args.tokens, [1, 10] if args.quick else [1, 10, 100])
+        await added_latency(Path(tmp), args.rounds, args.against)
 
 
 if __name__ == "__main__":
