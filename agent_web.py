@@ -141,10 +141,11 @@ class HTTPError(Exception):
 #
 # sqlite3 calls block, so none runs on the event loop.  All writes go through
 # one thread with one connection (SQLite allows one writer anyway; a single
-# thread makes "seq = the session's last + 1" atomic without retries).  Reads
-# use a second connection on its own thread: in WAL mode a reader never waits
-# for the writer, and a big history read never delays a commit.  A third
-# copies the WAL back into the database file, beside the writer (see
+# thread makes "seq = the session's last + 1" atomic without retries, and
+# lets its connection remember each session's last seq instead of asking).
+# Reads use a second connection on its own thread: in WAL mode a reader never
+# waits for the writer, and a big history read never delays a commit.  A
+# third copies the WAL back into the database file, beside the writer (see
 # checkpoints).
 
 def _chunks(seq: list, size: int):
