@@ -158,6 +158,7 @@ class _Connection(sqlite3.Connection):
 
     Only the writer's connection uses it: as it is the only one that adds
     events, what it wrote last is each session's last seq, with no query.
+    (Should another process write the same file, `Store.append` finds out.)
     """
 
     def __init__(self, *args, **kwargs):

@@ -1057,9 +1057,9 @@ def test_streamed_deltas_rewrite_no_session_row(tmp_path):
 def test_a_commit_of_streamed_text_is_one_statement_and_other_writers_are_caught(tmp_path):
     """The writer remembers each session's last seq, so streamed text for a
     session it wrote to before commits in one INSERT (one sqlite3 call, not
-    four).  Rows another connection adds behind its back, or a session it
-    deletes, are caught: seqs stay unique and gapless, the deleted session's
-    event is dropped."""
+    four).  Rows another connection adds behind its back, or a session that
+    connection deletes, are caught: seqs stay unique and gapless, the deleted
+    session's event is dropped."""
     import agent_web as web
 
     def delta(text):
