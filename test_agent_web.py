@@ -1019,6 +1019,32 @@ def test_one_batch_of_many_interleaved_sessions_gets_gapless_seqs(tmp_path):
     assert sessions["s3"] == (3, "idle", "")
 
 
+def test_a_delta_written_from_its_template_is_the_generic_encoders_text():
+    """Streamed deltas skip the generic JSON encoder (the push path's hottest
+    line); what they are written as must not differ by one byte, whatever the
+    model wrote.  Any other event, or a delta with other keys, goes the
+    generic way."""
+    import agent_web as web
+
+    awkward = ['', 'plain ', 'quote " backslash \\ slash /', 'tab\tnew\nline\rcr',
+               '\x00\x01\x1f\x7f control', 'é 中文 emoji 😀', '\u2028\u2029 separators',
+               '</script><b>html</b>', 'lone surrogate \ud800', '{"json": [1, 2]}']
+    for content in awkward:
+        for ts in (1795670787.3194172, 1.0, 0.1 + 0.2, 1e21):
+            ev = {"type": "delta", "ts": ts, "message_id": "msg_é\"1", "channel": "thinking",
+                  "content": content}
+            assert tuple(ev) == web.DELTA_KEYS
+            expected = web.to_json({"seq": 123456789, "session_id": "s_x\\y", **ev})
+            assert web.event_json(123456789, "s_x\\y", ev) == expected
+            if content != 'lone surrogate \ud800':
+                assert json.loads(expected)["content"] == content
+    # Other events and other shapes take the generic encoder.
+    odd = {"type": "delta", "message_id": "m", "channel": "text", "content": "x", "ts": 1.0}
+    other = {"type": "tool_call", "ts": 1.0, "call_id": "c", "tool": "bash", "input": {"a": 1}}
+    for ev in (odd, other):
+        assert web.event_json(7, "s", ev) == web.to_json({"seq": 7, "session_id": "s", **ev})
+
+
 def test_streamed_deltas_rewrite_no_session_row(tmp_path):
     """A commit of deltas only writes events: the session's row (status,
     title, updated_at) changes with the other events, and its last_seq, read
