@@ -172,7 +172,8 @@ def _chunks(seq: list, size: int):
 
 
 class _Connection(sqlite3.Connection):
-    """A connection that remembers the last seq of each session it wrote to.
+    """A connection that remembers the last seq of each session whose run
+    it is writing (it forgets a session at its run's `done`).
 
     Only the writer's connection uses it: as it is the only one that adds
     events, what it wrote last is each session's last seq, with no query.
@@ -350,6 +351,7 @@ class Store:
         # streamed text (most commits) then writes no page but its events'
         # own, a third fewer bytes into the WAL (see Performance).
         changes = []                        # (id, new status or None, title)
+        ended = []                          # sessions whose run ends here
         for session_id, indexes in by_session.items():
             status, title, touched = None, "", False
             for i in indexes:
@@ -362,6 +364,8 @@ class Store:
                     title = title or " ".join(ev["content"].split())[:80]
                 elif ev["type"] in STATUS_AFTER:
                     status = STATUS_AFTER[ev["type"]]
+                if ev["type"] == "done":
+                    ended.append(session_id)
             if touched:
                 changes.append((session_id, status, title))
         # As few sqlite3 calls as possible: each one lets go of the GIL and
@@ -404,6 +408,11 @@ class Store:
         # Only once committed: a transaction rolled back numbered nothing.
         for session_id, seq in last_seq.items():
             known[session_id] = seq + len(by_session[session_id])
+        # A run's `done` is its session's last event until the next message,
+        # which commits as a transaction and reads the seq anyway: remember
+        # only sessions with a run going, not every session since start-up.
+        for session_id in ended:
+            known.pop(session_id, None)
         return results
 
     @staticmethod

@@ -1112,16 +1112,31 @@ def test_a_commit_of_streamed_text_is_one_statement_and_other_writers_are_caught
         other.close()
         out.append(await store.write(web.Store.append, [("s", delta("5")), ("t", delta("2"))]))
         out.append(await store.write(web.Store.append, [("s", delta("6"))]))
+        # The run's `done`: the writer forgets the session, so what it keeps
+        # is bounded by the runs going, and the next run reads its seq again.
+        memory = [await store.write(lambda conn: dict(conn.last_seq))]
+        done = {"type": "done", "status": "done", "summary": "", "steps": 1, "usage": {},
+                "ts": 1.0}
+        out.append(await store.write(web.Store.append, [("s", delta("7")), ("s", done)]))
+        memory.append(await store.write(lambda conn: dict(conn.last_seq)))
+        statements.clear()
+        out.append(await store.write(web.Store.append, [("s", {
+            "type": "message", "role": "user", "content": "again", "ts": 1.0})]))
+        again = statements[:]
+        out.append(await store.write(web.Store.append, [("s", delta("10"))]))
         rows = await store.read(lambda conn: conn.execute(
             "SELECT session_id, seq FROM events ORDER BY session_id, seq").fetchall())
         store.close()
-        return first, known, out, rows
+        return first, known, out, rows, memory, again
 
-    first, known, out, rows = arun(go())
+    first, known, out, rows, memory, again = arun(go())
     assert [q.split()[0] for q in first] == ["BEGIN", "SELECT", "INSERT", "COMMIT"]
     assert len(known) == 1 and known[0].startswith("INSERT INTO events")
-    assert [[r and r[0] for r in batch] for batch in out] == [[1, 1], [2, 3], [5, None], [6]]
-    assert rows == [("s", n) for n in range(1, 7)]
+    assert [[r and r[0] for r in batch] for batch in out] == [
+        [1, 1], [2, 3], [5, None], [6], [7, 8], [9], [10]]
+    assert rows == [("s", n) for n in range(1, 11)]
+    assert memory == [{"s": 6}, {}]
+    assert [q.split()[0] for q in again] == ["BEGIN", "SELECT", "UPDATE", "INSERT", "COMMIT"]
 
 
 def test_a_commit_that_fails_loses_only_its_own_events(tmp_path, monkeypatch):
