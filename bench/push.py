@@ -2,6 +2,7 @@
 
     python bench/push.py [--tokens 5000] [--quick]
     python bench/push.py --latency-only --rounds 14 --against ../before
+    python bench/push.py --fan-out-only
 
 Fan-out.  One run streams TOKENS events as fast as the fake LLM can send them
 (an OpenAI stream alternating reasoning and content fragments, so no two
@@ -285,13 +286,17 @@ async def main() -> None:
                    help="another checkout of this project: its server's latency, in turn "
                         "with ours (e.g. a `git worktree` of the commit before)")
     p.add_argument("--latency-only", action="store_true", help="skip the fan-out")
+    p.add_argument("--fan-out-only", action="store_true", help="skip the latency")
     args = p.parse_args()
+    if args.latency_only and args.fan_out_only:
+        p.error("--latency-only and --fan-out-only leave nothing to run")
     if args.against is not None and not (args.against / "agent_web.py").is_file():
         p.error(f"no agent_web.py in {args.against}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.latency_only:
             await fan_out(Path(tmp), args.tokens, [1, 10] if args.quick else [1, 10, 100])
-        await added_latency(Path(tmp), args.rounds, args.against)
+        if not args.fan_out_only:
+            await added_latency(Path(tmp), args.rounds, args.against)
 
 
 if __name__ == "__main__":
