@@ -562,9 +562,12 @@ class OpenAIClient:
                     if reasoning:
                         yield ("thinking", reasoning)
                         thinking.append(reasoning)
-                    if delta.get("content"):
-                        text.append(delta["content"])
-                        yield ("text", delta["content"])
+                    # A refusal (how Structured Outputs decline) comes instead
+                    # of content, and is the answer the user should read.
+                    content = delta.get("content") or delta.get("refusal")
+                    if content:
+                        text.append(content)
+                        yield ("text", content)
                     for tc in delta.get("tool_calls") or []:
                         slot = calls.setdefault(tc.get("index", 0),
                                                 {"id": "", "name": "", "arguments": ""})

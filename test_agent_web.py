@@ -526,6 +526,26 @@ def test_openai_reasoning_content_becomes_thinking(llm, tmp_path):
     assert any(e["channel"] == "thinking" for e in of(events, "delta"))
 
 
+def test_an_openai_refusal_is_shown_as_the_answer(llm, tmp_path):
+    """A refusal streams in `delta.refusal` with `content: null`: the user
+    must read it, not an empty answer."""
+    def chunk(delta, finish=None):
+        return ("data: " + json.dumps({
+            "id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-fake", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish}]}) + "\n\n").encode()
+    llm.script.append(Reply(raw=[
+        chunk({"role": "assistant", "content": None, "refusal": ""}),
+        chunk({"content": None, "refusal": "I'm sorry, "}),
+        chunk({"content": None, "refusal": "I cannot help with that."}),
+        chunk({}, "stop"), b"data: [DONE]\n\n"]))
+    events = arun(run_agent(cfg_for(llm, "openai"), tmp_path, "do something bad"))
+    assert of(events, "message")[-1]["content"] == "I'm sorry, I cannot help with that."
+    assert "".join(e["content"] for e in of(events, "delta")) == \
+        "I'm sorry, I cannot help with that."
+    assert of(events, "done")[0]["status"] == "done"
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_tool_call_json_in_fragments_is_assembled_and_run(llm, tmp_path, protocol):
     llm.script.append(Reply("", tools=[("write_file", json.dumps(
