@@ -1122,6 +1122,19 @@ def needs_approval(mode: str, tool: str) -> bool:
 Approver = Callable[[dict], Awaitable[str]]   # tool call -> "allow" | "deny"
 
 
+# Stop reasons (Anthropic) and finish reasons (OpenAI) that end an answer
+# before the model meant to: the user is told, or a cut answer passes for whole.
+CUT_SHORT = {
+    "max_tokens": "The answer was cut short at the model's output limit ({max_tokens} "
+                  "tokens). Send \"continue\" to have it go on.",
+    "model_context_window_exceeded": "The answer was cut short: the conversation fills the "
+                                     "model's context window. Start a new session to go on.",
+    "refusal": "The model declined to go on with this answer (stop reason: refusal).",
+    "content_filter": "The provider's content filter stopped this answer.",
+}
+CUT_SHORT["length"] = CUT_SHORT["max_tokens"]          # OpenAI's name for it
+
+
 class Agent:
     """Runs one user message to its `done`, as an async generator of events.
 
@@ -1224,6 +1237,11 @@ class Agent:
                 yield {"type": "message", "role": "assistant", "message_id": message_id,
                        "content": turn.text}
                 message_id = None
+                # An answer cut short looks like a finished one: say why.
+                note = CUT_SHORT.get(turn.stop_reason)
+                if note:
+                    yield {"type": "error", "retrying": False,
+                           "message": note.format(max_tokens=self.cfg.max_tokens)}
                 self._input_errors = {c["id"]: c.get("input_error") for c in turn.tool_calls}
                 for c in turn.tool_calls:
                     yield {"type": "tool_call", "message_id": history[-1]["message_id"],

@@ -72,8 +72,10 @@ class Reply:
     def __init__(self, text: str = "", *, thinking: str = "", signature: str = "sig-1",
                  tools: list[tuple[str, str]] = (), delay: float = 0.0, cut_after: int | None = None,
                  fragments: int = 3, status: int = 200, headers: dict | None = None,
-                 body: bytes = b"", hang: bool = False, raw: list[bytes] | None = None):
+                 body: bytes = b"", hang: bool = False, raw: list[bytes] | None = None,
+                 stop: str = ""):
         self.text, self.thinking, self.signature = text, thinking, signature
+        self.stop = stop                    # a stop / finish reason other than the usual
         self.tools = list(tools)            # (name, arguments as raw JSON text)
         self.delay, self.cut_after, self.fragments = delay, cut_after, fragments
         self.status, self.headers, self.body, self.hang, self.raw = (
@@ -128,7 +130,7 @@ def anthropic_sse(r: Reply) -> list[bytes]:
         out.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
         index += 1
     out.append(ev("message_delta", {"type": "message_delta", "delta": {
-        "stop_reason": "tool_use" if r.tools else "end_turn", "stop_sequence": None},
+        "stop_reason": r.stop or ("tool_use" if r.tools else "end_turn"), "stop_sequence": None},
         "usage": {"output_tokens": 7}}))
     out.append(ev("message_stop", {"type": "message_stop"}))
     return out
@@ -152,7 +154,7 @@ def openai_sse(r: Reply) -> list[bytes]:
                                           "function": {"name": name, "arguments": ""}}]}))
         for part in split(args, r.fragments):
             out.append(chunk({"tool_calls": [{"index": n, "function": {"arguments": part}}]}))
-    out.append(chunk({}, "tool_calls" if r.tools else "stop"))
+    out.append(chunk({}, r.stop or ("tool_calls" if r.tools else "stop")))
     out.append(("data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
                                        "created": 1, "model": "gpt-fake", "choices": [],
                                        "usage": {"prompt_tokens": 11, "completion_tokens": 7,
@@ -524,6 +526,34 @@ def test_openai_reasoning_content_becomes_thinking(llm, tmp_path):
     events = arun(run_agent(cfg_for(llm, "openai"), tmp_path, "why"))
     assert of(events, "thinking")[0]["content"] == "Because reasons."
     assert any(e["channel"] == "thinking" for e in of(events, "delta"))
+
+
+@pytest.mark.parametrize("protocol,stop,says", [
+    ("anthropic", "max_tokens", "output limit (8192 tokens)"),
+    ("openai", "length", "output limit (8192 tokens)"),
+    ("anthropic", "model_context_window_exceeded", "context window"),
+    ("anthropic", "refusal", "declined"),
+    ("openai", "content_filter", "content filter")])
+def test_an_answer_cut_short_says_why(llm, tmp_path, protocol, stop, says):
+    """A provider that stops an answer early (its output limit, a full
+    context window, a refusal, a filter) still ends the stream normally: the
+    user is told, after the text so far, rather than shown a cut answer as
+    if it were whole."""
+    llm.script.append(Reply("The first half of a long", stop=stop))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "write a lot"))
+    kinds = [e["type"] for e in events]
+    assert of(events, "message")[-1]["content"] == "The first half of a long"
+    notes = of(events, "error")
+    assert len(notes) == 1 and says in notes[0]["message"] and notes[0]["retrying"] is False
+    assert kinds.index("delta") < kinds.index("message") < kinds.index("error")
+    assert of(events, "done")[0]["status"] == "done"
+
+
+def test_a_whole_answer_gets_no_note(llm, tmp_path):
+    for protocol in PROTOCOLS:
+        llm.script.append(Reply("All of it."))
+        events = arun(run_agent(cfg_for(llm, protocol), tmp_path / protocol, "hi"))
+        assert not of(events, "error")
 
 
 def test_an_openai_refusal_is_shown_as_the_answer(llm, tmp_path):
