@@ -2211,13 +2211,21 @@ def seed_long_session(db_path: Path, n: int) -> str:
 
 # -- approvals in the page ----------------------------------------------------------
 
-def test_page_approval_allow_from_the_bar(asking, page_for):
+def test_page_approval_allow_from_the_bar(asking, page_for, llm):
+    # Slow enough that the sessions list, fetched when the message is sent,
+    # still says "running" when the approval is asked for.
+    llm.script.append(Reply("Running it.", tools=[("bash", '{"command": "echo page-allowed"}')],
+                            delay=0.1))
     page = page_for(asking)
     send_in_page(page, "run: echo page-allowed")
     page.wait_for_selector("#approval-bar:not([hidden])")
     assert "$ echo page-allowed" in page.locator("#approval-bar").inner_text()
+    # The list says so too at once, not at its next refresh (every 15 s).
+    page.wait_for_selector("#sessions li.current .status.awaiting_approval", timeout=3000)
+    assert page.locator("#sessions li.current .status").inner_text() == "waiting for approval"
     page.locator("#approval-bar button[data-decision=allow]").click()
     page.wait_for_selector(".done")
+    page.wait_for_selector("#sessions li.current .status.idle", state="attached")
     assert "page-allowed" in page.locator(".tool pre.output").inner_text()
     assert page.locator("#approval-bar").is_hidden()
 

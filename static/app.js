@@ -428,8 +428,7 @@ async function refreshSessions() {
     a.title = s.title;
     a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); });
     const status = document.createElement("span");
-    status.className = `status ${s.status}`;
-    status.textContent = s.status === "idle" ? "" : t(`status_${s.status}`);
+    showStatus(status, s.status);
     const del = document.createElement("button");
     del.type = "button";
     del.className = "delete";
@@ -441,6 +440,11 @@ async function refreshSessions() {
     list.append(li);
   }
   highlightSession();
+}
+
+function showStatus(badge, status) {
+  badge.className = `status ${status}`;
+  badge.textContent = status === "idle" ? "" : t(`status_${status}`);
 }
 
 function highlightSession() {
@@ -517,6 +521,10 @@ function setConn(kind) {
 
 function setStatus(status) {
   state.status = status;
+  // The list is fetched now and then; the open session's badge follows live.
+  for (const li of $("sessions").children) {
+    if (li.dataset.sessionId === state.sessionId) showStatus(li.querySelector(".status"), status);
+  }
   const running = status !== "idle";
   const send = $("send");
   send.textContent = running ? t("stop") : t("send");
