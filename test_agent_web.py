@@ -2123,6 +2123,28 @@ def test_page_sessions_switch_and_delete(server, page_for):
     assert page.locator("#events > *").count() == 0
 
 
+def test_page_on_a_phone_the_sessions_drawer_starts_closed_and_closes_on_a_pick(server,
+                                                                                 page_for):
+    page = page_for(server)
+    send_in_page(page, "say: on a phone")
+    page.wait_for_selector(".done")
+    page.set_viewport_size({"width": 400, "height": 760})
+    page.reload()
+    page.wait_for_selector("#conn.live")
+    assert page.locator("#sidebar").is_hidden()          # the transcript gets the screen
+    for part in ("#approve-mode", "#conn"):              # the top bar wraps, not cut off
+        box = page.locator(part).bounding_box()
+        assert box["x"] + box["width"] <= 400, part
+    page.click("#toggle-sidebar")
+    page.locator("#sessions li a", has_text="say: on a phone").click()
+    page.wait_for_function("document.querySelector('.user')?.textContent === 'say: on a phone'")
+    assert page.locator("#sidebar").is_hidden()
+    page.set_viewport_size({"width": 1200, "height": 800})
+    page.click("#toggle-sidebar")                        # a wide screen keeps it open
+    page.locator("#new-session").click()
+    assert page.locator("#sidebar").is_visible()
+
+
 def test_page_demo_banner_and_chinese_labels(tmp_path, page_for):
     demo = ServerProcess(tmp_path, None)
     try:

@@ -426,7 +426,7 @@ async function refreshSessions() {
     a.href = `?session=${encodeURIComponent(s.session_id)}`;
     a.textContent = s.title || t("untitled");
     a.title = s.title;
-    a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); });
+    a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); closeDrawer(); });
     const status = document.createElement("span");
     showStatus(status, s.status);
     const del = document.createElement("button");
@@ -440,6 +440,13 @@ async function refreshSessions() {
     list.append(li);
   }
   highlightSession();
+}
+
+// On a narrow screen the sessions list is a drawer over the transcript: it
+// starts closed and closes once a session is picked.
+const NARROW = window.matchMedia("(max-width: 700px)");
+function closeDrawer() {
+  if (NARROW.matches) $("sidebar").classList.add("hidden");
 }
 
 function showStatus(badge, status) {
@@ -643,7 +650,7 @@ function wire() {
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && state.status !== "idle") { e.preventDefault(); stop(); }
   });
-  $("new-session").addEventListener("click", () => { openSession(null); input.focus(); });
+  $("new-session").addEventListener("click", () => { openSession(null); closeDrawer(); input.focus(); });
   $("load-earlier").addEventListener("click", loadEarlier);
   $("toggle-sidebar").addEventListener("click", () => $("sidebar").classList.toggle("hidden"));
   $("approve-mode").addEventListener("change", async (e) => {
@@ -661,6 +668,7 @@ function wire() {
 async function main() {
   applyLabels();
   wire();
+  closeDrawer();
   try {
     state.config = await call("GET", "agent/config");
   } catch {
