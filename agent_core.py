@@ -130,6 +130,8 @@ def config_from_env(provider: str | None = None, model: str | None = None,
         extra["retry_base_delay"] = float(env["AGENT_RETRY_BASE_DELAY"])
     if env.get("AGENT_THINKING_BUDGET"):
         extra["thinking_budget"] = int(env["AGENT_THINKING_BUDGET"])
+    if env.get("AGENT_MAX_TOKENS"):
+        extra["max_tokens"] = int(env["AGENT_MAX_TOKENS"])
 
     if not provider:
         if env.get("ANTHROPIC_API_KEY"):
@@ -1126,7 +1128,7 @@ Approver = Callable[[dict], Awaitable[str]]   # tool call -> "allow" | "deny"
 # before the model meant to: the user is told, or a cut answer passes for whole.
 CUT_SHORT = {
     "max_tokens": "The answer was cut short at the model's output limit ({max_tokens} "
-                  "tokens). Send \"continue\" to have it go on.",
+                  "tokens, AGENT_MAX_TOKENS). Send \"continue\" to have it go on.",
     "model_context_window_exceeded": "The answer was cut short: the conversation fills the "
                                      "model's context window. Start a new session to go on.",
     "refusal": "The model declined to go on with this answer (stop reason: refusal).",

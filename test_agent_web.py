@@ -1014,6 +1014,8 @@ def test_config_reads_the_sdk_environment_variables():
     mm = core.config_from_env(env={"MINIMAX_API_KEY": "k"})
     assert mm.provider == "anthropic" and "minimax" in mm.base_url
     assert core.config_from_env("openai", "m1", env={"ANTHROPIC_API_KEY": "a"}).model == "m1"
+    assert core.config_from_env(env={"AGENT_MAX_TOKENS": "1000"}).max_tokens == 1000
+    assert core.config_from_env(env={}).max_tokens == core.DEFAULT_MAX_TOKENS
 
 
 # =============================================================================
