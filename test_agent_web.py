@@ -529,8 +529,8 @@ def test_openai_reasoning_content_becomes_thinking(llm, tmp_path):
 
 
 @pytest.mark.parametrize("protocol,stop,says", [
-    ("anthropic", "max_tokens", "output limit (8192 tokens)"),
-    ("openai", "length", "output limit (8192 tokens)"),
+    ("anthropic", "max_tokens", "output limit (8192 tokens, AGENT_MAX_TOKENS)"),
+    ("openai", "length", "output limit (8192 tokens, AGENT_MAX_TOKENS)"),
     ("anthropic", "model_context_window_exceeded", "context window"),
     ("anthropic", "refusal", "declined"),
     ("openai", "content_filter", "content filter")])
