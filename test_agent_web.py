@@ -2296,7 +2296,8 @@ def test_page_approval_after_server_restart(asking, page_for):
 
 def test_page_screenshot_mid_run(asking, page_for, llm, tmp_path):
     """The page mid-run, waiting for an approval.  UPDATE_SCREENSHOT=1 writes it
-    to static/screenshot.png (shown in README.md)."""
+    to static/screenshot.png (shown in README.md); install an emoji font first
+    (Debian: fonts-noto-color-emoji), or its icons come out as empty boxes."""
     page = page_for(asking)
     llm.script.append(Reply("I'll look at the workspace first.", thinking="The user wants an overview.",
                             tools=[("bash", '{"command": "echo README.md agent_web.py; uname -s"}')]))
