@@ -2246,10 +2246,13 @@ def test_page_approval_allow_from_the_bar(asking, page_for, llm):
     assert "$ echo page-allowed" in page.locator("#approval-bar").inner_text()
     # The list says so too at once, not at its next refresh (every 15 s).
     page.wait_for_selector("#sessions li.current .status.awaiting_approval", timeout=3000)
+    # and the tool's card says it waits, not that it runs.
+    assert page.locator(".tool.waiting .meta").inner_text() == "waiting for approval"
     assert page.locator("#sessions li.current .status").inner_text() == "waiting for approval"
     page.locator("#approval-bar button[data-decision=allow]").click()
     page.wait_for_selector(".done")
     page.wait_for_selector("#sessions li.current .status.idle", state="attached")
+    assert page.locator(".tool.waiting, .tool.running").count() == 0
     assert "page-allowed" in page.locator(".tool pre.output").inner_text()
     assert page.locator("#approval-bar").is_hidden()
 

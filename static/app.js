@@ -152,6 +152,8 @@ class Transcript {
         this.pending.set(ev.call_id, ev);
         const card = this.cards.get(ev.call_id) || this.toolCard({ ...ev, type: "tool_call" });
         card.ask.hidden = false;
+        card.el.classList.replace("running", "waiting");        // not running yet
+        card.meta.textContent = t("status_awaiting_approval");
         break;
       }
       case "approval": {
@@ -160,6 +162,8 @@ class Transcript {
         if (card) {
           card.ask.hidden = true;
           card.decision.textContent = t(ev.decision === "allow" ? "decided_allow" : "decided_deny");
+          card.el.classList.replace("waiting", "running");
+          card.meta.textContent = t("running");
         }
         break;
       }
@@ -167,7 +171,7 @@ class Transcript {
         const card = this.cards.get(ev.call_id) || this.toolCard({ ...ev, input: {} });
         this.pending.delete(ev.call_id);
         card.ask.hidden = true;
-        card.el.classList.remove("running");
+        card.el.classList.remove("running", "waiting");
         card.el.classList.add(ev.is_error ? "error" : "ok");
         card.meta.textContent = formatMs(ev.duration_ms);
         const lines = ev.output.split("\n");
