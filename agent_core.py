@@ -124,14 +124,16 @@ def config_from_env(provider: str | None = None, model: str | None = None,
     provider = provider or env.get("AGENT_PROVIDER") or ""
     model = model or env.get("AGENT_MODEL") or ""
     extra = {}
-    if env.get("AGENT_LLM_READ_TIMEOUT"):
-        extra["read_timeout"] = float(env["AGENT_LLM_READ_TIMEOUT"])
-    if env.get("AGENT_RETRY_BASE_DELAY"):
-        extra["retry_base_delay"] = float(env["AGENT_RETRY_BASE_DELAY"])
-    if env.get("AGENT_THINKING_BUDGET"):
-        extra["thinking_budget"] = int(env["AGENT_THINKING_BUDGET"])
-    if env.get("AGENT_MAX_TOKENS"):
-        extra["max_tokens"] = int(env["AGENT_MAX_TOKENS"])
+    for name, field_name, kind in (("AGENT_LLM_READ_TIMEOUT", "read_timeout", float),
+                                   ("AGENT_RETRY_BASE_DELAY", "retry_base_delay", float),
+                                   ("AGENT_THINKING_BUDGET", "thinking_budget", int),
+                                   ("AGENT_MAX_TOKENS", "max_tokens", int)):
+        if env.get(name):
+            try:
+                extra[field_name] = kind(env[name])
+            except ValueError:
+                raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, "
+                                 f"not {env[name]!r}") from None
 
     if not provider:
         if env.get("ANTHROPIC_API_KEY"):

@@ -1016,6 +1016,10 @@ def test_config_reads_the_sdk_environment_variables():
     assert core.config_from_env("openai", "m1", env={"ANTHROPIC_API_KEY": "a"}).model == "m1"
     assert core.config_from_env(env={"AGENT_MAX_TOKENS": "1000"}).max_tokens == 1000
     assert core.config_from_env(env={}).max_tokens == core.DEFAULT_MAX_TOKENS
+    with pytest.raises(ValueError, match="AGENT_MAX_TOKENS must be a whole number, not 'lots'"):
+        core.config_from_env(env={"AGENT_MAX_TOKENS": "lots"})
+    with pytest.raises(ValueError, match="AGENT_LLM_READ_TIMEOUT must be a number"):
+        core.config_from_env(env={"AGENT_LLM_READ_TIMEOUT": "5s"})
 
 
 # =============================================================================
