@@ -1529,7 +1529,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: run every tool; ask: confirm bash and file writes (default); "
                         "ask-all: confirm every tool")
     args = p.parse_args(argv)
-    cfg = config_from_env(args.provider, args.model)
+    try:
+        cfg = config_from_env(args.provider, args.model)
+    except ValueError as exc:
+        p.error(str(exc))
     return Terminal(cfg, args.workspace, args.max_steps, args.approve).main(args.task)
 
 
