@@ -1583,6 +1583,16 @@ def _env_set(name: str) -> set[str]:
     return {h.strip().lower() for h in os.environ.get(name, "").split(",") if h.strip()}
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {value!r}") from None
+
+
 def create_app(*, db_path: str | Path | None = None, workspace: str | Path | None = None,
                token: str | None = None, llm_config: core.LLMConfig | None = None,
                provider: str | None = None, model: str | None = None,
@@ -1594,7 +1604,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
     the constants above; nothing is opened until the app starts."""
     approve = approve or os.environ.get("AGENT_APPROVE", "ask")
     if approve not in core.APPROVAL_MODES:
-        raise ValueError(f"approve must be one of {core.APPROVAL_MODES}")
+        raise ValueError(f"approve (AGENT_APPROVE) must be one of {core.APPROVAL_MODES}, "
+                         f"not {approve!r}")
     if llm_config is None and (provider or model):
         llm_config = core.config_from_env(provider, model)
     return AgentWebApp(
@@ -1607,13 +1618,15 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         allowed_origins=set(allowed_origins) if allowed_origins is not None
         else _env_set("AGENT_WEB_ALLOWED_ORIGINS"),
         approve=approve, max_steps=max_steps,
-        queue_size=queue_size or int(os.environ.get("AGENT_WEB_QUEUE_SIZE", SUBSCRIBER_QUEUE_SIZE)))
+        queue_size=queue_size or _env_int("AGENT_WEB_QUEUE_SIZE", SUBSCRIBER_QUEUE_SIZE))
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
 # nothing until its first request or lifespan.  Its token is random unless
 # AGENT_WEB_TOKEN is set; `python agent_web.py` prints it, uvicorn does not.
-app = create_app()
+# (`python agent_web.py` builds its own in main(), where a bad setting is a
+# usage error rather than a traceback at import.)
+app = create_app() if __name__ != "__main__" else None
 
 
 # =============================================================================
@@ -1635,7 +1648,8 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ
     p = argparse.ArgumentParser(description="Mini Agent Web: the agent in your browser.")
     p.add_argument("--host", default=env.get("AGENT_WEB_HOST", DEFAULT_HOST))
-    p.add_argument("--port", type=int, default=int(env.get("AGENT_WEB_PORT", DEFAULT_PORT)),
+    # A string default goes through `type` too: a bad AGENT_WEB_PORT is a usage error.
+    p.add_argument("--port", type=int, default=env.get("AGENT_WEB_PORT", str(DEFAULT_PORT)),
                    help="0 picks a free port")
     p.add_argument("--db", default=env.get("AGENT_WEB_DB", DEFAULT_DB))
     p.add_argument("--workspace", default=env.get("AGENT_WORKSPACE", DEFAULT_WORKSPACE))
@@ -1651,13 +1665,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
+    token = env.get("AGENT_WEB_TOKEN") or secrets.token_urlsafe(24)
     try:
         cfg = core.config_from_env(args.provider, args.model)
-    except ValueError as exc:
+        application = create_app(db_path=args.db, workspace=args.workspace, token=token,
+                                 llm_config=cfg, approve=args.approve, max_steps=args.max_steps)
+    except ValueError as exc:                      # a malformed AGENT_* setting
         p.error(str(exc))
-    token = env.get("AGENT_WEB_TOKEN") or secrets.token_urlsafe(24)
-    application = create_app(db_path=args.db, workspace=args.workspace, token=token,
-                             llm_config=cfg, approve=args.approve, max_steps=args.max_steps)
 
     # Bind the socket ourselves: port 0 then tells us the port it got.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

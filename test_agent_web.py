@@ -1008,6 +1008,22 @@ def test_demo_model_with_no_key_calls_a_tool(tmp_path):
     assert events[-1]["status"] == "done" and "demo" in of(events, "message")[-1]["content"].lower()
 
 
+@pytest.mark.parametrize("setting,says", [
+    ("AGENT_WEB_PORT=abc", "argument --port: invalid int value: 'abc'"),
+    ("AGENT_WEB_QUEUE_SIZE=many", "AGENT_WEB_QUEUE_SIZE must be a whole number, not 'many'"),
+    ("AGENT_APPROVE=bogus", "approve (AGENT_APPROVE) must be one of"),
+    ("AGENT_MAX_TOKENS=lots", "AGENT_MAX_TOKENS must be a whole number, not 'lots'"),
+    ("AGENT_LLM_READ_TIMEOUT=5s", "AGENT_LLM_READ_TIMEOUT must be a number, not '5s'")])
+def test_a_bad_setting_is_a_usage_error_naming_it_not_a_traceback(tmp_path, setting, says):
+    name, value = setting.split("=")
+    proc = subprocess.run([sys.executable, str(HERE / "agent_web.py"), "--no-browser",
+                           "--db", str(tmp_path / "a.db"), "--workspace", str(tmp_path / "ws")],
+                          env=free_env(**{name: value}), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_config_reads_the_sdk_environment_variables():
     assert core.config_from_env(env={"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://x/v1"}
                                 ).base_url == "http://x/v1"
