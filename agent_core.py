@@ -1194,7 +1194,7 @@ class Agent:
 
     async def run(self, history: list[dict]) -> AsyncIterator[dict]:
         steps, usage = 0, {"input_tokens": 0, "output_tokens": 0}
-        message_id = None
+        message_id, streamed = None, False
         try:
             while True:
                 # 1. Tool calls without a result (just asked for, or waiting
@@ -1210,18 +1210,20 @@ class Agent:
                 # 2. One LLM step, streamed.
                 message_id = new_id("msg")
                 partial: list[str] = []      # this step's text so far, in fragments
+                streamed = False             # any delta of it, text or thinking
                 turn = None
                 async for item in self._stream_step(history):
                     kind = item[0]
                     if kind in ("text", "thinking"):
                         if kind == "text":
                             partial.append(item[1])
+                        streamed = True
                         yield {"type": "delta", "message_id": message_id,
                                "channel": kind, "content": item[1]}
                     elif kind == "retry":
                         if item[2]:    # the failed try had streamed: close it, start anew
                             yield self._incomplete(message_id, "".join(partial))
-                            message_id, partial = new_id("msg"), []
+                            message_id, partial, streamed = new_id("msg"), [], False
                         yield {"type": "error", "message": item[1], "retrying": True}
                     elif kind == "turn":
                         turn = item[1]
@@ -1256,7 +1258,7 @@ class Agent:
                     return
         except RunCancelled:
             status = self.cancel_status or "cancelled"
-            if message_id is not None:
+            if message_id is not None and streamed:
                 yield self._incomplete(message_id, "".join(partial))
             # Every tool call gets a result, so the history stays valid.
             for call in pending_tool_calls(history):
@@ -1268,7 +1270,8 @@ class Agent:
             yield self._done(status, f"run {status} by the user" if status == "cancelled"
                              else f"run {status}", steps, usage)
         except LLMError as exc:
-            if message_id is not None:
+            # A message that streamed nothing is not shown as an empty cut one.
+            if message_id is not None and streamed:
                 yield self._incomplete(message_id, "".join(partial))
             yield {"type": "error", "message": exc.message, "retrying": False}
             yield self._done("error", exc.message, steps, usage)

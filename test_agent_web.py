@@ -726,6 +726,8 @@ def test_connection_refused_is_retried_then_reported(tmp_path):
     errors = of(events, "error")
     assert errors[0]["retrying"] and "cannot reach" in errors[-1]["message"]
     assert events[-1]["status"] == "error"
+    # Nothing was streamed: no empty "cut off" message is left behind.
+    assert not [e for e in events if e["type"] == "message" and e["role"] == "assistant"]
 
 
 def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
