@@ -2169,6 +2169,20 @@ def test_page_on_a_phone_the_sessions_drawer_starts_closed_and_closes_on_a_pick(
     assert page.locator("#sidebar").is_visible()
 
 
+def test_page_retries_share_one_line_then_the_answer_comes(server, page_for, llm):
+    llm.script.extend([Reply(status=503, body=b'{"error": {"message": "busy"}}')] * 3
+                      + [Reply("Recovered after retries.")])
+    page = page_for(server)
+    send_in_page(page, "flaky")
+    page.wait_for_selector(".done")
+    retries = page.locator(".notice.retry")
+    assert retries.count() == 1 and "try 4 of 5" in retries.inner_text()
+    assert "Recovered after retries." in page.locator(".assistant").inner_text()
+    page.reload()                                   # the same from the stored events
+    page.wait_for_selector(".done")
+    assert page.locator(".notice.retry").count() == 1
+
+
 def test_page_demo_banner_and_chinese_labels(tmp_path, page_for):
     demo = ServerProcess(tmp_path, None)
     try:

@@ -194,7 +194,10 @@ class Transcript {
         break;
       }
       case "error": {
-        const el = this.add(div(`notice ${ev.retrying ? "retry" : "error"}`));
+        // Retries one after another share one line, showing the latest.
+        const last = this.container.lastElementChild;
+        const el = ev.retrying && last?.classList.contains("retry") ? last
+          : this.add(div(`notice ${ev.retrying ? "retry" : "error"}`));
         el.textContent = (ev.retrying ? "↻ " : `${t("error_prefix")}: `) + ev.message;
         break;
       }
