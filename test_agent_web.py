@@ -2183,6 +2183,19 @@ def test_page_retries_share_one_line_then_the_answer_comes(server, page_for, llm
     assert page.locator(".notice.retry").count() == 1
 
 
+def test_page_a_run_that_gives_up_says_why_once(server, page_for, llm):
+    llm.script.extend([Reply(status=503, body=b'{"error": {"message": "overloaded"}}')] * 5)
+    page = page_for(server)
+    send_in_page(page, "flaky")
+    page.wait_for_selector(".done")
+    assert page.locator(".notice.retry").count() == 1
+    error = page.locator(".notice.error").inner_text()
+    assert "overloaded" in error and "gave up after 5 tries" in error
+    done = page.locator(".done").inner_text()
+    assert done.startswith("error") and "overloaded" not in done     # said once, above
+    assert page.locator(".assistant").count() == 0                   # no empty cut message
+
+
 def test_page_demo_banner_and_chinese_labels(tmp_path, page_for):
     demo = ServerProcess(tmp_path, None)
     try:

@@ -207,10 +207,13 @@ class Transcript {
         for (const block of this.blocks.values()) {
           if (!block.final) { block.final = true; block.incomplete = true; this.markDirty(block); }
         }
+        // The summary of a failed run is the error just shown: not twice.
+        const last = this.container.lastElementChild;
+        const said = last?.classList.contains("error") && last.textContent.endsWith(ev.summary);
         const el = this.add(div(`done status-${ev.status}`));
         el.textContent = t("done_line", { status: ev.status, steps: ev.steps,
           inp: ev.usage?.input_tokens ?? 0, out: ev.usage?.output_tokens ?? 0 })
-          + (ev.summary && ev.status !== "done" ? ` — ${ev.summary}` : "");
+          + (ev.summary && ev.status !== "done" && !said ? ` — ${ev.summary}` : "");
         this.flush();          // the run is over: show its final state now
         break;
       }
