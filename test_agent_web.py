@@ -2297,6 +2297,8 @@ def test_page_approval_allow_from_the_bar(asking, page_for, llm):
     page.wait_for_selector("#sessions li.current .status.awaiting_approval", timeout=3000)
     # and the tool's card says it waits, not that it runs.
     assert page.locator(".tool.waiting .meta").inner_text() == "waiting for approval"
+    # The status sits under the title, which keeps the list's whole width.
+    assert page.locator("#sessions li.current a").bounding_box()["width"] > 180
     assert page.locator("#sessions li.current .status").inner_text() == "waiting for approval"
     page.locator("#approval-bar button[data-decision=allow]").click()
     page.wait_for_selector(".done")
