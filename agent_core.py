@@ -16,7 +16,8 @@ How one user message flows through this file
        `delta` events; the finished reply becomes `thinking`, `message` and
        `tool_call` events and is appended to the history.
     3. Each tool call is (optionally) approved, run by the `Toolbox`, and
-       reported as a `tool_result`; the result goes into the history and the
+       reported as a `tool_result` (a running `bash` streams its output as
+       `tool_output` events first); the result goes into the history and the
        loop asks the LLM again.  A reply with no tool calls ends the run with a
        `done` event.  Every event is a dict shaped as in DESIGN.md, without
        `seq`/`session_id`/`ts`: the server's store adds those.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import os
 import random
@@ -68,6 +70,7 @@ BASH_TIMEOUT_DEFAULT = 120        # seconds, when the model gives none
 BASH_TIMEOUT_MAX = 600            # the model may not ask for more
 OUTPUT_HEAD_CHARS = 12_000        # long tool output keeps this much of its start
 OUTPUT_TAIL_CHARS = 8_000         # ... and this much of its end
+LIVE_OUTPUT_CHARS = 12_000        # a running command's output shown live, at most
 READ_FILE_MAX_BYTES = 10_000_000  # read_file refuses bigger files outright
 READ_FILE_MAX_CHARS = 100_000     # and cuts what it returns at this size
 RETRY_ATTEMPTS = 5                # tries per LLM call, the first one included
@@ -919,9 +922,13 @@ class Toolbox:
                  "schema": {k: v for k, v in schema.items() if k != "description"}}
                 for name, (schema, _) in self.tools.items()]
 
-    async def execute(self, name: str, args: dict, input_error: str | None = None
-                      ) -> tuple[str, bool]:
-        """Run one tool call; returns (output, is_error).  Never raises ToolError."""
+    async def execute(self, name: str, args: dict, input_error: str | None = None,
+                      on_output: Callable[[str], None] | None = None) -> tuple[str, bool]:
+        """Run one tool call; returns (output, is_error).  Never raises ToolError.
+
+        `on_output` gets a running command's output as it comes (bash only;
+        the first LIVE_OUTPUT_CHARS of it): the result still has it all.
+        """
         if name not in self.tools:
             return f"Error: unknown tool {name!r}. Available: {', '.join(self.tools)}.", True
         if input_error:
@@ -931,6 +938,8 @@ class Toolbox:
         if problem:
             return f"Error: {problem}", True
         try:
+            if name == "bash":
+                return await self.bash(args, on_output), False
             return await fn(args), False
         except ToolError as exc:
             return f"Error: {exc}", True
@@ -948,7 +957,7 @@ class Toolbox:
         return target
 
     # -- bash ----------------------------------------------------------------
-    async def bash(self, args: dict) -> str:
+    async def bash(self, args: dict, on_output: Callable[[str], None] | None = None) -> str:
         timeout = min(max(int(args.get("timeout", BASH_TIMEOUT_DEFAULT)), 1), BASH_TIMEOUT_MAX)
         # A new session makes the shell a process-group leader, so one killpg
         # reaches every child it started, background ones included.
@@ -958,12 +967,21 @@ class Toolbox:
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         head, tail = bytearray(), bytearray()
         total = 0
+        live = LIVE_OUTPUT_CHARS if on_output else 0     # characters still to show
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")   # whole characters
 
         async def read_capped() -> None:
             # Keep the head and a rolling tail, never the whole output, so a
             # command that prints gigabytes costs a few kilobytes of memory.
-            nonlocal total
+            nonlocal total, live
             while chunk := await proc.stdout.read(65536):
+                if live > 0:
+                    text = decoder.decode(chunk)[:live]
+                    live -= len(text)
+                    if live <= 0:
+                        text += "\n… (the rest comes with the result)\n"
+                    if text:
+                        on_output(text)
                 total += len(chunk)
                 room = OUTPUT_HEAD_CHARS - len(head)
                 if room > 0:
@@ -1353,7 +1371,26 @@ class Agent:
                        "output": output, "is_error": True, "duration_ms": 0}
                 return
         started = time.monotonic()
-        output, is_error = await self._guard(self.toolbox.execute(name, args, input_error))
+        # The tool runs in a task of its own while this generator hands on
+        # what it prints, as `tool_output` events, until it ends.
+        live: asyncio.Queue[str] = asyncio.Queue()
+        work = asyncio.ensure_future(self._guard(
+            self.toolbox.execute(name, args, input_error, on_output=live.put_nowait)))
+        try:
+            while not (work.done() and live.empty()):
+                if live.empty():
+                    more = asyncio.ensure_future(live.get())
+                    await asyncio.wait((work, more), return_when=asyncio.FIRST_COMPLETED)
+                    if not more.done():
+                        more.cancel()        # takes nothing off the queue
+                        continue
+                    text = more.result()
+                else:
+                    text = live.get_nowait()
+                yield {"type": "tool_output", "call_id": call["id"], "content": text}
+            output, is_error = work.result()    # RunCancelled if cancel() stopped it
+        finally:
+            work.cancel()                       # a no-op unless we are stopped ourselves
         duration_ms = int((time.monotonic() - started) * 1000)
         history.append({"role": "tool", "call_id": call["id"], "tool": name,
                         "output": output, "is_error": is_error})
@@ -1403,6 +1440,7 @@ class Terminal:
         except (NotImplementedError, RuntimeError):
             pass
         step, started, streaming = 0, {}, None
+        shown: set[str] = set()          # calls whose output was printed as it came
         try:
             async for ev in agent.run(self.history):
                 kind = ev["type"]
@@ -1432,15 +1470,22 @@ class Terminal:
                     args = (f"$ {ev['input'].get('command', '')}" if ev["tool"] == "bash"
                             else json.dumps(ev["input"], ensure_ascii=False)[:300])
                     self.say(self.c("1;33", f"🔧 {ev['tool']} ") + args)
+                elif kind == "tool_output":
+                    shown.add(ev["call_id"])
+                    self.say(self.c("2", ev["content"]), end="")
                 elif kind == "tool_result":
                     out = ev["output"]
-                    lines = out.splitlines()
-                    shown = "\n".join(lines[:20]) + (
-                        f"\n… ({len(lines) - 20} more lines)" if len(lines) > 20 else "")
                     mark = self.c("31", "✗") if ev["is_error"] else self.c("32", "✓")
                     took = self.c("2", f"{ev['duration_ms']} ms")
-                    self.say(f"{mark} {took}")
-                    self.say("   " + shown.replace("\n", "\n   "))
+                    if ev["call_id"] in shown:        # printed already, as it came
+                        self.say(f"{mark} {took}" + (f" {out.splitlines()[0]}"
+                                                     if ev["is_error"] else ""))
+                    else:
+                        lines = out.splitlines()
+                        first = "\n".join(lines[:20]) + (
+                            f"\n… ({len(lines) - 20} more lines)" if len(lines) > 20 else "")
+                        self.say(f"{mark} {took}")
+                        self.say("   " + first.replace("\n", "\n   "))
                 elif kind == "approval":
                     self.say(self.c("2", f"  → {ev['decision']}"))
                 elif kind == "error":

@@ -139,6 +139,11 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 # Which events move a session between idle / running / awaiting_approval.
 STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
                 "done": "idle"}            # and a user `message`: running
+# Fragments of a stream, superseded by a later event (a `message`, a
+# `tool_result`), and the keys that say which stream each belongs to.  They
+# are not awaited and merge while a commit is in flight; they change nothing
+# in the session's row and are not needed to rebuild the conversation.
+STREAMED = {"delta": ("message_id", "channel"), "tool_output": ("call_id",)}
 
 
 # =============================================================================
@@ -348,7 +353,7 @@ class Store:
         by_session: dict[str, list[int]] = {}
         for i, (session_id, _) in enumerate(items):
             by_session.setdefault(session_id, []).append(i)
-        # Only events other than deltas touch the session's row: a commit of
+        # Only events other than streamed fragments touch the session's row: a commit of
         # streamed text (most commits) then writes no page but its events'
         # own, a third fewer bytes into the WAL (see Performance).
         changes = []                        # (id, new status or None, title)
@@ -357,7 +362,7 @@ class Store:
             status, title, touched = None, "", False
             for i in indexes:
                 ev = items[i][1]
-                if ev["type"] == "delta":
+                if ev["type"] in STREAMED:
                     continue
                 touched = True
                 if ev["type"] == "message" and ev.get("role") == "user":
@@ -510,9 +515,11 @@ class Store:
 
     @staticmethod
     def conversation(conn, session_id: str) -> list[dict]:
-        """Every event but the deltas, decoded: enough to rebuild the history."""
-        rows = conn.execute("SELECT data FROM events WHERE session_id = ? AND type != 'delta' "
-                            "ORDER BY seq", (session_id,)).fetchall()
+        """Every event but the streamed fragments, decoded: enough to rebuild
+        the history."""
+        rows = conn.execute("SELECT data FROM events WHERE session_id = ? "
+                            "AND type NOT IN ('delta', 'tool_output') ORDER BY seq",
+                            (session_id,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
 
@@ -554,12 +561,13 @@ class EventLog:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def emit_nowait(self, session_id: str, event: dict) -> None:
-        """Queue a streamed `delta` without waiting for its commit."""
+        """Queue a streamed fragment (`delta`, `tool_output`) without waiting
+        for its commit; it joins the session's pending fragment of the same
+        stream if there is one."""
         last = self._last.get(session_id)
-        if (last is not None and last.future is None and last.event["type"] == "delta"
-                and event["type"] == "delta"
-                and last.event["message_id"] == event["message_id"]
-                and last.event["channel"] == event["channel"]):
+        if (last is not None and last.future is None
+                and last.event["type"] == event["type"]
+                and all(last.event[key] == event[key] for key in STREAMED[event["type"]])):
             last.event["content"] += event["content"]
             return
         self._queue(_Pending(session_id, {"type": event["type"], "ts": time.time(), **event},
@@ -724,7 +732,7 @@ class RunManager:
         try:
             async for ev in run.agent.run(history):
                 kind = ev["type"]
-                if kind == "delta":
+                if kind in STREAMED:
                     self.events.emit_nowait(sid, ev)
                     continue
                 if kind == "approval_request":

@@ -899,6 +899,46 @@ def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
     assert core.pending_tool_calls(history) == []      # the history stays valid
 
 
+def test_a_running_command_streams_its_output_before_its_result(llm, tmp_path):
+    """bash output comes as `tool_output` events while the command runs (each
+    one before the command has finished), then the whole `tool_result`."""
+    llm.script.append(Reply("", tools=[("bash", json.dumps(
+        {"command": "for i in 1 2 3; do echo line$i; sleep 0.3; done; echo é中"}))]))
+
+    async def scenario():
+        cfg = cfg_for(llm)
+        async with core.make_http_client(cfg) as http:
+            agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(tmp_path))
+            return [(time.monotonic(), ev) async for ev in agent.run(
+                [{"role": "user", "content": "count"}])]
+    timed = arun(scenario())
+    events = [ev for _, ev in timed]
+    kinds = [ev["type"] for ev in events]
+    live = of(events, "tool_output")
+    result = of(events, "tool_result")[0]
+    assert len(live) >= 3                                  # one per line, at least
+    assert kinds.index("tool_call") < kinds.index("tool_output")
+    assert max(i for i, k in enumerate(kinds) if k == "tool_output") < kinds.index("tool_result")
+    assert "".join(e["content"] for e in live) == result["output"] == "line1\nline2\nline3\né中\n"
+    first_at = next(t for t, ev in timed if ev["type"] == "tool_output")
+    result_at = next(t for t, ev in timed if ev["type"] == "tool_result")
+    assert result_at - first_at > 0.4                      # it came while the command ran
+    # The history holds the result only: live output is for people.
+    tools = [h for h in core.history_from_events(events) if h["role"] == "tool"]
+    assert [h["output"] for h in tools] == [result["output"]]
+
+
+def test_live_output_is_capped_and_says_the_rest_comes_with_the_result(llm, tmp_path):
+    llm.script.append(Reply("", tools=[("bash", json.dumps(
+        {"command": "head -c 100000 /dev/zero | tr '\\0' x"}))]))
+    events = arun(run_agent(cfg_for(llm), tmp_path, "lots"))
+    live = "".join(e["content"] for e in of(events, "tool_output"))
+    assert live.startswith("x" * core.LIVE_OUTPUT_CHARS)
+    assert live.endswith("… (the rest comes with the result)\n")
+    assert len(live) < core.LIVE_OUTPUT_CHARS + 100
+    assert "bytes cut" in of(events, "tool_result")[0]["output"]
+
+
 def test_max_steps_stops_the_loop(llm, tmp_path):
     for _ in range(5):
         llm.script.append(Reply("again", tools=[("bash", '{"command": "true"}')]))
@@ -1396,6 +1436,26 @@ def test_a_message_streams_over_the_websocket_and_matches_the_store(server):
     stored = server.history(sid)
     assert stored["events"] == events and stored["status"] == "idle"
     assert stored["title"] == "run: echo hello-web"
+
+
+def test_a_commands_output_is_stored_and_pushed_as_it_comes(server):
+    """`tool_output` events take the same path as deltas: stored, pushed in
+    order, merged while a commit is in flight; the conversation sent back to
+    the model holds the result only."""
+    sid = server.chat("run: for i in 1 2 3; do echo out$i; sleep 0.2; done")["session_id"]
+    events = arun(ws_collect(server.ws_url(), sid))
+    kinds = [e["type"] for e in events]
+    live = of(events, "tool_output")
+    result = of(events, "tool_result")[0]
+    assert live and kinds.index("tool_call") < kinds.index("tool_output")
+    assert "".join(e["content"] for e in live) == result["output"] == "out1\nout2\nout3\n"
+    assert all(e["call_id"] == result["call_id"] for e in live)
+    assert server.history(sid)["events"] == events
+    import agent_web as web
+    store = web.Store(server.db)
+    kinds = {e["type"] for e in arun(store.read(web.Store.conversation, sid))}
+    store.close()
+    assert "tool_result" in kinds and not kinds & {"tool_output", "delta"}
 
 
 def test_post_answers_202_with_session_and_seq(server):
@@ -2194,6 +2254,25 @@ def test_page_a_run_that_gives_up_says_why_once(server, page_for, llm):
     done = page.locator(".done").inner_text()
     assert done.startswith("error") and "overloaded" not in done     # said once, above
     assert page.locator(".assistant").count() == 0                   # no empty cut message
+
+
+def test_page_shows_a_commands_output_while_it_runs_and_after_a_reload(server, page_for, llm):
+    llm.script.append(Reply("Counting.", tools=[("bash", json.dumps(
+        {"command": "for i in 1 2 3 4 5 6; do echo live$i; sleep 0.4; done"}))]))
+    page = page_for(server)
+    send_in_page(page, "count slowly")
+    page.wait_for_selector(".tool.running pre.live >> text=live2")
+    assert page.locator(".done").count() == 0           # still running
+    page.reload()                                       # the output so far is stored
+    page.wait_for_selector("#conn.live")
+    page.wait_for_selector(".tool.running pre.live >> text=live1")
+    page.wait_for_selector(".done", timeout=15000)
+    assert page.locator("pre.live").count() == 0         # the result replaced it
+    assert page.locator(".tool pre.output").inner_text().split() == [
+        f"live{i}" for i in range(1, 7)]
+    page.reload()                                       # a finished call: result only
+    page.wait_for_selector(".done")
+    assert page.locator("pre.live").count() == 0 and page.locator(".tool pre.output").count() == 1
 
 
 def test_page_demo_banner_and_chinese_labels(tmp_path, page_for):

@@ -100,10 +100,13 @@ class Transcript {
     this.reset();
     const finished = new Set(events.filter((e) => e.type === "message" && e.role === "assistant")
       .map((e) => e.message_id));
+    const ran = new Set(events.filter((e) => e.type === "tool_result").map((e) => e.call_id));
     const target = this.container;
     this.container = document.createElement("div");
     for (const ev of events) {
+      // Fragments whose whole came later are not drawn at all.
       if (ev.type === "delta" && finished.has(ev.message_id)) continue;
+      if (ev.type === "tool_output" && ran.has(ev.call_id)) continue;
       this.apply(ev);
     }
     this.flush();
@@ -167,9 +170,22 @@ class Transcript {
         }
         break;
       }
+      case "tool_output": {       // a running command's output so far
+        const card = this.cards.get(ev.call_id);
+        if (!card) break;
+        if (!card.live) {
+          card.live = document.createElement("pre");
+          card.live.className = "output live";
+          card.el.append(card.live);
+        }
+        card.live.textContent += ev.content;
+        card.live.scrollTop = card.live.scrollHeight;      // follow the newest line
+        break;
+      }
       case "tool_result": {
         const card = this.cards.get(ev.call_id) || this.toolCard({ ...ev, input: {} });
         this.pending.delete(ev.call_id);
+        card.live?.remove();      // the result has all of it
         card.ask.hidden = true;
         card.el.classList.remove("running", "waiting");
         card.el.classList.add(ev.is_error ? "error" : "ok");
