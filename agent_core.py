@@ -1185,6 +1185,7 @@ class Agent:
         self.waiting_approval = False
         self._inflight: asyncio.Future | None = None
         self._input_errors: dict[str, str | None] = {}   # call id -> bad-arguments message
+        self._output_so_far: dict[str, list[str]] = {}   # call id -> what it printed, live
 
     def cancel(self, status: str = "cancelled") -> None:
         if self.cancel_status is None:
@@ -1280,7 +1281,12 @@ class Agent:
                 yield self._incomplete(message_id, "".join(partial))
             # Every tool call gets a result, so the history stays valid.
             for call in pending_tool_calls(history):
-                output = f"Not run: the run was {status} before this tool call finished."
+                # A command stopped mid-way keeps what it printed, for the
+                # user (its card shows it) and the model (next message).
+                so_far = "".join(self._output_so_far.pop(call["id"], []))
+                output = (f"Stopped: the run was {status} while this ran. Output so far:\n"
+                          f"{so_far}" if so_far else
+                          f"Not run: the run was {status} before this tool call finished.")
                 history.append({"role": "tool", "call_id": call["id"], "tool": call["name"],
                                 "output": output, "is_error": True})
                 yield {"type": "tool_result", "call_id": call["id"], "tool": call["name"],
@@ -1387,8 +1393,10 @@ class Agent:
                     text = more.result()
                 else:
                     text = live.get_nowait()
+                self._output_so_far.setdefault(call["id"], []).append(text)
                 yield {"type": "tool_output", "call_id": call["id"], "content": text}
             output, is_error = work.result()    # RunCancelled if cancel() stopped it
+            self._output_so_far.pop(call["id"], None)
         finally:
             work.cancel()                       # a no-op unless we are stopped ourselves
         duration_ms = int((time.monotonic() - started) * 1000)

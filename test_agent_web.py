@@ -869,7 +869,7 @@ def test_cancel_mid_stream_ends_cancelled_with_incomplete_message(llm, tmp_path,
 def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
     pidfile = tmp_path / "pid"
     llm.script.append(Reply("", tools=[("bash", json.dumps(
-        {"command": f"echo $$ > {pidfile}; sleep 30"}))]))
+        {"command": f"echo $$ > {pidfile}; echo started-work; sleep 30"}))]))
 
     async def scenario():
         cfg = cfg_for(llm)
@@ -879,12 +879,8 @@ def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
             events = []
             async for ev in agent.run(history):
                 events.append(ev)
-                if ev["type"] == "tool_call":
-                    async def later():
-                        while not pidfile.exists() or not pidfile.read_text().strip():
-                            await asyncio.sleep(0.02)
-                        agent.cancel()
-                    asyncio.ensure_future(later())
+                if ev["type"] == "tool_output":         # it runs, and has printed
+                    agent.cancel()
             return events, history
     started = time.monotonic()
     events, history = arun(scenario())
@@ -892,6 +888,8 @@ def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
     assert events[-1]["status"] == "cancelled"
     result = of(events, "tool_result")[0]
     assert result["is_error"] and "cancel" in result["output"]
+    # What it printed before the stop is kept, for the user and the model.
+    assert result["output"].endswith("Output so far:\nstarted-work\n")
     pid = int(pidfile.read_text())
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
