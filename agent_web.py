@@ -514,6 +514,16 @@ class Store:
         return session, [r[0] for r in rows]
 
     @staticmethod
+    def output_so_far(conn, session_id: str) -> dict[str, str]:
+        """call id -> what its command printed live (its `tool_output`s)."""
+        printed: dict[str, list[str]] = {}
+        for (data,) in conn.execute("SELECT data FROM events WHERE session_id = ? "
+                                    "AND type = 'tool_output' ORDER BY seq", (session_id,)):
+            ev = json.loads(data)
+            printed.setdefault(ev["call_id"], []).append(ev["content"])
+        return {call_id: "".join(parts) for call_id, parts in printed.items()}
+
+    @staticmethod
     def conversation(conn, session_id: str) -> list[dict]:
         """Every event but the streamed fragments, decoded: enough to rebuild
         the history."""
@@ -792,10 +802,15 @@ class RunManager:
                          if e["type"] == "approval_request" and e["call_id"] not in answered}
                 self.start(self.reserve(sid), s["approve_mode"], prior, asked)
                 continue
-            for call in core.pending_tool_calls(history):
+            pending = core.pending_tool_calls(history)
+            printed = await self.store.read(Store.output_so_far, sid) if pending else {}
+            for call in pending:
+                so_far = printed.get(call["id"])
                 await self.events.emit(sid, {
                     "type": "tool_result", "call_id": call["id"], "tool": call["name"],
-                    "output": "Not run: the server stopped before this tool call finished.",
+                    "output": f"Stopped: the server stopped while this ran. Output so far:\n"
+                              f"{so_far}" if so_far else
+                              "Not run: the server stopped before this tool call finished.",
                     "is_error": True, "duration_ms": 0})
             await self.events.emit(sid, {
                 "type": "done", "status": "interrupted",

@@ -1659,8 +1659,8 @@ def test_a_subscriber_that_never_reads_is_closed_4008_and_the_run_goes_on(tmp_pa
 def test_killed_server_restarts_with_interrupted_run_and_continues(tmp_path, llm):
     server = ServerProcess(tmp_path, llm)
     try:
-        sid = server.chat("run: sleep 30")["session_id"]
-        server.wait_event(sid, "tool_call")
+        sid = server.chat("run: echo half-way; sleep 30")["session_id"]
+        server.wait_event(sid, "tool_output")
         before = server.history(sid)["events"]
         server.kill()
         server.start()
@@ -1669,14 +1669,17 @@ def test_killed_server_restarts_with_interrupted_run_and_continues(tmp_path, llm
         tail = [e["type"] for e in h["events"][len(before):]]
         assert tail == ["tool_result", "done"]
         assert h["events"][-1]["status"] == "interrupted"
+        # What the command printed before the crash is in its result.
+        assert of(h["events"], "tool_result")[0]["output"].endswith(
+            "Output so far:\nhalf-way\n")
         n = len(llm.requests)
         server.chat("say: after restart", sid)
         h = server.wait_status(sid)
         assert of(h["events"], "done")[-1]["status"] == "done"
         sent = llm.requests[n]["messages"]
         flat = json.dumps(sent)
-        assert "run: sleep 30" in flat and "after restart" in flat   # full context
-        assert "sleep 30" in flat and "stopped" in flat              # the interrupted tool result
+        assert "run: echo half-way; sleep 30" in flat and "after restart" in flat  # full context
+        assert "half-way" in flat and "stopped" in flat              # the interrupted tool result
     finally:
         server.stop()
 
