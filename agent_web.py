@@ -140,10 +140,10 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
                 "done": "idle"}            # and a user `message`: running
 # Fragments of a stream, superseded by a later event (a `message`, a
-# `tool_result`), and the keys that say which stream each belongs to.  They
-# are not awaited and merge while a commit is in flight; they change nothing
-# in the session's row and are not needed to rebuild the conversation.
-STREAMED = {"delta": ("message_id", "channel"), "tool_output": ("call_id",)}
+# `tool_result`).  They are not awaited and merge while a commit is in
+# flight; they change nothing in the session's row and are not needed to
+# rebuild the conversation.
+STREAMED = frozenset({"delta", "tool_output"})
 
 
 # =============================================================================
@@ -575,9 +575,13 @@ class EventLog:
         for its commit; it joins the session's pending fragment of the same
         stream if there is one."""
         last = self._last.get(session_id)
+        # Spelled out rather than looked up: this runs for every token.
         if (last is not None and last.future is None
                 and last.event["type"] == event["type"]
-                and all(last.event[key] == event[key] for key in STREAMED[event["type"]])):
+                and (last.event["message_id"] == event["message_id"]
+                     and last.event["channel"] == event["channel"]
+                     if event["type"] == "delta"
+                     else last.event["call_id"] == event["call_id"])):
             last.event["content"] += event["content"]
             return
         self._queue(_Pending(session_id, {"type": event["type"], "ts": time.time(), **event},
