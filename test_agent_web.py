@@ -1192,6 +1192,40 @@ def test_streamed_deltas_rewrite_no_session_row(tmp_path):
     assert seen[6]["updated_at"] > seen[0]["updated_at"]
 
 
+def test_fragments_merge_only_with_the_pending_fragment_of_their_own_stream(tmp_path):
+    """While a commit is in flight, a delta joins the session's last pending
+    delta of the same message and channel, and a tool_output the last pending
+    output of the same call; anything else starts a new event."""
+    import agent_web as web
+
+    def out(call, text):
+        return {"type": "tool_output", "call_id": call, "content": text}
+
+    def delta(channel, text):
+        return {"type": "delta", "message_id": "m", "channel": channel, "content": text}
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        await store.write(web.Store.create_session, "s", "auto")
+        log = web.EventLog(store, web.PushRegistry())
+        log.start()
+        for ev in (out("c1", "a"), out("c1", "b"), out("c2", "x"), out("c2", "y"),
+                   out("c1", "c"), delta("text", "1"), delta("text", "2"),
+                   delta("thinking", "3"), out("c1", "d")):
+            log.emit_nowait("s", ev)          # no await: all pending together
+        await log.flush()
+        rows = await store.read(web.Store.history, "s", 0, 100)
+        await log.stop()
+        store.close()
+        return [(e["type"], e.get("call_id") or e["channel"], e["content"])
+                for e in map(json.loads, rows[1])]
+
+    assert arun(go()) == [("tool_output", "c1", "ab"), ("tool_output", "c2", "xy"),
+                          ("tool_output", "c1", "c"), ("delta", "text", "12"),
+                          ("delta", "thinking", "3"), ("tool_output", "c1", "d")]
+
+
 def test_a_commit_of_streamed_text_is_one_statement_and_other_writers_are_caught(tmp_path):
     """The writer remembers each session's last seq, so streamed text for a
     session it wrote to before commits in one INSERT (one sqlite3 call, not
