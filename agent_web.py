@@ -20,7 +20,8 @@ How one message flows through this file
     2. The run is an asyncio task (`RunManager._drive`) iterating
        `agent_core.Agent.run()`.  Each event it yields goes to `EventLog`.
     3. `EventLog` is the only writer: it batches pending events (a streamed
-       `delta` joins its session's pending delta of the same message), commits
+       `delta` joins its session's pending delta of the same message, a
+       command's `tool_output` its pending output of the same call), commits
        them in one SQLite transaction on the store's writer thread
        (`Store.append`), which assigns `seq`, and only then publishes each
        stored event to `PushRegistry`.
@@ -527,9 +528,9 @@ class Store:
     def conversation(conn, session_id: str) -> list[dict]:
         """Every event but the streamed fragments, decoded: enough to rebuild
         the history."""
-        rows = conn.execute("SELECT data FROM events WHERE session_id = ? "
-                            "AND type NOT IN ('delta', 'tool_output') ORDER BY seq",
-                            (session_id,)).fetchall()
+        rows = conn.execute("SELECT data FROM events WHERE session_id = ? AND type NOT IN ("
+                            + ",".join("?" * len(STREAMED)) + ") ORDER BY seq",
+                            (session_id, *sorted(STREAMED))).fetchall()
         return [json.loads(r[0]) for r in rows]
 
 
@@ -540,8 +541,9 @@ class Store:
 # Every event of every session passes through `EventLog`.  One task writes:
 # while a commit is in flight, new events pile up in `_pending` and go in the
 # next transaction together (group commit), and a `delta` is merged into the
-# session's last pending event when that is a delta of the same message
-# (other sessions' events in between do not matter: order is per session).
+# session's last pending event when that is a delta of the same message (a
+# `tool_output`, when that is output of the same call; other sessions' events
+# in between do not matter: order is per session).
 # So deltas reach the store and the browsers within one commit time (well under the 50 ms the contract allows), and a model that
 # streams faster than SQLite commits makes bigger deltas, not a longer queue.
 
