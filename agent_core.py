@@ -115,6 +115,19 @@ class LLMConfig:
         return "demo" if self.provider == "demo" else f"{self.provider}:{self.model}"
 
 
+def env_number(env, name: str, kind: type = int) -> Any:
+    """A numeric setting, None when unset; a malformed one is a ValueError
+    that names it (both front ends turn that into a usage error)."""
+    value = env.get(name)
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, "
+                         f"not {value!r}") from None
+
+
 def config_from_env(provider: str | None = None, model: str | None = None,
                     env: dict[str, str] | None = None) -> LLMConfig:
     """Settings the way the official SDKs read them; flags (arguments) win.
@@ -131,12 +144,9 @@ def config_from_env(provider: str | None = None, model: str | None = None,
                                    ("AGENT_RETRY_BASE_DELAY", "retry_base_delay", float),
                                    ("AGENT_THINKING_BUDGET", "thinking_budget", int),
                                    ("AGENT_MAX_TOKENS", "max_tokens", int)):
-        if env.get(name):
-            try:
-                extra[field_name] = kind(env[name])
-            except ValueError:
-                raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, "
-                                 f"not {env[name]!r}") from None
+        value = env_number(env, name, kind)
+        if value is not None:
+            extra[field_name] = value
 
     if not provider:
         if env.get("ANTHROPIC_API_KEY"):
@@ -243,6 +253,15 @@ def history_from_events(events: list[dict]) -> list[dict]:
     # message) must not reach a provider: empty content is a 400 there.
     return [h for h in history if h["role"] != "assistant"
             or h["text"] or h["thinking"] or h["tool_calls"]]
+
+
+def unfinished_result(stopped: str, so_far: str) -> str:
+    """The output of a tool call that never finished (a cancel, a crash):
+    what its command printed, if anything, so neither the user nor the model
+    is left guessing."""
+    if so_far:
+        return f"Stopped: {stopped} while this ran. Output so far:\n{so_far}"
+    return f"Not run: {stopped} before this tool call finished."
 
 
 def pending_tool_calls(history: list[dict]) -> list[dict]:
@@ -1283,10 +1302,8 @@ class Agent:
             for call in pending_tool_calls(history):
                 # A command stopped mid-way keeps what it printed, for the
                 # user (its card shows it) and the model (next message).
-                so_far = "".join(self._output_so_far.pop(call["id"], []))
-                output = (f"Stopped: the run was {status} while this ran. Output so far:\n"
-                          f"{so_far}" if so_far else
-                          f"Not run: the run was {status} before this tool call finished.")
+                output = unfinished_result(f"the run was {status}",
+                                           "".join(self._output_so_far.pop(call["id"], [])))
                 history.append({"role": "tool", "call_id": call["id"], "tool": call["name"],
                                 "output": output, "is_error": True})
                 yield {"type": "tool_result", "call_id": call["id"], "tool": call["name"],

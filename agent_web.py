@@ -354,9 +354,9 @@ class Store:
         by_session: dict[str, list[int]] = {}
         for i, (session_id, _) in enumerate(items):
             by_session.setdefault(session_id, []).append(i)
-        # Only events other than streamed fragments touch the session's row: a commit of
-        # streamed text (most commits) then writes no page but its events'
-        # own, a third fewer bytes into the WAL (see Performance).
+        # Only events other than streamed fragments touch the session's row:
+        # a commit of streamed text (most commits) then writes no page but its
+        # events' own, a third fewer bytes into the WAL (see Performance).
         changes = []                        # (id, new status or None, title)
         ended = []                          # sessions whose run ends here
         for session_id, indexes in by_session.items():
@@ -380,8 +380,8 @@ class Store:
         # under load).  The usual commit, streamed text of sessions this
         # connection wrote to before, is one INSERT, which SQLite commits on
         # its own: one call.  Otherwise one transaction: one SELECT for the
-        # sessions it does not know yet, one UPDATE unless all are deltas,
-        # one multi-row INSERT.
+        # sessions it does not know yet, one UPDATE unless all are streamed
+        # fragments, one multi-row INSERT.
         known: dict[str, int] = conn.last_seq
         last_seq = {sid: known[sid] for sid in by_session if sid in known}
         results: list[tuple[int, str] | None] = [None] * len(items)
@@ -811,12 +811,10 @@ class RunManager:
             pending = core.pending_tool_calls(history)
             printed = await self.store.read(Store.output_so_far, sid) if pending else {}
             for call in pending:
-                so_far = printed.get(call["id"])
                 await self.events.emit(sid, {
                     "type": "tool_result", "call_id": call["id"], "tool": call["name"],
-                    "output": f"Stopped: the server stopped while this ran. Output so far:\n"
-                              f"{so_far}" if so_far else
-                              "Not run: the server stopped before this tool call finished.",
+                    "output": core.unfinished_result("the server stopped",
+                                                     printed.get(call["id"], "")),
                     "is_error": True, "duration_ms": 0})
             await self.events.emit(sid, {
                 "type": "done", "status": "interrupted",
@@ -1612,16 +1610,6 @@ def _env_set(name: str) -> set[str]:
     return {h.strip().lower() for h in os.environ.get(name, "").split(",") if h.strip()}
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, not {value!r}") from None
-
-
 def create_app(*, db_path: str | Path | None = None, workspace: str | Path | None = None,
                token: str | None = None, llm_config: core.LLMConfig | None = None,
                provider: str | None = None, model: str | None = None,
@@ -1647,7 +1635,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         allowed_origins=set(allowed_origins) if allowed_origins is not None
         else _env_set("AGENT_WEB_ALLOWED_ORIGINS"),
         approve=approve, max_steps=max_steps,
-        queue_size=queue_size or _env_int("AGENT_WEB_QUEUE_SIZE", SUBSCRIBER_QUEUE_SIZE))
+        queue_size=queue_size or core.env_number(os.environ, "AGENT_WEB_QUEUE_SIZE")
+        or SUBSCRIBER_QUEUE_SIZE)
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
