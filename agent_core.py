@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import codecs
 import json
+import logging
 import os
 import random
 import re
@@ -59,6 +60,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpcore
 import httpx
+
+log = logging.getLogger("agent_core")
 
 # =============================================================================
 # Configuration
@@ -275,6 +278,74 @@ def pending_tool_calls(history: list[dict]) -> list[dict]:
     return []
 
 
+# What every provider accepts, and what a stored log may break (a crash
+# between a tool call and its result, a run that ended in an internal error,
+# a deny, a cancel, a cut stream, a session that switched provider):
+#   - each tool call is answered by exactly one result, right after its turn,
+#     before anything else is said; a result answers a call of that turn;
+#   - no turn is empty: no blank message, no assistant turn of thinking alone;
+#   - tool call ids are unique, and ids and names use [A-Za-z0-9_-] only;
+#   - the conversation ends with the user's side (a message or results).
+# `repair_history` makes any history so, and both clients send only what it
+# returns: the one place, so no log can break a session for good.
+
+CALL_NAME_RE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def repair_history(history: list[dict]) -> list[dict]:
+    """The neutral history made valid for any provider (see above); the
+    history itself is left as it is."""
+    out: list[dict] = []
+    open_calls: list[tuple[str, dict]] = []   # (stored id, call) still unanswered
+    used_ids: set[str] = set()
+
+    def close_open() -> None:
+        for _, call in open_calls:
+            out.append({"role": "tool", "call_id": call["id"], "tool": call["name"],
+                        "output": unfinished_result("the run ended", ""), "is_error": True})
+        open_calls.clear()
+
+    for h in history:
+        if h["role"] == "tool":
+            # Results name calls by their stored ids; one that answers no
+            # open call of this turn (a duplicate, an orphan) is dropped.
+            found = next((i for i, (sid, _) in enumerate(open_calls) if sid == h["call_id"]),
+                         None)
+            if found is not None:
+                call = open_calls.pop(found)[1]
+                out.append({"role": "tool", "call_id": call["id"], "tool": call["name"],
+                            "output": h["output"] or "(no output)",
+                            "is_error": bool(h["is_error"])})
+            continue
+        close_open()
+        if h["role"] == "user":
+            out.append({"role": "user", "content": h["content"] if h["content"].strip()
+                        else "(an empty message)"})
+            continue
+        calls, stored = [], []
+        for c in h["tool_calls"]:
+            cid = CALL_NAME_RE.sub("_", c["id"] or "")[:64]
+            if not cid or cid in used_ids:
+                cid = new_id("call")
+            used_ids.add(cid)
+            name = CALL_NAME_RE.sub("_", c["name"] or "")[:64] or "unnamed_tool"
+            call = {"id": cid, "name": name,
+                    "input": c["input"] if isinstance(c["input"], dict) else {}}
+            calls.append(call)
+            stored.append((c["id"], call))
+        text = h["text"] if h["text"].strip() else ""
+        if not text and not calls:
+            continue
+        out.append({"role": "assistant", "message_id": h.get("message_id", ""), "text": text,
+                    "thinking": h["thinking"], "tool_calls": calls})
+        open_calls = stored
+    if open_calls:
+        close_open()
+    if not out or out[-1]["role"] == "assistant":
+        out.append({"role": "user", "content": "Continue."})
+    return out
+
+
 @dataclass
 class Turn:
     """One finished assistant reply, as a client assembled it from the stream."""
@@ -283,6 +354,7 @@ class Turn:
     tool_calls: list[dict] = field(default_factory=list)   # id, name, input, input_error
     stop_reason: str = ""
     usage: dict = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    usage_reported: bool = True   # False: the server sent no usage for this reply
 
 
 # =============================================================================
@@ -365,12 +437,10 @@ async def _raise_for_status(response: httpx.Response, url: str) -> None:
     if response.status_code < 400:
         return
     body = (await response.aread()).decode("utf-8", "replace")
-    detail = body[:300]
     try:
-        err = json.loads(body).get("error")
-        detail = err.get("message", detail) if isinstance(err, dict) else str(err or detail)
-    except (ValueError, AttributeError):
-        pass
+        detail = _error_detail(json.loads(body)) or body[:300]
+    except ValueError:
+        detail = body[:300]
     code = response.status_code
     if code in (401, 403):
         msg = f"API key rejected ({code}) by {url}: {detail}"
@@ -380,6 +450,21 @@ async def _raise_for_status(response: httpx.Response, url: str) -> None:
         msg = f"LLM error {code} from {url}: {detail}"
     retryable = code in (408, 409, 429, 529) or code >= 500
     raise LLMError(msg, retryable=retryable, retry_after=_retry_after(response), status=code)
+
+
+def _error_detail(doc: Any) -> str:
+    """The message in an error body, in the shapes servers use: OpenAI's and
+    Anthropic's {"error": {"message"}}, Ollama's {"error": "..."}, FastAPI's
+    {"detail": ...} (llama-cpp-python), vLLM's {"object": "error", "message"}."""
+    if not isinstance(doc, dict):
+        return str(doc)[:300]
+    err = doc.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message") or err)[:300]
+    for value in (err, doc.get("detail"), doc.get("message")):
+        if value:
+            return (value if isinstance(value, str) else json.dumps(value))[:300]
+    return ""
 
 
 def _parse_tool_input(raw: str) -> tuple[dict, str | None]:
@@ -395,49 +480,77 @@ def _parse_tool_input(raw: str) -> tuple[dict, str | None]:
     return value, None
 
 
+MINIMAX_HOSTS = ("minimax.io", "minimaxi.com")
+
+
+def _is_host(url: str, domains: tuple[str, ...]) -> bool:
+    host = httpx.URL(url).host
+    return any(host == d or host.endswith("." + d) for d in domains)
+
+
+def anthropic_base(base_url: str) -> str:
+    """The base URL `/v1/messages` is added to.  MiniMax's is taken with or
+    without its `/anthropic` suffix, and a trailing `/v1` (the SDKs' base URLs
+    have none) is dropped rather than doubled."""
+    base = base_url.rstrip("/").removesuffix("/v1")
+    if _is_host(base, MINIMAX_HOSTS) and not base.endswith("/anthropic"):
+        base += "/anthropic"
+    return base
+
+
 class AnthropicClient:
     """Anthropic Messages API, streaming.  Also MiniMax's Anthropic endpoint."""
 
-    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient):
+    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient | None):
         self.cfg, self.http = cfg, http
-        self.url = cfg.base_url.rstrip("/") + "/v1/messages"
+        self.url = anthropic_base(cfg.base_url) + "/v1/messages"
+        # MiniMax answers 401 to x-api-key alone and wants the key as a
+        # bearer token too (upstream Mini-Agent sends both).  Anthropic's own
+        # API reads a bearer token as OAuth, so it gets only its own header.
+        self.headers = {"x-api-key": cfg.api_key, "anthropic-version": ANTHROPIC_VERSION,
+                        "content-type": "application/json", "accept": "text/event-stream"}
+        if httpx.URL(self.url).host != "api.anthropic.com":
+            self.headers["authorization"] = f"Bearer {cfg.api_key}"
 
-    def _messages(self, history: list[dict]) -> list[dict]:
+    @staticmethod
+    def _messages(history: list[dict]) -> list[dict]:
         out: list[dict] = []
 
         def add(role: str, blocks: list[dict]) -> None:
             # Consecutive same-role entries (tool results, then a user message
             # after a cancel) are merged: the API wants roles to alternate.
+            # Results come first in a user turn, as the API requires, because
+            # repair_history puts them right after their call.
             if out and out[-1]["role"] == role:
                 out[-1]["content"].extend(blocks)
             else:
                 out.append({"role": role, "content": blocks})
 
-        for h in history:
+        for h in repair_history(history):
             if h["role"] == "user":
                 add("user", [{"type": "text", "text": h["content"]}])
             elif h["role"] == "tool":
                 add("user", [{"type": "tool_result", "tool_use_id": h["call_id"],
-                              "content": h["output"] or "(no output)",
-                              "is_error": h["is_error"]}])
+                              "content": h["output"], "is_error": h["is_error"]}])
             else:
                 blocks = []
                 for t in h["thinking"]:    # sent back verbatim, signature and all
                     if "redacted" in t:
                         blocks.append({"type": "redacted_thinking", "data": t["redacted"]})
-                    else:
+                    elif t.get("signature") and t.get("thinking"):
+                        # Unsigned thinking (another provider's, the demo's)
+                        # is refused by the API: it stays on the page only.
                         blocks.append({"type": "thinking", "thinking": t["thinking"],
-                                       "signature": t.get("signature", "")})
+                                       "signature": t["signature"]})
                 if h["text"]:
                     blocks.append({"type": "text", "text": h["text"]})
                 for c in h["tool_calls"]:
                     blocks.append({"type": "tool_use", "id": c["id"], "name": c["name"],
                                    "input": c["input"]})
-                if blocks:
-                    add("assistant", blocks)
+                add("assistant", blocks)
         return out
 
-    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
+    def body(self, history: list[dict], tools: list[dict]) -> dict:
         body: dict[str, Any] = {
             "model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
             "system": SYSTEM_PROMPT, "messages": self._messages(history), "stream": True,
@@ -446,10 +559,12 @@ class AnthropicClient:
         }
         if self.cfg.thinking_budget:
             body["thinking"] = {"type": "enabled", "budget_tokens": self.cfg.thinking_budget}
-        headers = {"x-api-key": self.cfg.api_key, "anthropic-version": ANTHROPIC_VERSION,
-                   "content-type": "application/json", "accept": "text/event-stream"}
+        return body
+
+    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
+        body = self.body(history, tools)
         turn, blocks, finished = Turn(), {}, False
-        async with self.http.stream("POST", self.url, json=body, headers=headers) as resp:
+        async with self.http.stream("POST", self.url, json=body, headers=self.headers) as resp:
             await _raise_for_status(resp, self.url)
             async for event, data in sse_events(resp):
                 try:
@@ -524,46 +639,67 @@ class AnthropicClient:
 
 
 class OpenAIClient:
-    """OpenAI Chat Completions, streaming; any OpenAI-compatible server."""
+    """OpenAI Chat Completions, streaming; any OpenAI-compatible server.
 
-    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient):
+    The compatible servers people run differ from OpenAI in small ways, each
+    handled here (see README, "OpenAI-compatible servers"):
+      - llama.cpp repeats a call's function name in every streamed chunk;
+        Ollama's chunks may carry no `index`; arguments may come as an object;
+      - llama.cpp refuses an assistant `content` of null: we send "";
+      - OpenAI wants `max_completion_tokens` (its reasoning models refuse
+        `max_tokens`); llama.cpp, Ollama, LM Studio and older vLLM read only
+        `max_tokens`: so OpenAI's own hosts get the first, others the second;
+      - reasoning comes as `reasoning_content` (DeepSeek, vLLM, llama.cpp),
+        `reasoning` (Ollama, OpenRouter, LM Studio) or as a leading
+        `<think>…</think>` inside the text (models served raw): all thinking;
+      - usage may never be sent in a stream: the turn then says so.
+    """
+
+    OPENAI_HOSTS = ("openai.com", "openai.azure.com")
+
+    def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient | None):
         self.cfg, self.http = cfg, http
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.max_tokens_field = ("max_completion_tokens" if _is_host(self.url, self.OPENAI_HOSTS)
+                                 else "max_tokens")
+        self.headers = {"authorization": f"Bearer {cfg.api_key}",
+                        "content-type": "application/json", "accept": "text/event-stream"}
 
     @staticmethod
     def _messages(history: list[dict]) -> list[dict]:
         out: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
-        for h in history:
+        for h in repair_history(history):
             if h["role"] == "user":
                 out.append({"role": "user", "content": h["content"]})
             elif h["role"] == "tool":
                 out.append({"role": "tool", "tool_call_id": h["call_id"],
-                            "content": h["output"] or "(no output)"})
+                            "content": h["output"]})
             else:
-                msg: dict[str, Any] = {"role": "assistant", "content": h["text"] or None}
+                msg: dict[str, Any] = {"role": "assistant", "content": h["text"]}
                 if h["tool_calls"]:
                     msg["tool_calls"] = [
                         {"id": c["id"], "type": "function",
                          "function": {"name": c["name"], "arguments": json.dumps(c["input"])}}
                         for c in h["tool_calls"]]
-                if msg["content"] is not None or h["tool_calls"]:
-                    out.append(msg)
+                out.append(msg)
         return out
 
-    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
-        body = {
+    def body(self, history: list[dict], tools: list[dict]) -> dict:
+        return {
             "model": self.cfg.model, "messages": self._messages(history), "stream": True,
             "stream_options": {"include_usage": True},
-            "max_completion_tokens": self.cfg.max_tokens,
+            self.max_tokens_field: self.cfg.max_tokens,
             "tools": [{"type": "function", "function": {
                 "name": t["name"], "description": t["description"], "parameters": t["schema"]}}
                 for t in tools],
         }
-        headers = {"authorization": f"Bearer {self.cfg.api_key}",
-                   "content-type": "application/json", "accept": "text/event-stream"}
-        turn, calls, finished = Turn(), {}, False
+
+    async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
+        body = self.body(history, tools)
+        turn, calls, finished = Turn(usage_reported=False), {}, False
         text, thinking = [], []          # fragments, joined once at the end
-        async with self.http.stream("POST", self.url, json=body, headers=headers) as resp:
+        think = ThinkTags()
+        async with self.http.stream("POST", self.url, json=body, headers=self.headers) as resp:
             await _raise_for_status(resp, self.url)
             async for _event, data in sse_events(resp):
                 if data.strip() == "[DONE]":
@@ -574,47 +710,119 @@ class OpenAIClient:
                 except ValueError:
                     raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
                                    retryable=True) from None
-                if chunk.get("error"):
-                    err = chunk["error"]
-                    text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                    raise LLMError(f"error from {self.url} mid-stream: {text}", retryable=True)
+                if not isinstance(chunk, dict):
+                    raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
+                                   retryable=True)
+                if chunk.get("error") or chunk.get("object") == "error":
+                    raise LLMError(f"error from {self.url} mid-stream: {_error_detail(chunk)}",
+                                   retryable=True)
                 if chunk.get("usage"):
-                    turn.usage["input_tokens"] = chunk["usage"].get("prompt_tokens", 0)
-                    turn.usage["output_tokens"] = chunk["usage"].get("completion_tokens", 0)
+                    turn.usage_reported = True
+                    turn.usage["input_tokens"] = chunk["usage"].get("prompt_tokens") or 0
+                    turn.usage["output_tokens"] = chunk["usage"].get("completion_tokens") or 0
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
-                    # DeepSeek and vLLM say reasoning_content; Ollama/OpenRouter say reasoning.
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning:
+                    if isinstance(reasoning, str) and reasoning:
                         yield ("thinking", reasoning)
                         thinking.append(reasoning)
                     # A refusal (how Structured Outputs decline) comes instead
                     # of content, and is the answer the user should read.
                     content = delta.get("content") or delta.get("refusal")
-                    if content:
-                        text.append(content)
-                        yield ("text", content)
+                    if isinstance(content, str) and content:
+                        for channel, piece in think.split(content):
+                            (text if channel == "text" else thinking).append(piece)
+                            yield (channel, piece)
                     for tc in delta.get("tool_calls") or []:
-                        slot = calls.setdefault(tc.get("index", 0),
-                                                {"id": "", "name": "", "arguments": ""})
-                        fn = tc.get("function") or {}
-                        slot["id"] = tc.get("id") or slot["id"]
-                        slot["name"] += fn.get("name") or ""
-                        slot["arguments"] += fn.get("arguments") or ""
+                        self._add_call_fragment(calls, tc)
                     if choice.get("finish_reason"):
                         turn.stop_reason = choice["finish_reason"]
         # Some compatible servers end without [DONE]; a finish_reason will do.
         if not finished and not turn.stop_reason:
             raise LLMError(f"the stream from {self.url} ended before [DONE]", retryable=True)
+        for channel, piece in think.flush():
+            (text if channel == "text" else thinking).append(piece)
+            yield (channel, piece)
         turn.text = "".join(text)
         if thinking:
             turn.thinking.append({"thinking": "".join(thinking), "signature": ""})
         for index in sorted(calls):
             c = calls[index]
-            args, problem = _parse_tool_input(c["arguments"])
+            args, problem = _parse_tool_input("".join(c["arguments"]))
             turn.tool_calls.append({"id": c["id"] or new_id("call"), "name": c["name"],
                                     "input": args, "input_error": problem})
         yield ("turn", turn)
+
+    @staticmethod
+    def _add_call_fragment(calls: dict[int, dict], tc: dict) -> None:
+        """One streamed piece of a tool call, into its slot."""
+        index = tc.get("index")
+        if not isinstance(index, int):
+            # No index (Ollama): a new id starts a new call, else it continues.
+            last = calls[max(calls)] if calls else None
+            new = last is None or (tc.get("id") and last["id"] and tc["id"] != last["id"])
+            index = len(calls) if new else max(calls)
+        slot = calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+        fn = tc.get("function") or {}
+        slot["id"] = tc.get("id") or slot["id"]
+        name = fn.get("name") or ""
+        # OpenAI sends the name once; llama.cpp repeats it whole in every chunk.
+        if name and name != slot["name"]:
+            slot["name"] += name
+        args = fn.get("arguments")
+        if isinstance(args, dict):               # an object instead of JSON text
+            args = json.dumps(args)
+        if args:
+            slot["arguments"].append(args)       # joined once, at the end
+
+
+class ThinkTags:
+    """Splits a leading `<think>…</think>` out of streamed text, as thinking.
+
+    Models served without a reasoning parser (llama.cpp, LM Studio and
+    Ollama in some set-ups) write their reasoning into the text itself.  Only
+    a tag at the very start counts; the tags may arrive cut across chunks."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self):
+        self.state = "start"      # start -> thinking -> text, or start -> text
+        self.held = ""            # what may still be the start of a tag
+
+    def split(self, piece: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        data = self.held + piece
+        self.held = ""
+        if self.state == "start":
+            lead = data.lstrip()
+            if self.OPEN.startswith(lead):          # still could be the tag
+                self.held = data
+                return out
+            if lead.startswith(self.OPEN):
+                self.state, data = "thinking", lead[len(self.OPEN):]
+            else:
+                self.state = "text"
+        if self.state == "thinking":
+            end = data.find(self.CLOSE)
+            if end < 0:
+                # Hold back a tail that may be the start of the closing tag.
+                keep = next((k for k in range(len(self.CLOSE) - 1, 0, -1)
+                             if data.endswith(self.CLOSE[:k])), 0)
+                self.held, data = data[len(data) - keep:], data[:len(data) - keep]
+                if data:
+                    out.append(("thinking", data))
+                return out
+            if data[:end]:
+                out.append(("thinking", data[:end]))
+            self.state, data = "text", data[end + len(self.CLOSE):].lstrip("\n")
+        if data:
+            out.append(("text", data))
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is held back when the stream ends."""
+        held, self.held = self.held, ""
+        return [("thinking" if self.state == "thinking" else "text", held)] if held else []
 
 
 class DemoClient:
@@ -677,10 +885,28 @@ def make_llm(cfg: LLMConfig, http: httpx.AsyncClient):
             "demo": DemoClient}[cfg.provider](cfg, http)
 
 
+def tls_context(env=None) -> ssl.SSLContext:
+    """Certificates trusted for the LLM: the usual public roots (certifi's,
+    as httpx has them) *plus* those in SSL_CERT_FILE / SSL_CERT_DIR.  httpx
+    alone would trust only the file named there, so a company's own root
+    would cost every public host."""
+    import certifi                          # httpx's own dependency
+    env = os.environ if env is None else env
+    ctx = ssl.create_default_context(cafile=certifi.where())
+    cafile, capath = env.get("SSL_CERT_FILE"), env.get("SSL_CERT_DIR")
+    if cafile or capath:
+        try:
+            ctx.load_verify_locations(cafile=cafile or None, capath=capath or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"SSL_CERT_FILE / SSL_CERT_DIR ({cafile or capath}) cannot be "
+                             f"loaded as certificates: {exc}") from None
+    return ctx
+
+
 def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
     timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
                             write=30.0, pool=30.0)
-    client = httpx.AsyncClient(timeout=timeout)
+    client = httpx.AsyncClient(timeout=timeout, verify=tls_context())
     # httpx has no public switch for the socket layer: each of its pools (one
     # more per proxy taken from the environment) keeps it in
     # `_network_backend`.  Should a version keep it elsewhere, httpx's own
@@ -857,6 +1083,27 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float
     return min(RETRY_MAX_DELAY, base * (2 ** attempt)) * (0.5 + random.random() / 2)
 
 
+def _transport_error(exc: httpx.TransportError, url: str) -> LLMError:
+    """A failure below HTTP as one LLMError.  Most are transient (a refused
+    or dropped connection) and retried; a TLS failure is not: the same
+    certificate fails the same way on every try."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return LLMError(f"the TLS certificate of {url} is not trusted "
+                        f"({cause.verify_message or cause.reason}). This is a certificate "
+                        "problem, not a network one, so it is not retried. If the server's "
+                        "certificate comes from your own authority, name its PEM file in "
+                        "SSL_CERT_FILE (extra trusted roots).")
+    if isinstance(cause, ssl.SSLError):
+        return LLMError(f"the TLS handshake with {url} failed ({cause.reason or cause}); "
+                        "check that the base URL's scheme and port speak HTTPS.")
+    what = type(exc).__name__
+    return LLMError(f"cannot reach {url}: {what}{': ' + str(exc) if str(exc) else ''}",
+                    retryable=True)
+
+
 async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
                               tools: list[dict]) -> AsyncIterator[tuple]:
     """Like llm.stream(), plus ("retry", message, partial) items between tries.
@@ -873,9 +1120,7 @@ async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
             return
         except (LLMError, httpx.TransportError) as exc:
             if isinstance(exc, httpx.TransportError):
-                what = type(exc).__name__
-                err = LLMError(f"cannot reach {getattr(llm, 'url', 'the LLM')}: "
-                               f"{what}{': ' + str(exc) if str(exc) else ''}", retryable=True)
+                err = _transport_error(exc, getattr(llm, "url", "the LLM"))
             else:
                 err = exc
             if not err.retryable or attempt + 1 >= cfg.retry_attempts:
@@ -923,6 +1168,27 @@ def clip_output(text: str, head: int = OUTPUT_HEAD_CHARS, tail: int = OUTPUT_TAI
     return f"{text[:head]}\n\n… [{cut:,} characters cut] …\n\n{text[-tail:]}"
 
 
+def tool_failure(tool: str, args: dict, exc: Exception) -> str:
+    """A short account of an exception from a tool, one the model can act on
+    ("write_file: adir is a directory").  Unexpected ones are logged whole."""
+    path = args.get("path") or getattr(exc, "filename", None) or ""
+    if isinstance(exc, UnicodeError):
+        return (f"{tool}: {path} is not UTF-8 text ({getattr(exc, 'reason', exc)}); "
+                "use bash (iconv, sed) for files in other encodings")
+    reasons = {IsADirectoryError: "{p} is a directory",
+               NotADirectoryError: "a part of {p} is not a folder",
+               FileNotFoundError: "{p}: no such file or folder",
+               FileExistsError: "{p} already exists",
+               PermissionError: "{p}: permission denied"}
+    for kind, text in reasons.items():
+        if isinstance(exc, kind):
+            return f"{tool}: " + text.format(p=path or "the path")
+    if isinstance(exc, OSError):
+        return f"{tool}: {path + ': ' if path else ''}{exc.strerror or exc}"
+    log.error("tool %s failed unexpectedly", tool, exc_info=exc)
+    return f"{tool} failed: {type(exc).__name__}: {exc}"
+
+
 class Toolbox:
     """The tools the model sees, bound to one workspace folder."""
 
@@ -962,6 +1228,10 @@ class Toolbox:
             return await fn(args), False
         except ToolError as exc:
             return f"Error: {exc}", True
+        except Exception as exc:
+            # The one place any tool's failure becomes an answer: the model
+            # reads what went wrong and the run goes on, whatever the tool.
+            return f"Error: {tool_failure(name, args, exc)}", True
 
     # -- paths ---------------------------------------------------------------
     def resolve(self, path: str) -> Path:
@@ -1086,13 +1356,27 @@ class Toolbox:
         def edit() -> str:
             if not path.is_file():
                 raise ToolError(f"no such file: {args['path']}")
-            text = path.read_text(encoding="utf-8")
+            # Bytes in, bytes out: text mode would turn CRLF into LF.  A file
+            # that is not UTF-8 is taken as latin-1, which maps every byte to
+            # one character and back, so the bytes the edit does not touch
+            # are written back exactly as they were.
+            raw = path.read_bytes()
+            try:
+                text, encoding = raw.decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                text, encoding = raw.decode("latin-1"), "latin-1"
             count = text.count(args["old_str"]) if args["old_str"] else 0
             if count != 1:
                 raise ToolError(f"old_str occurs {count} times in {args['path']}; it must "
                                 "occur exactly once (add surrounding lines to make it unique)")
-            path.write_text(text.replace(args["old_str"], args["new_str"], 1), encoding="utf-8")
-            return f"Edited {args['path']}"
+            try:
+                new = text.replace(args["old_str"], args["new_str"], 1).encode(encoding)
+            except UnicodeEncodeError:
+                raise ToolError(f"{args['path']} is not UTF-8, so it was read as latin-1, "
+                                "and new_str has characters latin-1 cannot hold") from None
+            path.write_bytes(new)
+            return f"Edited {args['path']}" + ("" if encoding == "utf-8"
+                                               else " (kept in its latin-1 encoding)")
 
         return await asyncio.to_thread(edit)
 
@@ -1267,6 +1551,10 @@ class Agent:
                         turn = item[1]
                 usage["input_tokens"] += turn.usage.get("input_tokens", 0)
                 usage["output_tokens"] += turn.usage.get("output_tokens", 0)
+                if not turn.usage_reported:
+                    # Never "0 tokens" when the server did not say: the counts
+                    # then cover only the steps that were reported.
+                    usage["reported"] = False
                 # 3. The finished reply: into the history, then out as events.
                 history.append({"role": "assistant", "message_id": message_id,
                                 "text": turn.text, "thinking": turn.thinking,
