@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import json
 import logging
 import os
@@ -379,28 +380,33 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
     """
     rest = b""                    # the bytes after the last complete event
     start = True                  # a byte order mark may still come
-    async for chunk in response.aiter_bytes():
-        data = rest + chunk
-        if start:
-            if len(data) < 3:
+    # A generator left mid-way is closed at once (aclosing, here and in the
+    # callers); else the garbage collector leaves its closing to an event
+    # loop that may be gone by then ("Task was destroyed but it is pending!").
+    async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+        async for chunk in chunks:
+            data = rest + chunk
+            if start:
+                if len(data) < 3:
+                    rest = data
+                    continue
+                start = False
+                data = data.removeprefix(b"\xef\xbb\xbf")
+            if b"\r" in data:
+                # A CR at the very end may be the first half of a CRLF: keep it.
+                hold = data.endswith(b"\r")
+                data = data[:-1] if hold else data
+                data = (data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                        + (b"\r" if hold else b""))
+            end = data.rfind(b"\n\n")
+            if end < 0:
                 rest = data
                 continue
-            start = False
-            data = data.removeprefix(b"\xef\xbb\xbf")
-        if b"\r" in data:
-            # A CR at the very end may be the first half of a CRLF: keep it.
-            hold = data.endswith(b"\r")
-            data = data[:-1] if hold else data
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if hold else b"")
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            rest = data
-            continue
-        rest = data[end + 2:]
-        for block in data[:end].split(b"\n\n"):
-            event = _sse_event(block)
-            if event is not None:
-                yield event
+            rest = data[end + 2:]
+            for block in data[:end].split(b"\n\n"):
+                event = _sse_event(block)
+                if event is not None:
+                    yield event
     event = _sse_event(rest.replace(b"\r", b"\n"))  # a last event with no blank line after it
     if event is not None:
         yield event
@@ -566,55 +572,57 @@ class AnthropicClient:
         turn, blocks, finished = Turn(), {}, False
         async with self.http.stream("POST", self.url, json=body, headers=self.headers) as resp:
             await _raise_for_status(resp, self.url)
-            async for event, data in sse_events(resp):
-                try:
-                    msg = json.loads(data)
-                except ValueError:
-                    raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
-                                   retryable=True) from None
-                kind = msg.get("type", event)
-                if kind == "message_start":
-                    usage = msg.get("message", {}).get("usage", {})
-                    turn.usage["input_tokens"] = (usage.get("input_tokens", 0)
-                                                  + usage.get("cache_read_input_tokens", 0)
-                                                  + usage.get("cache_creation_input_tokens", 0))
-                    turn.usage["output_tokens"] = usage.get("output_tokens", 0)
-                elif kind == "content_block_start":
-                    block = dict(msg["content_block"])
-                    block.setdefault("partial_json", "")
-                    blocks[msg["index"]] = block
-                elif kind == "content_block_delta":
-                    block, delta = blocks[msg["index"]], msg["delta"]
-                    dtype = delta.get("type")
-                    # Fragments are collected in lists and joined once at the
-                    # end: `s = s + piece` copies the whole text every time.
-                    if dtype == "text_delta":
-                        block.setdefault("parts", []).append(delta["text"])
-                        yield ("text", delta["text"])
-                    elif dtype == "thinking_delta":
-                        block.setdefault("parts", []).append(delta["thinking"])
-                        yield ("thinking", delta["thinking"])
-                    elif dtype == "signature_delta":
-                        block["signature"] = block.get("signature", "") + delta["signature"]
-                    elif dtype == "input_json_delta":
-                        block["partial_json"] += delta["partial_json"]
-                elif kind == "content_block_stop":
-                    blocks[msg["index"]]["stopped"] = True
-                elif kind == "message_delta":
-                    turn.stop_reason = msg.get("delta", {}).get("stop_reason") or turn.stop_reason
-                    usage = msg.get("usage") or {}
-                    if "output_tokens" in usage:     # cumulative, per the API
-                        turn.usage["output_tokens"] = usage["output_tokens"]
-                elif kind == "message_stop":
-                    finished = True
-                    break
-                elif kind == "error":
-                    err = msg.get("error", {})
-                    etype = err.get("type", "error")
-                    raise LLMError(f"{etype} from {self.url}: {err.get('message', '')}",
-                                   retryable=etype in ("overloaded_error", "api_error",
-                                                       "rate_limit_error"))
-                # "ping" and event types added later are ignored on purpose.
+            async with contextlib.aclosing(sse_events(resp)) as events:
+                async for event, data in events:
+                    try:
+                        msg = json.loads(data)
+                    except ValueError:
+                        raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
+                                       retryable=True) from None
+                    kind = msg.get("type", event)
+                    if kind == "message_start":
+                        usage = msg.get("message", {}).get("usage", {})
+                        turn.usage["input_tokens"] = sum(
+                            usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens",
+                                                        "cache_creation_input_tokens"))
+                        turn.usage["output_tokens"] = usage.get("output_tokens", 0)
+                    elif kind == "content_block_start":
+                        block = dict(msg["content_block"])
+                        block["json_parts"] = []
+                        blocks[msg["index"]] = block
+                    elif kind == "content_block_delta":
+                        block, delta = blocks[msg["index"]], msg["delta"]
+                        dtype = delta.get("type")
+                        # Fragments are collected in lists and joined once at the
+                        # end: `s = s + piece` copies the whole text every time.
+                        if dtype == "text_delta":
+                            block.setdefault("parts", []).append(delta["text"])
+                            yield ("text", delta["text"])
+                        elif dtype == "thinking_delta":
+                            block.setdefault("parts", []).append(delta["thinking"])
+                            yield ("thinking", delta["thinking"])
+                        elif dtype == "signature_delta":
+                            block["signature"] = block.get("signature", "") + delta["signature"]
+                        elif dtype == "input_json_delta":
+                            block["json_parts"].append(delta["partial_json"])
+                    elif kind == "content_block_stop":
+                        blocks[msg["index"]]["stopped"] = True
+                    elif kind == "message_delta":
+                        turn.stop_reason = (msg.get("delta", {}).get("stop_reason")
+                                            or turn.stop_reason)
+                        usage = msg.get("usage") or {}
+                        if "output_tokens" in usage:     # cumulative, per the API
+                            turn.usage["output_tokens"] = usage["output_tokens"]
+                    elif kind == "message_stop":
+                        finished = True
+                        break
+                    elif kind == "error":
+                        err = msg.get("error", {})
+                        etype = err.get("type", "error")
+                        raise LLMError(f"{etype} from {self.url}: {err.get('message', '')}",
+                                       retryable=etype in ("overloaded_error", "api_error",
+                                                           "rate_limit_error"))
+                    # "ping" and event types added later are ignored on purpose.
         if not finished:
             raise LLMError(f"the stream from {self.url} ended before message_stop",
                            retryable=True)
@@ -629,7 +637,7 @@ class AnthropicClient:
             elif b["type"] == "redacted_thinking":
                 turn.thinking.append({"redacted": b.get("data", "")})
             elif b["type"] == "tool_use":
-                raw = b["partial_json"]
+                raw = "".join(b["json_parts"])
                 if not raw and b.get("input"):
                     raw = json.dumps(b["input"])
                 args, problem = _parse_tool_input(raw)
@@ -701,42 +709,43 @@ class OpenAIClient:
         think = ThinkTags()
         async with self.http.stream("POST", self.url, json=body, headers=self.headers) as resp:
             await _raise_for_status(resp, self.url)
-            async for _event, data in sse_events(resp):
-                if data.strip() == "[DONE]":
-                    finished = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
-                                   retryable=True) from None
-                if not isinstance(chunk, dict):
-                    raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
-                                   retryable=True)
-                if chunk.get("error") or chunk.get("object") == "error":
-                    raise LLMError(f"error from {self.url} mid-stream: {_error_detail(chunk)}",
-                                   retryable=True)
-                if chunk.get("usage"):
-                    turn.usage_reported = True
-                    turn.usage["input_tokens"] = chunk["usage"].get("prompt_tokens") or 0
-                    turn.usage["output_tokens"] = chunk["usage"].get("completion_tokens") or 0
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if isinstance(reasoning, str) and reasoning:
-                        yield ("thinking", reasoning)
-                        thinking.append(reasoning)
-                    # A refusal (how Structured Outputs decline) comes instead
-                    # of content, and is the answer the user should read.
-                    content = delta.get("content") or delta.get("refusal")
-                    if isinstance(content, str) and content:
-                        for channel, piece in think.split(content):
-                            (text if channel == "text" else thinking).append(piece)
-                            yield (channel, piece)
-                    for tc in delta.get("tool_calls") or []:
-                        self._add_call_fragment(calls, tc)
-                    if choice.get("finish_reason"):
-                        turn.stop_reason = choice["finish_reason"]
+            async with contextlib.aclosing(sse_events(resp)) as events:
+                async for _event, data in events:
+                    if data.strip() == "[DONE]":
+                        finished = True
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
+                                       retryable=True) from None
+                    if not isinstance(chunk, dict):
+                        raise LLMError(f"garbled stream from {self.url}: {data[:100]!r}",
+                                       retryable=True)
+                    if chunk.get("error") or chunk.get("object") == "error":
+                        raise LLMError(f"error from {self.url} mid-stream: {_error_detail(chunk)}",
+                                       retryable=True)
+                    if chunk.get("usage"):
+                        turn.usage_reported = True
+                        turn.usage["input_tokens"] = chunk["usage"].get("prompt_tokens") or 0
+                        turn.usage["output_tokens"] = chunk["usage"].get("completion_tokens") or 0
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        if isinstance(reasoning, str) and reasoning:
+                            yield ("thinking", reasoning)
+                            thinking.append(reasoning)
+                        # A refusal (how Structured Outputs decline) comes instead
+                        # of content, and is the answer the user should read.
+                        content = delta.get("content") or delta.get("refusal")
+                        if isinstance(content, str) and content:
+                            for channel, piece in think.split(content):
+                                (text if channel == "text" else thinking).append(piece)
+                                yield (channel, piece)
+                        for tc in delta.get("tool_calls") or []:
+                            self._add_call_fragment(calls, tc)
+                        if choice.get("finish_reason"):
+                            turn.stop_reason = choice["finish_reason"]
         # Some compatible servers end without [DONE]; a finish_reason will do.
         if not finished and not turn.stop_reason:
             raise LLMError(f"the stream from {self.url} ended before [DONE]", retryable=True)
@@ -1715,6 +1724,16 @@ class Agent:
 # Terminal front end: `python agent_core.py`
 # =============================================================================
 
+def usage_line(usage: dict) -> str:
+    """A run's token counts, honest when the server did not report them."""
+    counts = f"{usage['input_tokens']} in / {usage['output_tokens']} out tokens"
+    if usage.get("reported", True):
+        return counts
+    if not (usage["input_tokens"] or usage["output_tokens"]):
+        return "token usage not reported by the model server"
+    return f"{counts} (some steps' usage not reported by the model server)"
+
+
 class Terminal:
     """The Mini-Agent experience in a terminal, on the same Agent loop."""
 
@@ -1810,8 +1829,7 @@ class Terminal:
                         self.totals[k] += ev["usage"][k]
                     colour = "32" if ev["status"] == "done" else "33"
                     self.say(self.c(colour, f"\n■ {ev['status']} · {ev['steps']} step(s) · "
-                                    f"{ev['usage']['input_tokens']} in / "
-                                    f"{ev['usage']['output_tokens']} out tokens"))
+                                    + usage_line(ev["usage"])))
         finally:
             try:
                 self.loop.remove_signal_handler(signal.SIGINT)
@@ -1874,7 +1892,15 @@ class Terminal:
                     continue
                 self.loop.run_until_complete(self.run_task(line))
         finally:
+            # As asyncio.run() ends: close the LLM connections, then every
+            # async generator and task still open, before the loop goes.
             self.loop.run_until_complete(self.http.aclose())
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
 
@@ -1892,9 +1918,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_from_env(args.provider, args.model)
+        terminal = Terminal(cfg, args.workspace, args.max_steps, args.approve)
     except ValueError as exc:
         p.error(str(exc))
-    return Terminal(cfg, args.workspace, args.max_steps, args.approve).main(args.task)
+    return terminal.main(args.task)
 
 
 if __name__ == "__main__":

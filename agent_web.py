@@ -65,6 +65,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+try:
+    import fcntl                      # POSIX: the one-server-per-database lock
+except ImportError:                   # pragma: no cover (Windows: no lock)
+    fcntl = None
+
 import agent_core as core
 
 log = logging.getLogger("agent_web")
@@ -190,6 +195,57 @@ class _Connection(sqlite3.Connection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_seq: dict[str, int] = {}
+
+
+class DatabaseInUse(HTTPError):
+    """Another live process serves this SQLite database (see DatabaseLock).
+    A 503 for a mounted app's request; a one-line start-up failure otherwise."""
+
+    def __init__(self, message: str):
+        super().__init__(503, "database_in_use", message)
+
+
+class DatabaseLock:
+    """One server process per SQLite database.
+
+    A second process on the same file would take the first one's live runs
+    for leftovers of a crash: its start-up recovery writes `interrupted` into
+    sessions still streaming, and both then write the same runs.  So a
+    server holds an exclusive flock on `<db>.lock` from before its first
+    write to its exit, with its pid and command line in it for the message
+    the next one prints.  The kernel drops a flock when its process dies, so
+    a crash (even SIGKILL) never leaves a stale lock behind.  (Many processes
+    on one database are PostgreSQL's job, not SQLite's.)"""
+
+    def __init__(self, db_path: str | Path):
+        self.db_path = str(db_path)
+        self.path = self.db_path + ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.fd is not None or self.db_path == ":memory:" or fcntl is None:
+            return                   # held already; nothing shared; not POSIX
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 500, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseInUse(
+                f"the database {Path(self.db_path).resolve()} is in use by process {holder}; "
+                "one server per SQLite database: stop that one, or give this one --db "
+                "ANOTHER.db") from None
+        cmdline = " ".join([Path(sys.executable).name, *sys.argv])[:300]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} ({cmdline})\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        # The file stays: removing it could let a third process lock a new
+        # file while a second one still waits on the old.
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Store:
@@ -1104,6 +1160,7 @@ class AgentWebApp:
         self.approve, self.max_steps, self.queue_size = approve, max_steps, queue_size
         self._started = False
         self._start_lock: asyncio.Lock | None = None
+        self.db_lock = DatabaseLock(db_path)
         # set by start():
         self.store: Store
         self.registry: PushRegistry
@@ -1127,6 +1184,7 @@ class AgentWebApp:
                 self.llm_config = core.config_from_env()
             if not self.token:
                 self.token = self.guard.token = secrets.token_urlsafe(24)
+            self.db_lock.acquire()            # before anything is written
             Path(self.workspace).mkdir(parents=True, exist_ok=True)
             self.store = Store(self.db_path)
             await self.store.open()
@@ -1153,6 +1211,7 @@ class AgentWebApp:
         await self.events.stop()
         await self.http.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        self.db_lock.release()
 
     # -- ASGI entry: the one place scope["type"] is switched on ----------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -1170,6 +1229,9 @@ class AgentWebApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.start()
+                except DatabaseInUse as exc:      # one clear line (the server logs it)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -1690,6 +1752,12 @@ def main(argv: list[str] | None = None) -> int:
                                  llm_config=cfg, approve=args.approve, max_steps=args.max_steps)
     except ValueError as exc:                      # a malformed AGENT_* setting
         p.error(str(exc))
+
+    try:
+        application.db_lock.acquire()     # held by this process until it exits
+    except DatabaseInUse as exc:
+        print(f"agent_web: {exc}", file=sys.stderr)
+        return 2
 
     # Bind the socket ourselves: port 0 then tells us the port it got.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -24,6 +24,8 @@ const LABELS = {
     live: "connected", down: "reconnecting…", offline: "offline", connecting: "connecting…",
     status_idle: "idle", status_running: "running", status_awaiting_approval: "waiting for approval",
     done_line: "{status} · {steps} step(s) · {inp} in / {out} out tokens",
+    done_unreported: "{status} · {steps} step(s) · token usage not reported by the model server",
+    done_partly: "{status} · {steps} step(s) · {inp} in / {out} out tokens (some steps unreported)",
     demo: "Offline demo model: answers are canned. Set ANTHROPIC_API_KEY, OPENAI_API_KEY or MINIMAX_API_KEY and restart the server for a real model.",
     auth: "Not signed in: open the link with ?token=… that the server printed when it started.",
     untitled: "New session", delete: "Delete", confirm_delete: "Delete this session and its history?",
@@ -44,6 +46,8 @@ const LABELS = {
     live: "已连接", down: "正在重连…", offline: "离线", connecting: "连接中…",
     status_idle: "空闲", status_running: "运行中", status_awaiting_approval: "等待批准",
     done_line: "{status} · {steps} 步 · 输入 {inp} / 输出 {out} tokens",
+    done_unreported: "{status} · {steps} 步 · 模型服务器未报告 token 用量",
+    done_partly: "{status} · {steps} 步 · 输入 {inp} / 输出 {out} tokens（部分步骤未报告）",
     demo: "离线演示模型：回答是预设的。设置 ANTHROPIC_API_KEY、OPENAI_API_KEY 或 MINIMAX_API_KEY 并重启服务器即可使用真实模型。",
     auth: "未登录：请打开服务器启动时打印的带 ?token=… 的链接。",
     untitled: "新会话", delete: "删除", confirm_delete: "删除此会话及其历史？",
@@ -227,8 +231,12 @@ class Transcript {
         const last = this.container.lastElementChild;
         const said = last?.classList.contains("error") && last.textContent.endsWith(ev.summary);
         const el = this.add(div(`done status-${ev.status}`));
-        el.textContent = t("done_line", { status: ev.status, steps: ev.steps,
-          inp: ev.usage?.input_tokens ?? 0, out: ev.usage?.output_tokens ?? 0 })
+        // usage.reported false: the server sent no counts (llama.cpp in a
+        // stream, say): never shown as "0 tokens".
+        const inp = ev.usage?.input_tokens ?? 0, out = ev.usage?.output_tokens ?? 0;
+        const line = ev.usage?.reported !== false ? "done_line"
+          : inp || out ? "done_partly" : "done_unreported";
+        el.textContent = t(line, { status: ev.status, steps: ev.steps, inp, out })
           + (ev.summary && ev.status !== "done" && !said ? ` — ${ev.summary}` : "");
         this.flush();          // the run is over: show its final state now
         break;
