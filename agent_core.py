@@ -259,6 +259,31 @@ def history_from_events(events: list[dict]) -> list[dict]:
             or h["text"] or h["thinking"] or h["tool_calls"]]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """Text that UTF-8, SQLite and every provider accept.  JSON may carry a
+    lone surrogate (`"\\ud800"` is valid JSON, and a model may split an
+    emoji's two halves across chunks): a pair becomes its character, a lone
+    half U+FFFD.  Applied where text enters: the user's message, the model's
+    output and tool calls, tool results."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def storable_value(value: Any) -> Any:
+    """`storable` through a tool call's arguments (dicts, lists, strings)."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(k): storable_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable_value(v) for v in value]
+    return value
+
+
 def unfinished_result(stopped: str, so_far: str) -> str:
     """The output of a tool call that never finished (a cancel, a crash):
     what its command printed, if anything, so neither the user nor the model
@@ -1233,10 +1258,10 @@ class Toolbox:
             return f"Error: {problem}", True
         try:
             if name == "bash":
-                return await self.bash(args, on_output), False
-            return await fn(args), False
+                return storable(await self.bash(args, on_output)), False
+            return storable(await fn(args)), False
         except ToolError as exc:
-            return f"Error: {exc}", True
+            return f"Error: {storable(str(exc))}", True
         except Exception as exc:
             # The one place any tool's failure becomes an answer: the model
             # reads what went wrong and the run goes on, whatever the tool.
@@ -1543,14 +1568,23 @@ class Agent:
                 partial: list[str] = []      # this step's text so far, in fragments
                 streamed = False             # any delta of it, text or thinking
                 turn = None
+                half: dict[str, str] = {}    # a channel's trailing high surrogate, held
                 async for item in self._stream_step(history):
                     kind = item[0]
                     if kind in ("text", "thinking"):
+                        # An emoji whose halves come in two chunks is joined
+                        # before it is stored (see storable()).
+                        piece = half.pop(kind, "") + item[1]
+                        if "\ud800" <= piece[-1:] <= "\udbff":
+                            half[kind], piece = piece[-1], piece[:-1]
+                        piece = storable(piece)
+                        if not piece:
+                            continue
                         if kind == "text":
-                            partial.append(item[1])
+                            partial.append(piece)
                         streamed = True
                         yield {"type": "delta", "message_id": message_id,
-                               "channel": kind, "content": item[1]}
+                               "channel": kind, "content": piece}
                     elif kind == "retry":
                         if item[2]:    # the failed try had streamed: close it, start anew
                             yield self._incomplete(message_id, "".join(partial))
@@ -1558,6 +1592,10 @@ class Agent:
                         yield {"type": "error", "message": item[1], "retrying": True}
                     elif kind == "turn":
                         turn = item[1]
+                        turn.text = storable(turn.text)
+                        turn.thinking = storable_value(turn.thinking)
+                        for c in turn.tool_calls:
+                            c["input"] = storable_value(c["input"])
                 usage["input_tokens"] += turn.usage.get("input_tokens", 0)
                 usage["output_tokens"] += turn.usage.get("output_tokens", 0)
                 if not turn.usage_reported:

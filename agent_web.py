@@ -92,11 +92,21 @@ def event_json(seq: int, session_id: str, event: dict) -> str:
     compares them).
     """
     if event["type"] == "delta" and tuple(event) == DELTA_KEYS:
-        return ('{"seq":%d,"session_id":%s,"type":"delta","ts":%r,"message_id":%s,'
+        text = ('{"seq":%d,"session_id":%s,"type":"delta","ts":%r,"message_id":%s,'
                 '"channel":%s,"content":%s}' % (
                     seq, _json_str(session_id), event["ts"], _json_str(event["message_id"]),
                     _json_str(event["channel"]), _json_str(event["content"])))
-    return to_json({"seq": seq, "session_id": session_id, **event})
+    else:
+        text = to_json({"seq": seq, "session_id": session_id, **event})
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Text that slipped past core.storable(): escaped, so this one
+            # event still stores and never fails the batch it is in.
+            text = json.dumps({"seq": seq, "session_id": session_id, **event},
+                              separators=(",", ":"))
+    return text
 
 # =============================================================================
 # Configuration
@@ -1336,7 +1346,7 @@ class AgentWebApp:
 
     async def post_chat(self, req: Request) -> Response:
         data = await req.json()
-        text = field_str(data, "message", limit=MAX_MESSAGE_CHARS)
+        text = core.storable(field_str(data, "message", limit=MAX_MESSAGE_CHARS))
         if not text.strip():
             raise HTTPError(400, "empty_message", "message is empty")
         mode = data.get("approve_mode")

@@ -1575,6 +1575,41 @@ def test_uvicorn_workers_on_sqlite_fail_at_once(tmp_path):
     assert time.time() - started < 50
 
 
+def test_a_lone_surrogate_from_anyone_is_stored_and_costs_no_other_session(server, llm):
+    """`{"message": "bad \\ud800"}` is valid JSON but not storable UTF-8: it
+    answered 500 and its batch took down another session's run."""
+    other = server.chat("slow")["session_id"]
+    server.wait_event(other, "delta")
+    r = server.http("POST", "/agent/chat", raw=b'{"message": "bad \\ud800 and \\ud83d\\ude00"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 202, r.text
+    sid = r.json()["session_id"]
+    stored = server.wait_status(sid)["events"]
+    assert stored[0]["content"] == "bad \ufffd and \U0001F600"
+    assert of(server.wait_status(other)["events"], "done")[-1]["status"] == "done"
+    assert of(server.history(other)["events"], "message")[-1]["content"].endswith("END")
+
+
+@pytest.mark.parametrize("protocol", ["anthropic", "openai"])
+def test_an_emoji_split_across_chunks_is_joined_not_lost(llm, tmp_path, protocol):
+    if protocol == "openai":
+        raw = [b'data: {"choices":[{"index":0,"delta":{"content":"hi \\ud83d"}}]}\n\n',
+               b'data: {"choices":[{"index":0,"delta":{"content":"\\ude00!"}}]}\n\n',
+               b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+               b"data: [DONE]\n\n"]
+    else:
+        raw = anthropic_sse(Reply("x"))
+        text_at = [i for i, c in enumerate(raw) if b"text_delta" in c]
+        raw[text_at[0]] = raw[text_at[0]].replace(b'"text": "x"', b'"text": "hi \\ud83d"')
+        raw.insert(text_at[0] + 1, raw[text_at[0]].replace(b'hi \\ud83d', b'\\ude00!'))
+    llm.script.append(Reply(raw=raw))
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path / "ws", "go"))
+    assert of(events, "message")[-1]["content"] == "hi \U0001F600!"
+    assert "".join(d["content"] for d in of(events, "delta")) == "hi \U0001F600!"
+    for e in events:
+        json.dumps(e, ensure_ascii=False).encode("utf-8")     # all storable
+
+
 # =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
@@ -1644,9 +1679,14 @@ def test_a_delta_written_from_its_template_is_the_generic_encoders_text():
                   "content": content}
             assert tuple(ev) == web.DELTA_KEYS
             expected = web.to_json({"seq": 123456789, "session_id": "s_x\\y", **ev})
-            assert web.event_json(123456789, "s_x\\y", ev) == expected
-            if content != 'lone surrogate \ud800':
-                assert json.loads(expected)["content"] == content
+            if content == 'lone surrogate \ud800':
+                # Unstorable as UTF-8: escaped instead, so it can never fail
+                # the batch it is committed in.
+                expected = json.dumps({"seq": 123456789, "session_id": "s_x\\y", **ev},
+                                      separators=(",", ":"))
+            got = web.event_json(123456789, "s_x\\y", ev)
+            assert got == expected and json.loads(got)["content"] == content
+            got.encode("utf-8")
     # Other events and other shapes take the generic encoder.
     odd = {"type": "delta", "message_id": "m", "channel": "text", "content": "x", "ts": 1.0}
     other = {"type": "tool_call", "ts": 1.0, "call_id": "c", "tool": "bash", "input": {"a": 1}}
