@@ -1827,13 +1827,15 @@ class Terminal:
                     self.say(self.c("2", ev["content"]) if ev["channel"] == "thinking"
                              else ev["content"], end="")
                 elif kind == "message":
-                    if streaming is None and ev["content"]:
+                    if streaming is None:     # nothing streamed: a step all the same
                         step += 1
                         self.say(self.c("1;36", f"\n── Step {step} " + "─" * 40))
-                        self.say("🤖 " + ev["content"], end="")
+                        if ev["content"]:
+                            self.say("🤖 " + ev["content"], end="")
                     if ev.get("incomplete"):
                         self.say(self.c("33", " [cut off]"), end="")
-                    self.say()
+                    if streaming is not None or ev["content"] or ev.get("incomplete"):
+                        self.say()
                     streaming = None
                 elif kind == "tool_call":
                     started[ev["call_id"]] = time.monotonic()
