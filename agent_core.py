@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ import random
 import re
 import signal
 import ssl
+import stat
 import sys
 import time
 import uuid
@@ -284,13 +286,21 @@ def storable_value(value: Any) -> Any:
     return value
 
 
-def unfinished_result(stopped: str, so_far: str) -> str:
-    """The output of a tool call that never finished (a cancel, a crash):
-    what its command printed, if anything, so neither the user nor the model
-    is left guessing."""
-    if so_far:
-        return f"Stopped: {stopped} while this ran. Output so far:\n{so_far}"
-    return f"Not run: {stopped} before this tool call finished."
+def unfinished_result(stopped: str, so_far: str, ran_for: float | None = None,
+                      started: bool | None = None) -> str:
+    """The output of a tool call that never finished (a cancel, a crash),
+    saying only what is known, so the model does not repeat a command that
+    did run (and left its effects) believing it never did.  `started`:
+    True (it ran for `ran_for` s), False (it never began), None (unknown:
+    a crash; having printed something means it began)."""
+    if started or so_far:
+        took = f" after {ran_for:.1f} s" if ran_for is not None else ""
+        return (f"Stopped{took}: {stopped} while this ran. It had started, so what it "
+                f"did before that is done. Output so far:\n{so_far or '(none)'}")
+    if started is False:
+        return f"Not run: {stopped} before this tool call started."
+    return (f"Interrupted: {stopped} before this tool call finished. It may have started "
+            "(no output was seen): check its effects before running it again.")
 
 
 def pending_tool_calls(history: list[dict]) -> list[dict]:
@@ -1279,6 +1289,67 @@ class Toolbox:
                             "use a path inside it")
         return target
 
+    # Checking a path and then opening it is a race: swap a folder for a
+    # symlink in between and the open follows it out of the workspace.  So a
+    # file tool opens its file through folder descriptors walked down from
+    # the workspace, each component with O_NOFOLLOW: the path resolve()
+    # checked has no symlink left in it, so one that appears meanwhile is
+    # refused instead of followed, and a folder once opened is pinned.  Only
+    # regular files are opened (O_NONBLOCK first, so a FIFO cannot block the
+    # thread for ever), and the check is made on the opened descriptor.
+    _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def open_file(self, path: str, write: bool = False) -> int:
+        """A descriptor of a regular file inside the workspace (see above);
+        `write` creates it (and its folders) or empties it."""
+        target = self.resolve(path)
+        if target == self.workspace:
+            raise ToolError(f"{path!r} is the workspace folder itself, not a file")
+        folder = self._folder_fd(target.parent.relative_to(self.workspace).parts, path, write)
+        flags = ((os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY)
+        try:
+            fd = os.open(target.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o666, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:          # a FIFO with no reader
+                raise ToolError(f"{path} is not a regular file (a FIFO); the file tools "
+                                "open only regular files") from None
+            if exc.errno == errno.ELOOP:
+                raise ToolError(f"{path} became a symbolic link while it was opened; "
+                                "refused") from None
+            raise
+        finally:
+            os.close(folder)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ToolError(f"{path} is {what}; the file tools open only regular files")
+        os.set_blocking(fd, True)
+        return fd
+
+    def _folder_fd(self, parts: tuple[str, ...], path: str, create: bool) -> int:
+        fd = os.open(self.workspace, self._DIR_FLAGS)
+        try:
+            for part in parts:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fd)
+                try:
+                    inner = os.open(part, self._DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(
+                            os.path.join(f"/proc/self/fd/{fd}", part)):
+                        raise ToolError(f"a folder of {path} became a symbolic link while "
+                                        "it was opened; refused") from None
+                    raise
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     # -- bash ----------------------------------------------------------------
     async def bash(self, args: dict, on_output: Callable[[str], None] | None = None) -> str:
         timeout = min(max(int(args.get("timeout", BASH_TIMEOUT_DEFAULT)), 1), BASH_TIMEOUT_MAX)
@@ -1349,18 +1420,19 @@ class Toolbox:
 
     # -- files (blocking file I/O goes to a thread) ----------------------------
     async def read_file(self, args: dict) -> str:
-        path = self.resolve(args["path"])
         offset = max(1, int(args.get("offset", 1)))
         limit = max(1, int(args.get("limit", 2000)))
 
         def read() -> str:
-            if not path.is_file():
-                raise ToolError(f"no such file: {args['path']}")
-            if path.stat().st_size > READ_FILE_MAX_BYTES:
-                raise ToolError(f"{args['path']} is larger than {READ_FILE_MAX_BYTES:,} bytes; "
-                                "use bash (head, grep, sed -n) to read parts of it")
-            out, size = [], 0
-            with path.open(encoding="utf-8", errors="replace") as f:
+            try:
+                fd = self.open_file(args["path"])
+            except FileNotFoundError:
+                raise ToolError(f"no such file: {args['path']}") from None
+            with open(fd, encoding="utf-8", errors="replace") as f:
+                if os.fstat(fd).st_size > READ_FILE_MAX_BYTES:
+                    raise ToolError(f"{args['path']} is larger than {READ_FILE_MAX_BYTES:,} "
+                                    "bytes; use bash (head, grep, sed -n) to read parts of it")
+                out, size = [], 0
                 for number, line in enumerate(f, 1):
                     if number < offset:
                         continue
@@ -1375,26 +1447,27 @@ class Toolbox:
         return await asyncio.to_thread(read)
 
     async def write_file(self, args: dict) -> str:
-        path = self.resolve(args["path"])
+        data = args["content"].encode("utf-8")      # before the file is emptied
 
         def write() -> str:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(args["content"], encoding="utf-8")
-            return f"Wrote {len(args['content'].encode())} bytes to {args['path']}"
+            with open(self.open_file(args["path"], write=True), "wb") as f:
+                f.write(data)
+            return f"Wrote {len(data)} bytes to {args['path']}"
 
         return await asyncio.to_thread(write)
 
     async def edit_file(self, args: dict) -> str:
-        path = self.resolve(args["path"])
-
         def edit() -> str:
-            if not path.is_file():
-                raise ToolError(f"no such file: {args['path']}")
+            try:
+                fd = self.open_file(args["path"])
+            except FileNotFoundError:
+                raise ToolError(f"no such file: {args['path']}") from None
             # Bytes in, bytes out: text mode would turn CRLF into LF.  A file
             # that is not UTF-8 is taken as latin-1, which maps every byte to
             # one character and back, so the bytes the edit does not touch
             # are written back exactly as they were.
-            raw = path.read_bytes()
+            with open(fd, "rb") as f:
+                raw = f.read()
             try:
                 text, encoding = raw.decode("utf-8"), "utf-8"
             except UnicodeDecodeError:
@@ -1408,7 +1481,8 @@ class Toolbox:
             except UnicodeEncodeError:
                 raise ToolError(f"{args['path']} is not UTF-8, so it was read as latin-1, "
                                 "and new_str has characters latin-1 cannot hold") from None
-            path.write_bytes(new)
+            with open(self.open_file(args["path"], write=True), "wb") as f:
+                f.write(new)
             return f"Edited {args['path']}" + ("" if encoding == "utf-8"
                                                else " (kept in its latin-1 encoding)")
 
@@ -1523,6 +1597,7 @@ class Agent:
         self._inflight: asyncio.Future | None = None
         self._input_errors: dict[str, str | None] = {}   # call id -> bad-arguments message
         self._output_so_far: dict[str, list[str]] = {}   # call id -> what it printed, live
+        self._started_at: dict[str, float] = {}          # call id -> when it began to run
 
     def cancel(self, status: str = "cancelled") -> None:
         if self.cancel_status is None:
@@ -1637,8 +1712,11 @@ class Agent:
             for call in pending_tool_calls(history):
                 # A command stopped mid-way keeps what it printed, for the
                 # user (its card shows it) and the model (next message).
-                output = unfinished_result(f"the run was {status}",
-                                           "".join(self._output_so_far.pop(call["id"], [])))
+                began = self._started_at.pop(call["id"], None)
+                output = unfinished_result(
+                    f"the run was {status}", "".join(self._output_so_far.pop(call["id"], [])),
+                    ran_for=None if began is None else time.monotonic() - began,
+                    started=began is not None)
                 history.append({"role": "tool", "call_id": call["id"], "tool": call["name"],
                                 "output": output, "is_error": True})
                 yield {"type": "tool_result", "call_id": call["id"], "tool": call["name"],
@@ -1728,7 +1806,7 @@ class Agent:
                 yield {"type": "tool_result", "call_id": call["id"], "tool": name,
                        "output": output, "is_error": True, "duration_ms": 0}
                 return
-        started = time.monotonic()
+        started = self._started_at[call["id"]] = time.monotonic()
         # The tool runs in a task of its own while this generator hands on
         # what it prints, as `tool_output` events, until it ends.
         live: asyncio.Queue[str] = asyncio.Queue()
@@ -1749,6 +1827,7 @@ class Agent:
                 yield {"type": "tool_output", "call_id": call["id"], "content": text}
             output, is_error = work.result()    # RunCancelled if cancel() stopped it
             self._output_so_far.pop(call["id"], None)
+            self._started_at.pop(call["id"], None)
         finally:
             work.cancel()                       # a no-op unless we are stopped ourselves
         duration_ms = int((time.monotonic() - started) * 1000)

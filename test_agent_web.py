@@ -1304,7 +1304,7 @@ def test_the_validators_catch_what_the_providers_refuse():
     # and the same history, repaired, passes both
     a_body, o_body = request_bodies(broken)
     assert anthropic_problems(a_body) == [] and openai_problems(o_body) == []
-    assert "Not run" in a_body["messages"][2]["content"][0]["content"]
+    assert "Interrupted: the run ended" in a_body["messages"][2]["content"][0]["content"]
 
 
 def test_any_event_log_makes_requests_both_providers_accept():
@@ -1608,6 +1608,100 @@ def test_an_emoji_split_across_chunks_is_joined_not_lost(llm, tmp_path, protocol
     assert "".join(d["content"] for d in of(events, "delta")) == "hi \U0001F600!"
     for e in events:
         json.dumps(e, ensure_ascii=False).encode("utf-8")     # all storable
+
+
+def test_file_tools_refuse_a_fifo_instead_of_hanging(tmp_path):
+    """write_file onto a FIFO blocked a thread for ever (Stop could not end it)."""
+    box = core.Toolbox(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+
+    async def go():
+        return await asyncio.wait_for(asyncio.gather(
+            box.execute("write_file", {"path": "pipe", "content": "x"}),
+            box.execute("read_file", {"path": "pipe"}),
+            box.execute("edit_file", {"path": "pipe", "old_str": "a", "new_str": "b"})), 10)
+    for output, is_error in arun(go()):
+        assert is_error and "not a regular file" in output, output
+
+
+def test_confinement_holds_while_a_folder_is_swapped_for_a_symlink(tmp_path):
+    """The path is checked, then opened: swapping a folder for a symlink out
+    in between let read_file read, and write_file write, outside."""
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    (ws / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (ws / "sub" / "f.txt").write_text("inside\n")
+    (outside / "f.txt").write_text("SECRET\n")
+    box = core.Toolbox(ws)
+    stop = threading.Event()
+
+    def swapper():
+        import shutil
+        while not stop.is_set():
+            os.rename(ws / "sub", ws / "sub_real")
+            try:
+                os.symlink(outside, ws / "sub")
+                time.sleep(0.0002)
+                os.unlink(ws / "sub")
+            except FileExistsError:      # a write_file made a new "sub" meanwhile
+                pass
+            while True:                  # put the real one back
+                shutil.rmtree(ws / "sub", ignore_errors=True)
+                try:
+                    os.rename(ws / "sub_real", ws / "sub")
+                    break
+                except OSError:
+                    continue
+            time.sleep(0.0002)
+
+    async def go():
+        results = []
+        for i in range(400):
+            results.append(await box.execute("read_file", {"path": "sub/f.txt"}))
+            results.append(await box.execute("write_file", {"path": f"sub/w{i}.txt",
+                                                            "content": "x"}))
+        return results
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        results = arun(go())
+    finally:
+        stop.set()
+        thread.join()
+    assert not any("SECRET" in out for out, _ in results)
+    assert sorted(p.name for p in outside.iterdir()) == ["f.txt"]
+    assert any(not err and "inside" in out for out, err in results)   # it did work too
+
+
+def test_a_stopped_call_says_it_ran_and_a_queued_one_that_it_did_not(llm, tmp_path):
+    """A command cancelled after it started said "Not run", so the model
+    might repeat a command whose effects were already there."""
+    marker = tmp_path / "made"
+    llm.script.append(Reply("", tools=[
+        ("bash", json.dumps({"command": f"touch {marker}; sleep 30"})),
+        ("bash", json.dumps({"command": "echo never"}))]))
+
+    async def scenario():
+        cfg = cfg_for(llm)
+        async with core.make_http_client(cfg) as http:
+            agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(tmp_path))
+            events = []
+            async for ev in agent.run([{"role": "user", "content": "go"}]):
+                events.append(ev)
+                if ev["type"] == "tool_call" and len(of(events, "tool_call")) == 2:
+                    async def later():
+                        while not marker.exists():
+                            await asyncio.sleep(0.01)
+                        await asyncio.sleep(0.3)
+                        agent.cancel()
+                    asyncio.ensure_future(later())
+            return events
+    events = arun(scenario())
+    first, second = of(events, "tool_result")
+    assert re.match(r"Stopped after \d+\.\d s: the run was cancelled while this ran\. It had "
+                    r"started", first["output"]), first["output"]
+    assert "Output so far:\n(none)" in first["output"] and marker.exists()
+    assert second["output"] == "Not run: the run was cancelled before this tool call started."
 
 
 # =============================================================================
