@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -207,6 +208,26 @@ class _Connection(sqlite3.Connection):
         self.last_seq: dict[str, int] = {}
 
 
+class StoreUnavailable(HTTPError):
+    """SQLite could not write: the disk is full, the file is locked past the
+    busy timeout, an I/O error.  Not the request's fault and not for ever:
+    503 with Retry-After, and the server carries on once the store does."""
+
+    RETRY_AFTER = 5
+
+    def __init__(self, exc: sqlite3.Error):
+        text = str(exc)
+        if "full" in text:
+            why = "the disk is full (or the database reached its size limit)"
+        elif "locked" in text or "busy" in text:
+            why = "the database is locked by another program"
+        else:
+            why = f"the database failed ({text})"
+        super().__init__(503, "store_unavailable", f"cannot store events: {why}; "
+                         "nothing was lost that was shown, try again shortly",
+                         [("retry-after", str(self.RETRY_AFTER))])
+
+
 class DatabaseInUse(HTTPError):
     """Another live process serves this SQLite database (see DatabaseLock).
     A 503 for a mounted app's request; a one-line start-up failure otherwise."""
@@ -305,8 +326,13 @@ class Store:
         pool = self._writer if kind == "write" else self._reader
         return await asyncio.get_running_loop().run_in_executor(pool, timed)
 
-    def write(self, fn: Callable, *args) -> Awaitable:
-        return self._run("write", self._write_and_checkpoint, fn, *args)
+    async def write(self, fn: Callable, *args) -> Any:
+        try:
+            return await self._run("write", self._write_and_checkpoint, fn, *args)
+        except sqlite3.IntegrityError:
+            raise                           # a bug or a race of ours, not the store's state
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            raise StoreUnavailable(exc) from exc
 
     # -- checkpoints ------------------------------------------------------------
     # A WAL only grows until a checkpoint has copied *all* of it back into the
@@ -476,7 +502,10 @@ class Store:
                 Store._insert(conn, Store._rows(items, by_session, last_seq, results))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does):
+                # a second ROLLBACK would hide the error that matters.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         # Only once committed: a transaction rolled back numbered nothing.
         for session_id, seq in last_seq.items():
@@ -628,6 +657,8 @@ class EventLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.commits = 0
+        self.lost: dict[str, int] = {}          # session -> streamed fragments not stored
+        self.failed_commits = 0                 # in a row, since the last that worked
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="agent-web-event-log")
@@ -682,25 +713,64 @@ class EventLog:
             self._wake.clear()
             batch, self._pending = self._pending, []
             self._last.clear()
-            real = [p for p in batch if p.session_id]
             try:
-                stored = await self.store.write(
-                    Store.append, [(p.session_id, p.event) for p in real])
-            except Exception as exc:       # the disk is full, say: fail those waiting
-                log.exception("could not store %d events", len(real))
+                await self._commit(batch)
+            except Exception as exc:
+                # One session's events must not cost another's: each
+                # session's share of the batch is tried again on its own.
+                sessions: dict[str, list[_Pending]] = {}
                 for p in batch:
-                    if p.future and not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            self.commits += 1
-            results = iter(stored)
-            for p in batch:
-                item = next(results) if p.session_id else None
-                if item is not None:
-                    self.registry.publish(p.session_id, item[0], item[1])
-                    p.event["seq"] = item[0]
-                if p.future and not p.future.done():
-                    p.future.set_result(p.event)
+                    if p.session_id:              # not flush()'s marker
+                        sessions.setdefault(p.session_id, []).append(p)
+                if len(sessions) < 2:
+                    self._failed(batch, exc)
+                    continue
+                failure = None
+                for group in sessions.values():
+                    try:
+                        await self._commit(group)
+                    except Exception as exc:
+                        self._failed(group, exc)
+                        failure = exc
+                # flush() waits for all of them: it hears of any failure.
+                for p in batch:
+                    if not p.session_id and not p.future.done():
+                        if failure is None:
+                            p.future.set_result(p.event)
+                        else:
+                            p.future.set_exception(failure)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        real = [p for p in batch if p.session_id]
+        stored = await self.store.write(Store.append, [(p.session_id, p.event) for p in real])
+        self.commits += 1
+        if self.failed_commits:
+            log.warning("events are stored again, after %d failed commits", self.failed_commits)
+            self.failed_commits = 0
+        results = iter(stored)
+        for p in batch:
+            item = next(results) if p.session_id else None
+            if item is not None:
+                self.registry.publish(p.session_id, item[0], item[1])
+                p.event["seq"] = item[0]
+            if p.future and not p.future.done():
+                p.future.set_result(p.event)
+
+    def _failed(self, batch: list[_Pending], exc: Exception) -> None:
+        """Events that could not be stored: never shown (stored before seen).
+        Who waits is told; a streamed fragment nobody waits for is counted,
+        and its run says so (`RunManager._drive`): its message's final text,
+        stored later, is whole all the same."""
+        if not self.failed_commits:         # once per outage, not once per token
+            log.error("could not store %d events of session(s) %s: %s", len(batch),
+                      ", ".join(sorted({p.session_id for p in batch if p.session_id})), exc,
+                      exc_info=not isinstance(exc, StoreUnavailable))
+        self.failed_commits += 1
+        for p in batch:
+            if p.future and not p.future.done():
+                p.future.set_exception(exc)
+            elif p.future is None:
+                self.lost[p.session_id] = self.lost.get(p.session_id, 0) + 1
 
 
 # =============================================================================
@@ -765,6 +835,8 @@ class Run:
     # call_id -> future the agent awaits; created when the approval_request is
     # stored, so an answer that arrives at once already finds it
     approvals: dict[str, asyncio.Future] = field(default_factory=dict)
+    # set while its end waits for a store that refused its events
+    failed_store: "StoreUnavailable | None" = None
 
 
 class RunManager:
@@ -779,6 +851,8 @@ class RunManager:
         await between the check and the claim, so two racing POSTs cannot both
         pass (the loser gets 409)."""
         if session_id in self.runs:
+            if self.runs[session_id].failed_store is not None:
+                raise self.runs[session_id].failed_store          # 503, Retry-After
             raise HTTPError(409, "run_in_progress", "a run is already going in this session; "
                             "wait for its done or cancel it")
         run = Run(session_id, None)  # type: ignore[arg-type]
@@ -812,29 +886,87 @@ class RunManager:
     async def _drive(self, run: Run, history: list[dict]) -> None:
         sid = run.session_id
         try:
-            async for ev in run.agent.run(history):
-                kind = ev["type"]
-                if kind in STREAMED:
-                    self.events.emit_nowait(sid, ev)
-                    continue
-                if kind == "approval_request":
-                    run.approvals.setdefault(ev["call_id"],
-                                             asyncio.get_running_loop().create_future())
-                if kind == "done":
-                    # Free the slot first: a client that sees `done` may POST at once.
-                    self.release(run)
-                await self.events.emit(sid, ev)
+            # aclosing: a run that stops here (the store failed) closes its
+            # agent at once, killing a command it was running.
+            async with contextlib.aclosing(run.agent.run(history)) as agent_events:
+                async for ev in agent_events:
+                    kind = ev["type"]
+                    if kind in STREAMED:
+                        self.events.emit_nowait(sid, ev)
+                        continue
+                    if kind == "approval_request":
+                        run.approvals.setdefault(ev["call_id"],
+                                                 asyncio.get_running_loop().create_future())
+                    if kind == "done":
+                        # Free the slot first: a client that sees `done` may POST at once.
+                        self.release(run)
+                    await self.events.emit(sid, ev)
+                    if self.events.lost.get(sid):
+                        await self.events.emit(sid, {
+                            "type": "error", "retrying": False, "message":
+                            f"{self.events.lost.pop(sid)} streamed fragment(s) could not be "
+                            "stored, so they were never shown; the message's whole text is "
+                            "stored all the same"})
         except asyncio.CancelledError:
             raise          # a hard stop at shutdown: the store keeps what it has
+        except StoreUnavailable as exc:
+            await self._end_when_storable(run, exc)
         except Exception as exc:   # a bug, not an LLM failure (those are events)
             log.exception("run %s crashed", sid)
             self.release(run)
-            await self.events.emit(sid, {"type": "error", "retrying": False,
-                                         "message": f"internal error: {type(exc).__name__}"})
-            await self.events.emit(sid, {"type": "done", "status": "error",
-                                         "summary": "internal error", "steps": 0,
-                                         "usage": {"input_tokens": 0, "output_tokens": 0}})
+            try:
+                await self.write_end(sid, "error", "internal error", "the run failed",
+                                     f"internal error: {type(exc).__name__}")
+            except StoreUnavailable as exc:
+                await self._end_when_storable(run, exc)
         finally:
+            self.release(run)
+
+    async def write_end(self, sid: str, status: str, summary: str, reason: str,
+                        error: str | None = None) -> None:
+        """End a run that could not end itself (a crash, a failed store, a
+        bug): every tool call left open gets a result that says so (with
+        what its command printed, from its stored `tool_output`), then an
+        `error` if one is given, then `done`."""
+        prior = await self.store.read(Store.conversation, sid)
+        pending = core.pending_tool_calls(core.history_from_events(prior))
+        printed = await self.store.read(Store.output_so_far, sid) if pending else {}
+        for call in pending:
+            await self.events.emit(sid, {
+                "type": "tool_result", "call_id": call["id"], "tool": call["name"],
+                "output": core.unfinished_result(reason, printed.get(call["id"], "")),
+                "is_error": True, "duration_ms": 0})
+        if error:
+            await self.events.emit(sid, {"type": "error", "retrying": False, "message": error})
+        await self.events.emit(sid, {"type": "done", "status": status, "summary": summary,
+                                     "steps": 0,
+                                     "usage": {"input_tokens": 0, "output_tokens": 0}})
+
+    async def _end_when_storable(self, run: Run, exc: StoreUnavailable) -> None:
+        """The store refused this run's events (a full disk, a lock held too
+        long): the run cannot go on without its log, so it stops, and its
+        end is written as soon as the store takes writes again — the server
+        needs no restart.  Until then the session keeps its slot (a POST
+        there gets 503, not a second run); if the process stops first, the
+        next start recovers the run as `interrupted`."""
+        sid, delay = run.session_id, 0.5
+        run.failed_store = exc
+        self.runs.setdefault(sid, run)        # released already if `done` was refused
+        try:
+            while True:
+                try:
+                    lost = self.events.lost.get(sid, 0)
+                    await self.write_end(sid, "error", exc.message, "the store failed",
+                                         f"The run was stopped: {exc.message}" + (
+                                             f" ({lost} streamed fragment(s) were never "
+                                             "stored, nor shown)" if lost else ""))
+                    self.events.lost.pop(sid, None)
+                    return
+                except StoreUnavailable:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        finally:
+            run.failed_store = None
             self.release(run)
 
     def cancel(self, session_id: str) -> None:
@@ -867,25 +999,14 @@ class RunManager:
                                        ("running", "awaiting_approval")):
             sid = s["session_id"]
             prior = await self.store.read(Store.conversation, sid)
-            history = core.history_from_events(prior)
             if s["status"] == "awaiting_approval":
                 answered = {e["call_id"] for e in prior if e["type"] == "approval"}
                 asked = {e["call_id"] for e in prior
                          if e["type"] == "approval_request" and e["call_id"] not in answered}
                 self.start(self.reserve(sid), s["approve_mode"], prior, asked)
                 continue
-            pending = core.pending_tool_calls(history)
-            printed = await self.store.read(Store.output_so_far, sid) if pending else {}
-            for call in pending:
-                await self.events.emit(sid, {
-                    "type": "tool_result", "call_id": call["id"], "tool": call["name"],
-                    "output": core.unfinished_result("the server stopped",
-                                                     printed.get(call["id"], "")),
-                    "is_error": True, "duration_ms": 0})
-            await self.events.emit(sid, {
-                "type": "done", "status": "interrupted",
-                "summary": "the server stopped during this run; send a message to continue",
-                "steps": 0, "usage": {"input_tokens": 0, "output_tokens": 0}})
+            await self.write_end(sid, "interrupted", "the server stopped during this run; "
+                                 "send a message to continue", "the server stopped")
 
     async def shutdown(self) -> None:
         """Runs end as `interrupted`, written to the store; a run that is only

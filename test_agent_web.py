@@ -1704,6 +1704,98 @@ def test_a_stopped_call_says_it_ran_and_a_queued_one_that_it_did_not(llm, tmp_pa
     assert second["output"] == "Not run: the run was cancelled before this tool call started."
 
 
+def test_a_full_disk_is_reported_and_the_server_carries_on(tmp_path, llm):
+    """SQLite's own SQLITE_FULL (the writer may grow the file no more) in the
+    middle of a streamed answer: the POST that cannot be stored says 503 with
+    Retry-After; the run stops; once there is room again its end is written
+    (an error saying why, then done) and the session takes messages again,
+    with no restart."""
+    import agent_web as web
+    llm.script.append(Reply(" ".join(f"word{i}" for i in range(3000)), delay=0.002))
+
+    async def scenario():
+        app = web.create_app(db_path=tmp_path / "a.db", workspace=tmp_path / "ws", token=TOKEN,
+                             llm_config=cfg_for(llm), approve="auto")
+        h = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                     base_url="http://127.0.0.1") as client:
+            async def events(sid):
+                r = await client.get(f"/agent/chat?session_id={sid}&limit=5000", headers=h)
+                return r.json()
+            sid = (await client.post("/agent/chat", json={"message": "go"}, headers=h)
+                   ).json()["session_id"]
+            while not of((await events(sid))["events"], "delta"):
+                await asyncio.sleep(0.01)
+            # The disk is full: not one more page.
+            await app.store.write(lambda c: c.execute(
+                f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
+            while not app.runs.runs.get(sid) or app.runs.runs[sid].failed_store is None:
+                await asyncio.sleep(0.02)
+            busy = await client.post("/agent/chat", json={"message": "more", "session_id": sid},
+                                     headers=h)
+            still = (await events(sid))["status"]
+            await app.store.write(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+            while (await events(sid))["status"] != "idle":
+                await asyncio.sleep(0.05)
+            ended = (await events(sid))["events"]
+            again = await client.post("/agent/chat", json={"message": "say: back",
+                                                            "session_id": sid}, headers=h)
+            while (await events(sid))["status"] != "idle":
+                await asyncio.sleep(0.05)
+            final = (await events(sid))["events"]
+            await app.stop()
+            return busy, still, ended, again, final
+    busy, still, ended, again, final = arun(scenario())
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+    assert busy.json()["error"]["code"] == "store_unavailable"
+    assert "disk is full" in busy.json()["error"]["message"] and still == "running"
+    error, = [e for e in of(ended, "error") if "stopped" in e["message"]]
+    assert "disk is full" in error["message"] and "never stored, nor shown" in error["message"]
+    assert [d["status"] for d in of(ended, "done")] == ["error"]
+    assert [e["seq"] for e in ended] == list(range(1, len(ended) + 1))     # no gap
+    assert again.status_code == 202 and of(final, "done")[-1]["status"] == "done"
+    assert of(final, "message")[-1]["content"] == "back"
+
+
+def test_a_batch_that_fails_is_retried_without_the_session_that_broke_it(tmp_path, monkeypatch):
+    """One commit carries every session's pending events: an event that
+    cannot be written must cost only its own session."""
+    import agent_web as web
+    insert = web.Store._insert
+
+    def picky_insert(conn, rows):
+        if any(row[0] == "bad" for row in rows):
+            raise sqlite3.OperationalError("no such thing as a bad row")
+        insert(conn, rows)
+    monkeypatch.setattr(web.Store, "_insert", staticmethod(picky_insert))
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        for sid in ("good", "bad"):
+            await store.write(web.Store.create_session, sid, "auto")
+        log = web.EventLog(store, web.PushRegistry())
+        log.start()
+        for n in range(3):           # queued together: one batch
+            log.emit_nowait("good", {"type": "delta", "message_id": "g", "channel": "text",
+                                     "content": f"g{n}"})
+            log.emit_nowait("bad", {"type": "delta", "message_id": "b", "channel": "text",
+                                    "content": f"b{n}"})
+        results = await asyncio.gather(
+            log.emit("good", {"type": "error", "message": "good", "retrying": False}),
+            log.emit("bad", {"type": "error", "message": "bad", "retrying": False}),
+            return_exceptions=True)
+        await log.stop()
+        rows = await store.read(lambda conn: conn.execute(
+            "SELECT session_id, seq, type FROM events ORDER BY session_id, seq").fetchall())
+        store.close()
+        return results, rows, log.lost
+    (good, bad), rows, lost = arun(go())
+    assert good["seq"] == 2 and isinstance(bad, web.StoreUnavailable)
+    assert rows == [("good", 1, "delta"), ("good", 2, "error")]
+    assert lost == {"bad": 1}              # its merged delta: its run will say so
+
+
 # =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
@@ -1946,10 +2038,11 @@ def test_a_commit_that_fails_loses_only_its_own_events(tmp_path, monkeypatch):
         await log.emit("s", {"type": "message", "role": "user", "content": "hi"})
         fail.append(True)
         log.emit_nowait("s", delta("lost"))              # deltas only: one INSERT
-        with pytest.raises(sqlite3.OperationalError):      # its commit is flush's
+        # The store's own error, as the 503 it becomes for a client.
+        with pytest.raises(web.StoreUnavailable, match="disk is full"):   # flush's commit
             await log.flush()
         fail.append(True)
-        with pytest.raises(sqlite3.OperationalError):      # a transaction
+        with pytest.raises(web.StoreUnavailable):          # a transaction
             await log.emit("s", {"type": "error", "message": "lost", "retrying": False})
         log.emit_nowait("s", delta("kept"))
         await log.emit("s", {"type": "error", "message": "kept", "retrying": False})
