@@ -140,6 +140,7 @@ DECISIONS = ("allow", "deny", "allow_always")   # allow_always: the rest of the 
 # WebSocket close codes we use (4000-4999 are the application's own).
 CLOSE_TOO_BIG = 1009                # a client frame over MAX_WS_FRAME_BYTES
 CLOSE_SLOW_CONSUMER = 4008          # the subscriber's queue overflowed: resubscribe
+CLOSE_SESSION_DELETED = 4004        # the subscribed session was deleted (after a frame saying so)
 
 # The page may only load our own files; model output never becomes HTML, and
 # no inline script exists, so a strict policy costs nothing.
@@ -778,6 +779,7 @@ class EventLog:
 # =============================================================================
 
 OVERFLOWED = None     # the item a writer finds on its queue after an overflow
+DELETED = object()    # ... and after its session was deleted
 
 
 class Subscriber:
@@ -818,6 +820,15 @@ class PushRegistry:
                 while not sub.queue.empty():
                     sub.queue.get_nowait()
                 sub.queue.put_nowait(OVERFLOWED)
+
+    def end(self, session_id: str) -> None:
+        """The session is gone: each subscriber's writer finds DELETED next,
+        tells its client so and closes with 4004 (they would wait for ever)."""
+        for sub in list(self._subs.get(session_id, ())):
+            self.unsubscribe(sub)
+            while not sub.queue.empty():
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(DELETED)
 
     def count(self) -> int:
         return sum(len(s) for s in self._subs.values())
@@ -1556,6 +1567,7 @@ class AgentWebApp:
             await asyncio.gather(run.task, return_exceptions=True)
         await self.events.flush()
         await self.store.write(Store.delete_session, sid)
+        self.registry.end(sid)
         return Response(204, b"", "text/plain")
 
     # -- WebSocket -----------------------------------------------------------------------
@@ -1691,6 +1703,10 @@ class Connection:
                 item = await sub.queue.get()
                 if item is OVERFLOWED:
                     await self.close(CLOSE_SLOW_CONSUMER, "too slow: resubscribe from your last seq")
+                    return
+                if item is DELETED:
+                    await self.control({"type": "session_deleted", "session_id": session_id})
+                    await self.close(CLOSE_SESSION_DELETED, "the session was deleted")
                     return
                 seq, text = item
                 if seq > last:

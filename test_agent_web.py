@@ -1796,6 +1796,31 @@ def test_a_batch_that_fails_is_retried_without_the_session_that_broke_it(tmp_pat
     assert lost == {"bad": 1}              # its merged delta: its run will say so
 
 
+def test_deleting_a_live_session_tells_its_watchers_and_closes_4004(server):
+    """Its subscribers got nothing and waited for ever."""
+    sid = server.chat("slow")["session_id"]
+    server.wait_event(sid, "delta")
+
+    async def watch():
+        async with websockets.connect(server.ws_url()) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": 0}))
+            frames = []
+            deleted = False
+            while True:
+                try:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                except websockets.ConnectionClosed as closed:
+                    return frames, closed.rcvd.code
+                frames.append(frame)
+                if frame["type"] == "delta" and not deleted:
+                    deleted = True
+                    r = await asyncio.to_thread(server.http, "DELETE", f"/agent/sessions/{sid}")
+                    assert r.status_code == 204
+    frames, code = arun(watch())
+    assert frames[-1] == {"type": "session_deleted", "session_id": sid} and code == 4004
+    assert server.http("GET", f"/agent/chat?session_id={sid}").status_code == 404
+
+
 # =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
@@ -2842,6 +2867,20 @@ def page_for(browser):
 def send_in_page(page, text: str) -> None:
     page.fill("#input", text)
     page.press("#input", "Enter")
+
+
+def test_page_says_when_its_session_was_deleted_elsewhere(server, page_for, llm):
+    page = page_for(server)
+    send_in_page(page, "slow")
+    page.wait_for_selector(".assistant")
+    sid = re.search(r"session=([\w-]+)", page.url).group(1)
+    assert server.http("DELETE", f"/agent/sessions/{sid}").status_code == 204
+    page.wait_for_selector(".notice.error")
+    assert "deleted" in page.locator(".notice.error").inner_text()
+    assert "session=" not in page.url and page.locator("#sessions li").count() == 0
+    page.wait_for_selector("#conn.live")                      # reconnected at once
+    send_in_page(page, "say: still here")
+    page.wait_for_selector(".done.status-done")
 
 
 def test_page_send_streams_the_answer_and_shows_a_tool_card(server, page_for):

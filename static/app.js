@@ -34,6 +34,7 @@ const LABELS = {
     help: "Enter sends · Shift+Enter new line · Esc stops a run\n/help this help · /clear new session · /history the conversation · /stats token usage",
     stats: "{runs} run(s) · {steps} step(s) · {inp} input / {out} output tokens (in the loaded events)",
     history_empty: "Nothing yet.", error_prefix: "Error",
+    deleted_elsewhere: "That session was deleted (in another tab or by another client).",
   },
   zh: {
     sessions: "会话", model: "模型", approvals: "审批", new_session: "+ 新会话",
@@ -55,6 +56,7 @@ const LABELS = {
     help: "Enter 发送 · Shift+Enter 换行 · Esc 停止\n/help 帮助 · /clear 新会话 · /history 对话记录 · /stats 用量",
     stats: "{runs} 次运行 · {steps} 步 · 输入 {inp} / 输出 {out} tokens（已加载的事件）",
     history_empty: "还没有内容。", error_prefix: "错误",
+    deleted_elsewhere: "该会话已被删除（在另一个标签页或由另一个客户端）。",
   },
 };
 const LANG = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
@@ -76,6 +78,7 @@ const state = {
   lastSeq: 0,             // the newest seq we have: the resubscribe point
   loaded: false,          // history fetched; the socket may subscribe
   generation: 0,          // bumps on every session switch; stale answers are dropped
+  deleting: null,         // the session this tab is deleting itself
   status: "idle",
   approveMode: "ask",
   ws: null, wsLive: false, retry: 0, retryTimer: null,
@@ -496,9 +499,18 @@ function highlightSession() {
 
 async function deleteSession(sessionId) {
   if (!confirm(t("confirm_delete"))) return;
+  state.deleting = sessionId;        // its session_deleted frame is no news here
   try { await call("DELETE", `agent/sessions/${encodeURIComponent(sessionId)}`); }
   catch (err) { notice(err.message, "error"); }
   if (sessionId === state.sessionId) await openSession(null);
+  refreshSessions();
+}
+
+// The open session was deleted elsewhere (another tab, another client).
+async function onDeleted(sessionId) {
+  if (sessionId !== state.sessionId || sessionId === state.deleting) return;
+  await openSession(null);
+  notice(t("deleted_elsewhere"), "error");
   refreshSessions();
 }
 
@@ -520,6 +532,7 @@ function connect() {
     try { frame = JSON.parse(msg.data); } catch { return; }
     if (typeof frame.seq === "number") onEvent(frame);
     else if (frame.type === "subscribed" && frame.session_id === state.sessionId) setStatus(frame.status);
+    else if (frame.type === "session_deleted") onDeleted(frame.session_id);
     else if (frame.type === "error") console.warn("server:", frame.message);
   });
   ws.addEventListener("close", (e) => {
@@ -528,7 +541,8 @@ function connect() {
     setConn("down");
     // 4008: we fell behind; catch up from the store at once.  Otherwise back
     // off (0.5 s, 1 s, 2 s … 10 s) so a restarting server is not hammered.
-    const delay = e.code === 4008 ? 0 : Math.min(10000, 500 * 2 ** state.retry++);
+    // 4004: the session was deleted (said in the frame before): reconnect now.
+    const delay = e.code === 4008 || e.code === 4004 ? 0 : Math.min(10000, 500 * 2 ** state.retry++);
     clearTimeout(state.retryTimer);
     state.retryTimer = setTimeout(connect, delay);
   });
