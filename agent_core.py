@@ -82,6 +82,14 @@ READ_FILE_MAX_CHARS = 100_000     # and cuts what it returns at this size
 RETRY_ATTEMPTS = 5                # tries per LLM call, the first one included
 RETRY_BASE_DELAY = 1.0            # seconds; doubles each retry, with jitter
 RETRY_MAX_DELAY = 60.0            # no single wait is longer than this
+STEP_TIMEOUT = 600.0              # seconds one LLM step may take, retries included
+# A server that ignores max_tokens must not stream for ever: a step may bring
+# this many characters of text and thinking per token of AGENT_MAX_TOKENS
+# (a token is ~4), and its whole stream this many bytes per token (one JSON
+# envelope per token is ~200).  One SSE event may not pass MAX_SSE_EVENT_BYTES.
+STEP_CHARS_PER_TOKEN = 16
+STREAM_BYTES_PER_TOKEN = 2_000
+MAX_SSE_EVENT_BYTES = 16 << 20
 ANTHROPIC_VERSION = "2023-06-01"
 MINIMAX_BASE_URL = "https://api.minimax.io/anthropic"
 
@@ -113,6 +121,7 @@ class LLMConfig:
     thinking_budget: int = 0      # >0 asks Anthropic models for extended thinking
     connect_timeout: float = 10.0
     read_timeout: float = 300.0   # silence on an open stream before we give up
+    step_timeout: float = STEP_TIMEOUT   # a whole step, however steadily it trickles
     retry_attempts: int = RETRY_ATTEMPTS
     retry_base_delay: float = RETRY_BASE_DELAY
 
@@ -149,7 +158,8 @@ def config_from_env(provider: str | None = None, model: str | None = None,
     for name, field_name, kind in (("AGENT_LLM_READ_TIMEOUT", "read_timeout", float),
                                    ("AGENT_RETRY_BASE_DELAY", "retry_base_delay", float),
                                    ("AGENT_THINKING_BUDGET", "thinking_budget", int),
-                                   ("AGENT_MAX_TOKENS", "max_tokens", int)):
+                                   ("AGENT_MAX_TOKENS", "max_tokens", int),
+                                   ("AGENT_STEP_TIMEOUT", "step_timeout", float)):
         value = env_number(env, name, kind)
         if value is not None:
             extra[field_name] = value
@@ -403,7 +413,8 @@ class Turn:
 # yields a "turn" for a stream that did not finish: a half-received tool call
 # is never run.
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+async def sse_events(response: httpx.Response,
+                     max_bytes: int | None = None) -> AsyncIterator[tuple[str, str]]:
     """Parse a text/event-stream body into (event, data) pairs (WHATWG rules).
 
     Our own splitting rather than httpx's `aiter_lines()`, for two reasons.
@@ -418,8 +429,14 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
     # A generator left mid-way is closed at once (aclosing, here and in the
     # callers); else the garbage collector leaves its closing to an event
     # loop that may be gone by then ("Task was destroyed but it is pending!").
+    total = 0
     async with contextlib.aclosing(response.aiter_bytes()) as chunks:
         async for chunk in chunks:
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise LLMError(f"the model server sent more than {max_bytes:,} bytes for one "
+                               "answer: it ignores its output limit (AGENT_MAX_TOKENS), so the "
+                               "answer was stopped")
             data = rest + chunk
             if start:
                 if len(data) < 3:
@@ -435,6 +452,9 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
                         + (b"\r" if hold else b""))
             end = data.rfind(b"\n\n")
             if end < 0:
+                if len(data) > MAX_SSE_EVENT_BYTES:
+                    raise LLMError(f"the model server sent over {MAX_SSE_EVENT_BYTES:,} bytes "
+                                   "without ending an event; the answer was stopped")
                 rest = data
                 continue
             rest = data[end + 2:]
@@ -545,6 +565,7 @@ class AnthropicClient:
     def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient | None):
         self.cfg, self.http = cfg, http
         self.url = anthropic_base(cfg.base_url) + "/v1/messages"
+        self.stream_cap = cfg.max_tokens * STREAM_BYTES_PER_TOKEN
         # MiniMax answers 401 to x-api-key alone and wants the key as a
         # bearer token too (upstream Mini-Agent sends both).  Anthropic's own
         # API reads a bearer token as OAuth, so it gets only its own header.
@@ -607,7 +628,7 @@ class AnthropicClient:
         turn, blocks, finished = Turn(), {}, False
         async with self.http.stream("POST", self.url, json=body, headers=self.headers) as resp:
             await _raise_for_status(resp, self.url)
-            async with contextlib.aclosing(sse_events(resp)) as events:
+            async with contextlib.aclosing(sse_events(resp, self.stream_cap)) as events:
                 async for event, data in events:
                     try:
                         msg = json.loads(data)
@@ -703,6 +724,7 @@ class OpenAIClient:
     def __init__(self, cfg: LLMConfig, http: httpx.AsyncClient | None):
         self.cfg, self.http = cfg, http
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.stream_cap = cfg.max_tokens * STREAM_BYTES_PER_TOKEN
         self.max_tokens_field = ("max_completion_tokens" if _is_host(self.url, self.OPENAI_HOSTS)
                                  else "max_tokens")
         self.headers = {"authorization": f"Bearer {cfg.api_key}",
@@ -744,7 +766,7 @@ class OpenAIClient:
         think = ThinkTags()
         async with self.http.stream("POST", self.url, json=body, headers=self.headers) as resp:
             await _raise_for_status(resp, self.url)
-            async with contextlib.aclosing(sse_events(resp)) as events:
+            async with contextlib.aclosing(sse_events(resp, self.stream_cap)) as events:
                 async for _event, data in events:
                     if data.strip() == "[DONE]":
                         finished = True
@@ -1758,17 +1780,34 @@ class Agent:
 
         task = asyncio.ensure_future(pump())
         self._inflight = task
+        # One timer for the whole step, not a time-out per token: a server
+        # trickling a byte a second never trips the read time-out.
+        expired: list[bool] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.cfg.step_timeout, lambda: (expired.append(True), task.cancel()))
+        chars, cap = 0, self.cfg.max_tokens * STEP_CHARS_PER_TOKEN
         try:
             while True:
                 item = await queue.get()
                 if item is end:
                     return
                 if isinstance(item, asyncio.CancelledError):
+                    if expired and not self.cancel_status:
+                        raise LLMError(f"the model's answer took longer than "
+                                       f"{self.cfg.step_timeout:g} s (AGENT_STEP_TIMEOUT), "
+                                       "so it was stopped")
                     raise RunCancelled
                 if isinstance(item, BaseException):
                     raise item
+                if item[0] in ("text", "thinking"):
+                    chars += len(item[1])
+                    if chars > cap:
+                        raise LLMError(f"the model sent more than {cap:,} characters in one "
+                                       f"answer, past its output limit ({self.cfg.max_tokens} "
+                                       "tokens, AGENT_MAX_TOKENS), so it was stopped")
                 yield item
         finally:
+            timer.cancel()
             self._inflight = None
             task.cancel()
 

@@ -1821,6 +1821,41 @@ def test_deleting_a_live_session_tells_its_watchers_and_closes_4004(server):
     assert server.http("GET", f"/agent/chat?session_id={sid}").status_code == 404
 
 
+@pytest.mark.parametrize("protocol", ["anthropic", "openai"])
+def test_a_server_that_ignores_max_tokens_is_stopped_and_says_which_limit(llm, tmp_path,
+                                                                          protocol):
+    llm.script.append(Reply(" ".join(f"w{i}" for i in range(3000))))
+    events = arun(run_agent(cfg_for(llm, protocol, max_tokens=20), tmp_path / "ws", "go"))
+    assert events[-1]["status"] == "error"
+    error = of(events, "error")[-1]
+    assert "more than 320 characters" in error["message"] and "AGENT_MAX_TOKENS" in error["message"]
+    assert of(events, "message")[-1]["incomplete"]           # what came is kept, marked cut
+    assert len(llm.requests) == 1                             # not retried
+
+
+def test_a_stream_with_no_end_of_event_is_capped(llm, tmp_path):
+    llm.script.append(Reply(raw=[b"data: " + b"x" * 60_000 for _ in range(10)]))
+    events = arun(run_agent(cfg_for(llm, "openai", max_tokens=100), tmp_path / "ws", "go"))
+    assert events[-1]["status"] == "error" and len(llm.requests) == 1
+    assert "more than 200,000 bytes" in of(events, "error")[-1]["message"]
+
+
+def test_one_sse_event_may_not_grow_without_bound(monkeypatch):
+    monkeypatch.setattr(core, "MAX_SSE_EVENT_BYTES", 1000)
+    with pytest.raises(core.LLMError, match="without ending an event"):
+        parse_sse([b"data: " + b"y" * 600, b"y" * 600])
+
+
+def test_a_trickling_server_meets_the_step_deadline(llm, tmp_path):
+    """One byte a second never trips the read time-out: the step's deadline does."""
+    llm.script.append(Reply(" ".join(f"w{i}" for i in range(100)), delay=0.1))
+    started = time.monotonic()
+    events = arun(run_agent(cfg_for(llm, step_timeout=1.0), tmp_path / "ws", "go"))
+    assert events[-1]["status"] == "error" and time.monotonic() - started < 8
+    assert "longer than 1 s (AGENT_STEP_TIMEOUT)" in of(events, "error")[-1]["message"]
+    assert of(events, "delta")                                 # it did stream, slowly
+
+
 # =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
