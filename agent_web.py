@@ -123,6 +123,8 @@ DEFAULT_DB = "agent_web.db"
 DEFAULT_WORKSPACE = "workspace"
 
 MAX_BODY_BYTES = 1 << 20            # any HTTP body; more is 413
+BODY_TIMEOUT = 30.0                 # seconds for a whole body to arrive; slower is 408
+MAX_CONNECTIONS = 1_000             # python agent_web.py: uvicorn answers 503 past this
 MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
@@ -1080,8 +1082,10 @@ async def send_response(send, resp: Response) -> None:
 class Request:
     """What a handler needs of an HTTP scope, parsed once."""
 
-    def __init__(self, scope: dict, receive, params: dict[str, str], path: str):
+    def __init__(self, scope: dict, receive, params: dict[str, str], path: str,
+                 body_timeout: float = BODY_TIMEOUT):
         self.scope, self.receive, self.params, self.path = scope, receive, params, path
+        self.body_timeout = body_timeout
         self.method = scope["method"]
         self.headers: dict[str, str] = {}
         for k, v in scope.get("headers", []):
@@ -1114,8 +1118,16 @@ class Request:
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise HTTPError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
         chunks, size = [], 0
+        # A body sent a byte a second would hold its connection (and a task)
+        # for ever: the whole body gets BODY_TIMEOUT.
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await self.receive()
+            try:
+                message = await asyncio.wait_for(self.receive(),
+                                                 max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPError(408, "body_timeout", "the request body did not arrive within "
+                                f"{self.body_timeout:g} s") from None
             if message["type"] == "http.disconnect":
                 raise HTTPError(400, "disconnected", "the client went away mid-body")
             chunk = message.get("body", b"")
@@ -1294,12 +1306,13 @@ class AgentWebApp:
     def __init__(self, *, db_path: str | Path, workspace: str | Path, token: str | None,
                  llm_config: core.LLMConfig | None, allowed_hosts: set[str],
                  allowed_origins: set[str], approve: str, max_steps: int,
-                 queue_size: int):
+                 queue_size: int, body_timeout: float = BODY_TIMEOUT):
         self.db_path, self.workspace = db_path, workspace
         self.token = token
         self.guard = Guard(token or "", allowed_hosts, allowed_origins)
         self.llm_config = llm_config
         self.approve, self.max_steps, self.queue_size = approve, max_steps, queue_size
+        self.body_timeout = body_timeout
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self.db_lock = DatabaseLock(db_path)
@@ -1397,7 +1410,7 @@ class AgentWebApp:
         path = self.app_path(scope)
         try:
             handler, params, needs_token = match_route(scope["method"], path)
-            request = Request(scope, receive, params, path)
+            request = Request(scope, receive, params, path, self.body_timeout)
             self.guard.check_host(request.headers)
             await self.start()
             if needs_token:
@@ -1825,7 +1838,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                allowed_hosts: set[str] | list[str] | None = None,
                allowed_origins: set[str] | list[str] | None = None,
                approve: str | None = None, max_steps: int = core.DEFAULT_MAX_STEPS,
-               queue_size: int | None = None) -> AgentWebApp:
+               queue_size: int | None = None, body_timeout: float | None = None
+               ) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
     approve = approve or os.environ.get("AGENT_APPROVE", "ask")
@@ -1845,7 +1859,9 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         else _env_set("AGENT_WEB_ALLOWED_ORIGINS"),
         approve=approve, max_steps=max_steps,
         queue_size=queue_size or core.env_number(os.environ, "AGENT_WEB_QUEUE_SIZE")
-        or SUBSCRIBER_QUEUE_SIZE)
+        or SUBSCRIBER_QUEUE_SIZE,
+        body_timeout=body_timeout or core.env_number(os.environ, "AGENT_WEB_BODY_TIMEOUT",
+                                                     float) or BODY_TIMEOUT)
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
@@ -1929,7 +1945,7 @@ def main(argv: list[str] | None = None) -> int:
     # server's time per pushed frame; see README, "Performance").
     config = uvicorn.Config(application, ws="wsproto", lifespan="on",
                             log_level=args.log_level, ws_max_size=MAX_WS_FRAME_BYTES,
-                            ws_per_message_deflate=False,
+                            ws_per_message_deflate=False, limit_concurrency=MAX_CONNECTIONS,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE + 2)
     server = uvicorn.Server(config)
 

@@ -1856,6 +1856,40 @@ def test_a_trickling_server_meets_the_step_deadline(llm, tmp_path):
     assert of(events, "delta")                                 # it did stream, slowly
 
 
+def test_a_body_sent_a_byte_at_a_time_times_out_408(tmp_path, llm):
+    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_WEB_BODY_TIMEOUT": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /agent/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                         b"Bearer " + TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 40\r\n\r\n{")
+            started = time.monotonic()
+            sock.settimeout(10)
+            answer = b""
+            for _ in range(8):            # a byte a second, never the whole body
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    break
+                try:
+                    sock.settimeout(1)
+                    answer += sock.recv(4096)
+                    if answer:
+                        break
+                except socket.timeout:
+                    continue
+            while b"body_timeout" not in answer:      # the body may come apart
+                more = sock.recv(4096)
+                if not more:
+                    break
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"body_timeout" in answer and time.monotonic() - started < 5
+        assert server.http("GET", "/healthz").status_code == 200
+    finally:
+        server.stop()
+
+
 # =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
@@ -2456,7 +2490,10 @@ class RawWebSocket:
 
 
 def test_a_subscriber_that_never_reads_is_closed_4008_and_the_run_goes_on(tmp_path, llm):
-    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_WEB_QUEUE_SIZE": "50"})
+    # AGENT_MAX_TOKENS: each fake token here is 2,000 characters, far past
+    # what a real one holds (the per-token cap would rightly stop it).
+    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_WEB_QUEUE_SIZE": "50",
+                                                     "AGENT_MAX_TOKENS": "1000000"})
     try:
         # 10 MB streamed: far more than a stalled socket's buffers (4 MB here) hold
         llm.script.append(Reply(" ".join(["y" * 2000] * 5000), delay=0.001))

@@ -204,8 +204,10 @@ async def fan_out(tmp: Path, tokens: int, fanouts: list[int]) -> None:
     llm = FakeLLM()
     # A queue deep enough for the whole torture run: here we measure the
     # push path's speed, not the slow-consumer cut-off (4008).
+    # AGENT_MAX_TOKENS: one answer of this bench is 8 x TOKENS fragments, past
+    # the per-token caps of a default step (agent_core.STEP_CHARS_PER_TOKEN).
     server = ServerProcess(tmp, llm, protocol="openai", extra_env={
-        "AGENT_WEB_QUEUE_SIZE": str(tokens * 2 + 100)})
+        "AGENT_WEB_QUEUE_SIZE": str(tokens * 2 + 100), "AGENT_MAX_TOKENS": str(tokens * 8)})
     port = free_port()
     bare_proc = subprocess.Popen([sys.executable, str(HERE / "bare_stack.py"), str(port)],
                                  stdout=subprocess.DEVNULL)
