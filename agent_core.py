@@ -32,8 +32,13 @@ LLM protocols (raw httpx, streaming Server-Sent Events, no vendor SDK)
     DemoClient       offline; honest that it is a demo; still calls a tool.
     `stream_with_retries` wraps any of them: 429/5xx/529/time-outs are retried
     with exponential back-off and jitter (honouring Retry-After); 400/401/403/
-    404 are reported once and not retried.  Under httpx, `AsyncioBackend` is
-    the socket layer (cheaper per read than anyio's; see its section).
+    404 and TLS certificate failures are reported once and not retried.  Under
+    httpx, `AsyncioBackend` is the socket layer (cheaper per read than
+    anyio's; see its section).  Both clients build each request from
+    `repair_history(history)`, so no stored log (a crash, a cancel, a failed
+    tool) can make a request the provider refuses; a step that runs past its
+    limits (characters and bytes per token of AGENT_MAX_TOKENS, a deadline)
+    is stopped and says which limit stopped it.
 
 What this is not
     A sandbox.  `bash` runs real commands as the user running the server; the
