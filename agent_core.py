@@ -429,8 +429,12 @@ async def sse_events(response: httpx.Response,
     its own data line in two.  And whole chunks of bytes are cut into events
     at once, with two generator layers less per chunk than text then lines.
     """
-    rest = b""                    # the bytes after the last complete event
-    start = True                  # a byte order mark may still come
+    # The bytes after the last complete event grow in place, and each chunk
+    # is searched only where it is new: an event arriving in many small
+    # chunks costs its length once, not once per chunk.
+    rest = bytearray()
+    first = b""                   # a byte order mark may still come
+    start, held_cr = True, False
     # A generator left mid-way is closed at once (aclosing, here and in the
     # callers); else the garbage collector leaves its closing to an event
     # loop that may be gone by then ("Task was destroyed but it is pending!").
@@ -438,38 +442,49 @@ async def sse_events(response: httpx.Response,
     async with contextlib.aclosing(response.aiter_bytes()) as chunks:
         async for chunk in chunks:
             total += len(chunk)
-            if max_bytes is not None and total > max_bytes:
-                raise LLMError(f"the model server sent more than {max_bytes:,} bytes for one "
-                               "answer: it ignores its output limit (AGENT_MAX_TOKENS), so the "
-                               "answer was stopped")
-            data = rest + chunk
             if start:
-                if len(data) < 3:
-                    rest = data
+                first += chunk
+                if len(first) < 3:
                     continue
-                start = False
-                data = data.removeprefix(b"\xef\xbb\xbf")
-            if b"\r" in data:
-                # A CR at the very end may be the first half of a CRLF: keep it.
-                hold = data.endswith(b"\r")
-                data = data[:-1] if hold else data
-                data = (data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-                        + (b"\r" if hold else b""))
-            end = data.rfind(b"\n\n")
+                start, chunk = False, first.removeprefix(b"\xef\xbb\xbf")
+            if held_cr:
+                chunk, held_cr = b"\r" + chunk, False
+            if b"\r" in chunk:
+                # A CR at the very end may be the first half of a CRLF: hold it.
+                held_cr = chunk.endswith(b"\r")
+                chunk = chunk[:-1] if held_cr else chunk
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            scanned = len(rest)
+            rest += chunk
+            end = rest.rfind(b"\n\n", max(0, scanned - 1))
             if end < 0:
-                if len(data) > MAX_SSE_EVENT_BYTES:
+                if max_bytes is not None and total > max_bytes:
+                    raise _too_many_bytes(max_bytes)
+                if len(rest) > MAX_SSE_EVENT_BYTES:
                     raise LLMError(f"the model server sent over {MAX_SSE_EVENT_BYTES:,} bytes "
                                    "without ending an event; the answer was stopped")
-                rest = data
                 continue
-            rest = data[end + 2:]
-            for block in data[:end].split(b"\n\n"):
+            complete = bytes(rest[:end])
+            del rest[:end + 2]
+            for block in complete.split(b"\n\n"):
                 event = _sse_event(block)
                 if event is not None:
                     yield event
-    event = _sse_event(rest.replace(b"\r", b"\n"))  # a last event with no blank line after it
+            # Checked after the chunk's events are out, so that the caller's own
+            # finer limit (characters of text) is met first when it applies,
+            # however the bytes happened to be cut into chunks.
+            if max_bytes is not None and total > max_bytes:
+                raise _too_many_bytes(max_bytes)
+    # A last event with no blank line after it.
+    tail = bytes(first if start else rest) + (b"\r" if held_cr else b"")
+    event = _sse_event(tail.replace(b"\r", b"\n"))
     if event is not None:
         yield event
+
+
+def _too_many_bytes(limit: int) -> LLMError:
+    return LLMError(f"the model server sent more than {limit:,} bytes for one answer: it "
+                    "ignores its output limit (AGENT_MAX_TOKENS), so the answer was stopped")
 
 
 def _sse_event(block: bytes) -> tuple[str, str] | None:

@@ -650,6 +650,9 @@ class _Pending:
     session_id: str
     event: dict
     future: asyncio.Future | None        # set for events the run waits on
+    # A streamed fragment's later pieces, joined once when the batch is taken:
+    # `content += piece` would copy the whole text for every token.
+    more: list[str] | None = None
 
 
 class EventLog:
@@ -684,7 +687,9 @@ class EventLog:
                      and last.event["channel"] == event["channel"]
                      if event["type"] == "delta"
                      else last.event["call_id"] == event["call_id"])):
-            last.event["content"] += event["content"]
+            if last.more is None:
+                last.more = [last.event["content"]]
+            last.more.append(event["content"])
             return
         self._queue(_Pending(session_id, {"type": event["type"], "ts": time.time(), **event},
                              None))
@@ -716,6 +721,9 @@ class EventLog:
             self._wake.clear()
             batch, self._pending = self._pending, []
             self._last.clear()
+            for p in batch:
+                if p.more is not None:
+                    p.event["content"], p.more = "".join(p.more), None
             try:
                 await self._commit(batch)
             except Exception as exc:

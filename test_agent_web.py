@@ -2043,6 +2043,39 @@ def test_fragments_merge_only_with_the_pending_fragment_of_their_own_stream(tmp_
                           ("delta", "thinking", "3"), ("tool_output", "c1", "d")]
 
 
+def test_pending_fragments_are_joined_once_not_added_piece_by_piece(tmp_path):
+    """A burst of tokens while a commit is in flight merges into one pending
+    delta; `content += piece` would copy the whole text again for every
+    token (quadratic: 2 MB in 8-byte pieces held the loop for seconds).  A
+    piece that counts each `+` made with it proves they are joined once."""
+    import agent_web as web
+    added = []
+
+    class Piece(str):
+        def __radd__(self, other):          # str + Piece lands here first
+            added.append(1)
+            return str.__add__(other, self)
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        await store.write(web.Store.create_session, "s", "auto")
+        log = web.EventLog(store, web.PushRegistry())
+        log.start()
+        for i in range(20_000):
+            log.emit_nowait("s", {"type": "delta", "message_id": "m", "channel": "text",
+                                  "content": Piece(f"{i % 10}")})
+        await log.flush()
+        rows = await store.read(web.Store.history, "s", 0, 100)
+        await log.stop()
+        store.close()
+        return [json.loads(r)["content"] for r in rows[1]]
+
+    stored = arun(go())
+    assert "".join(stored) == "0123456789" * 2_000 and len(stored) <= 2
+    assert added == []
+
+
 def test_a_commit_of_streamed_text_is_one_statement_and_other_writers_are_caught(tmp_path):
     """The writer remembers each session's last seq, so streamed text for a
     session it wrote to before commits in one INSERT (one sqlite3 call, not

@@ -185,7 +185,7 @@ class Transcript {
           card.live.className = "output live";
           card.el.append(card.live);
         }
-        card.live.textContent += ev.content;
+        card.live.append(ev.content);     // a new text node: never re-copies what is there
         card.live.scrollTop = card.live.scrollHeight;      // follow the newest line
         break;
       }
