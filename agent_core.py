@@ -40,6 +40,14 @@ LLM protocols (raw httpx, streaming Server-Sent Events, no vendor SDK)
     limits (characters and bytes per token of AGENT_MAX_TOKENS, a deadline)
     is stopped and says which limit stopped it.
 
+Long sessions
+    Before a step whose request would pass `token_limit`, the older turns are
+    summarised by the model and replaced by that summary in the model's view
+    (a `compaction` event; the store keeps everything); a server's "prompt is
+    too long" is answered the same way ("Context compaction").  The tools
+    `record_note` / `recall_notes` keep Mini-Agent's session notes in the
+    workspace ("Session notes").
+
 What this is not
     A sandbox.  `bash` runs real commands as the user running the server; the
     file tools refuse paths outside the workspace, `bash` cannot be confined.
@@ -51,6 +59,7 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -63,6 +72,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -95,6 +105,7 @@ STEP_TIMEOUT = 600.0              # seconds one LLM step may take, retries inclu
 STEP_CHARS_PER_TOKEN = 16
 STREAM_BYTES_PER_TOKEN = 2_000
 MAX_SSE_EVENT_BYTES = 16 << 20
+DEFAULT_TOKEN_LIMIT = 80_000      # context size past which older turns are summarised
 ANTHROPIC_VERSION = "2023-06-01"
 MINIMAX_BASE_URL = "https://api.minimax.io/anthropic"
 
@@ -129,6 +140,7 @@ class LLMConfig:
     step_timeout: float = STEP_TIMEOUT   # a whole step, however steadily it trickles
     retry_attempts: int = RETRY_ATTEMPTS
     retry_base_delay: float = RETRY_BASE_DELAY
+    token_limit: int = DEFAULT_TOKEN_LIMIT   # see "Context compaction"
 
     @property
     def label(self) -> str:
@@ -149,7 +161,8 @@ def env_number(env, name: str, kind: type = int) -> Any:
 
 
 def config_from_env(provider: str | None = None, model: str | None = None,
-                    env: dict[str, str] | None = None) -> LLMConfig:
+                    env: dict[str, str] | None = None, token_limit: int | None = None
+                    ) -> LLMConfig:
     """Settings the way the official SDKs read them; flags (arguments) win.
 
     MINIMAX_API_KEY selects the Anthropic protocol at MiniMax's endpoint; with
@@ -164,10 +177,16 @@ def config_from_env(provider: str | None = None, model: str | None = None,
                                    ("AGENT_RETRY_BASE_DELAY", "retry_base_delay", float),
                                    ("AGENT_THINKING_BUDGET", "thinking_budget", int),
                                    ("AGENT_MAX_TOKENS", "max_tokens", int),
-                                   ("AGENT_STEP_TIMEOUT", "step_timeout", float)):
+                                   ("AGENT_STEP_TIMEOUT", "step_timeout", float),
+                                   ("AGENT_TOKEN_LIMIT", "token_limit", int)):
         value = env_number(env, name, kind)
         if value is not None:
             extra[field_name] = value
+    if token_limit is not None:               # --token-limit beats AGENT_TOKEN_LIMIT
+        extra["token_limit"] = token_limit
+    if extra.get("token_limit", DEFAULT_TOKEN_LIMIT) < 1000:
+        raise ValueError(f"the token limit (AGENT_TOKEN_LIMIT, --token-limit) must be at "
+                         f"least 1,000 tokens, not {extra['token_limit']}")
 
     if not provider:
         if env.get("ANTHROPIC_API_KEY"):
@@ -203,12 +222,17 @@ class LLMError(Exception):
     """A failed LLM call.  `retryable` decides whether we try again."""
 
     def __init__(self, message: str, *, retryable: bool = False,
-                 retry_after: float | None = None, status: int | None = None):
+                 retry_after: float | None = None, status: int | None = None,
+                 too_long: bool = False, context_limit: int | None = None):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
+        # The server says the prompt does not fit its context (see "Context
+        # compaction"); `context_limit` is its size in tokens when it says.
+        self.too_long = too_long
+        self.context_limit = context_limit
 
 
 class ToolError(Exception):
@@ -237,43 +261,72 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-def history_from_events(events: list[dict]) -> list[dict]:
+def history_from_events(events: list[dict], measure: dict | None = None) -> list[dict]:
     """Rebuild the neutral history from stored events (after a restart, say).
 
     `delta`s are skipped (the `message` supersedes them); a `message` marked
     `incomplete` (a cut stream or a cancel) is shown to the user but was never
-    part of the conversation, so it is skipped too.
+    part of the conversation, so it is skipped too.  From the newest
+    `compaction` on, its summary stands for every event up to its
+    `through_seq` (see "Context compaction").  Each entry keeps the `seq` of
+    its first event.  `measure`, if given, receives the context size the
+    provider last reported: {"tokens", "entries"} (the history's length then).
     """
     history: list[dict] = []
     turns: dict[str, dict] = {}
+    through = -1
+    for ev in reversed(events):
+        if ev.get("type") == "compaction":
+            history.append(summary_entry(ev))
+            through = ev.get("through_seq", -1)
+            break
+    last_measure: tuple[int, dict | None] | None = None
 
-    def turn(mid: str) -> dict:
+    def at(ev: dict, entry: dict) -> dict:
+        if "seq" in ev:
+            entry["seq"] = ev["seq"]
+        return entry
+
+    def turn(ev: dict) -> dict:
+        mid = ev["message_id"]
         if mid not in turns:
-            turns[mid] = {"role": "assistant", "message_id": mid, "text": "",
-                          "thinking": [], "tool_calls": []}
+            turns[mid] = at(ev, {"role": "assistant", "message_id": mid, "text": "",
+                                 "thinking": [], "tool_calls": []})
             history.append(turns[mid])
         return turns[mid]
 
     for ev in events:
         kind = ev.get("type")
+        if ev.get("seq", 0) <= through:
+            continue
         if kind == "message" and ev.get("role") == "user":
-            history.append({"role": "user", "content": ev["content"]})
+            history.append(at(ev, {"role": "user", "content": ev["content"]}))
         elif kind == "message" and ev.get("role") == "assistant" and not ev.get("incomplete"):
-            turn(ev["message_id"])["text"] = ev["content"]
+            turn(ev)["text"] = ev["content"]
         elif kind == "thinking":
             block = ({"redacted": ev["redacted"]} if ev.get("redacted")
                      else {"thinking": ev["content"], "signature": ev.get("signature", "")})
-            turn(ev["message_id"])["thinking"].append(block)
+            turn(ev)["thinking"].append(block)
         elif kind == "tool_call":
-            turn(ev["message_id"])["tool_calls"].append(
+            turn(ev)["tool_calls"].append(
                 {"id": ev["call_id"], "name": ev["tool"], "input": ev["input"]})
         elif kind == "tool_result":
-            history.append({"role": "tool", "call_id": ev["call_id"], "tool": ev["tool"],
-                            "output": ev["output"], "is_error": bool(ev["is_error"])})
+            history.append(at(ev, {"role": "tool", "call_id": ev["call_id"], "tool": ev["tool"],
+                                   "output": ev["output"], "is_error": bool(ev["is_error"])}))
+        elif kind == "context" and not ev.get("estimated"):
+            last_measure = (ev["tokens"], history[-1] if history else None)
+        elif kind == "compaction":
+            last_measure = None       # measured before it: a longer history than now
     # An assistant turn that ended up with nothing in it (only an incomplete
     # message) must not reach a provider: empty content is a 400 there.
-    return [h for h in history if h["role"] != "assistant"
-            or h["text"] or h["thinking"] or h["tool_calls"]]
+    history = [h for h in history if h["role"] != "assistant"
+               or h["text"] or h["thinking"] or h["tool_calls"]]
+    if measure is not None and last_measure is not None:
+        tokens, entry = last_measure
+        at = next((i + 1 for i, h in enumerate(history) if h is entry), None)
+        if at is not None:
+            measure.update(tokens=tokens, entries=at)
+    return history
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -523,6 +576,10 @@ async def _raise_for_status(response: httpx.Response, url: str) -> None:
     except ValueError:
         detail = body[:300]
     code = response.status_code
+    too_long, limit = prompt_too_long(body)
+    if too_long and code != 429:          # a rate limit on tokens is not this
+        raise LLMError(f"the prompt is too long for the model at {url} ({code}): {detail}",
+                       status=code, too_long=True, context_limit=limit)
     if code in (401, 403):
         msg = f"API key rejected ({code}) by {url}: {detail}"
     elif code == 404:
@@ -531,6 +588,34 @@ async def _raise_for_status(response: httpx.Response, url: str) -> None:
         msg = f"LLM error {code} from {url}: {detail}"
     retryable = code in (408, 409, 429, 529) or code >= 500
     raise LLMError(msg, retryable=retryable, retry_after=_retry_after(response), status=code)
+
+
+# How servers say a prompt does not fit, and where they give the size:
+# Anthropic "prompt is too long: 208656 tokens > 200000 maximum"; OpenAI code
+# `context_length_exceeded`, "maximum context length is 8192 tokens"
+# (vLLM too, which also says "Input prompt (N tokens) is too long and exceeds
+# limit of M"); llama.cpp's `exceed_context_size_error` with "n_ctx" (a 400,
+# some versions a 500 "Context size has been exceeded."); llama-cpp-python
+# "Requested tokens (N) exceed context window of M"; Ollama and LM Studio
+# "... exceeds the context length" / "context length exceeded".
+_TOO_LONG = re.compile(
+    r"prompt is too long|context_length_exceeded|maximum context length|"
+    r"exceed_context_size_error|exceeds the available context size|context size has been "
+    r"exceeded|exceed context window|exceeds? (?:the )?(?:context|limit of)|context length "
+    r"exceeded|context window exceeded", re.I)
+_CONTEXT_SIZE = re.compile(
+    r"(\d[\d,]*) maximum|maximum context length is (\d[\d,]*)|exceeds limit of (\d[\d,]*)|"
+    r"context window of (\d[\d,]*)|available context size \((\d[\d,]*)|\"n_ctx\":\s*(\d+)", re.I)
+
+
+def prompt_too_long(body: str) -> tuple[bool, int | None]:
+    """Whether an error body says the prompt does not fit, and the context
+    size in tokens if it gives one."""
+    if not _TOO_LONG.search(body):
+        return False, None
+    found = _CONTEXT_SIZE.search(body)
+    size = next((g for g in found.groups() if g), None) if found else None
+    return True, int(size.replace(",", "")) if size else None
 
 
 def _error_detail(doc: Any) -> str:
@@ -636,9 +721,10 @@ class AnthropicClient:
         body: dict[str, Any] = {
             "model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
             "system": SYSTEM_PROMPT, "messages": self._messages(history), "stream": True,
-            "tools": [{"name": t["name"], "description": t["description"],
-                       "input_schema": t["schema"]} for t in tools],
         }
+        if tools:
+            body["tools"] = [{"name": t["name"], "description": t["description"],
+                              "input_schema": t["schema"]} for t in tools]
         if self.cfg.thinking_budget:
             body["thinking"] = {"type": "enabled", "budget_tokens": self.cfg.thinking_budget}
         return body
@@ -770,14 +856,16 @@ class OpenAIClient:
         return out
 
     def body(self, history: list[dict], tools: list[dict]) -> dict:
-        return {
+        body: dict[str, Any] = {
             "model": self.cfg.model, "messages": self._messages(history), "stream": True,
             "stream_options": {"include_usage": True},
             self.max_tokens_field: self.cfg.max_tokens,
-            "tools": [{"type": "function", "function": {
-                "name": t["name"], "description": t["description"], "parameters": t["schema"]}}
-                for t in tools],
         }
+        if tools:              # OpenAI refuses an empty list (a summary asks with none)
+            body["tools"] = [{"type": "function", "function": {
+                "name": t["name"], "description": t["description"], "parameters": t["schema"]}}
+                for t in tools]
+        return body
 
     async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
         body = self.body(history, tools)
@@ -932,7 +1020,14 @@ class DemoClient:
     async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
         last = history[-1] if history else {"role": "user", "content": ""}
         turn = Turn(usage={"input_tokens": 0, "output_tokens": 0})
-        if last["role"] == "tool":
+        if last["role"] == "user" and last["content"].startswith(SUMMARY_MARK):
+            # A compaction's summary request: a summary, honestly mechanical.
+            asked = re.findall(r"^## User\n(.*)$", last["content"], re.M)
+            calls = len(re.findall(r"^-> calls ", last["content"], re.M))
+            text = (f"(Demo model summary, not written by an LLM.) The user sent {len(asked)} "
+                    f"message(s) in this part and the agent made {calls} tool call(s). "
+                    "The user asked: " + "; ".join(a[:80] for a in asked[-5:]))
+        elif last["role"] == "tool":
             lines = last["output"].strip().splitlines()
             shown = "\n".join(lines[:15]) + ("\n…" if len(lines) > 15 else "")
             verdict = "failed" if last["is_error"] else "finished"
@@ -1278,7 +1373,7 @@ def tool_failure(tool: str, args: dict, exc: Exception) -> str:
 class Toolbox:
     """The tools the model sees, bound to one workspace folder."""
 
-    def __init__(self, workspace: str | Path):
+    def __init__(self, workspace: str | Path, notes: bool = True):
         self.workspace = Path(workspace).resolve()
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.tools: dict[str, tuple[dict, Callable[[dict], Awaitable[str]]]] = {
@@ -1287,6 +1382,10 @@ class Toolbox:
             "write_file": (WRITE_SCHEMA, self.write_file),
             "edit_file": (EDIT_SCHEMA, self.edit_file),
         }
+        if notes:                                # see "Session notes"
+            book = Notes(self.workspace)
+            self.tools["record_note"] = (RECORD_NOTE_SCHEMA, book.record)
+            self.tools["recall_notes"] = (RECALL_NOTES_SCHEMA, book.recall)
 
     def specs(self) -> list[dict]:
         return [{"name": name, "description": schema["description"],
@@ -1591,6 +1690,305 @@ def needs_approval(mode: str, tool: str) -> bool:
 
 
 # =============================================================================
+# Session notes: record_note and recall_notes
+# =============================================================================
+#
+# Mini-Agent's notes, in its file and its shape, so a user's notes carry over
+# both ways: the workspace's `.agent_memory.json`, a JSON list of
+# {"timestamp", "category", "content"} (timestamps in local ISO form,
+# category "general" when none is given).  Upstream offers only record_note;
+# here the model can read them back too.
+#
+# Several sessions may write at once (and the CLI beside us): a write holds
+# an exclusive flock on the workspace folder while it reads the list, adds
+# its note, writes a new file and renames it over the old, so no writer
+# loses another's note and no reader ever sees half a file.  Files are opened
+# relative to the workspace without following a symlink, as the file tools
+# do.  A notes file that is not a JSON list is never overwritten: the tool
+# says so.  The work runs in a thread; waiting for the lock gives up after
+# NOTES_LOCK_WAIT s, so it cannot outlive Stop for long.
+
+NOTES_FILE = ".agent_memory.json"
+NOTES_LOCK_WAIT = 10.0
+
+RECORD_NOTE_SCHEMA = {
+    "description": "Record important information as a session note for later: key facts, "
+                   "user preferences, decisions, context. Each note is timestamped and kept "
+                   "in the workspace across sessions.",
+    "type": "object",
+    "properties": {"content": {"type": "string", "description": "the note; concise, specific"},
+                   "category": {"type": "string", "description": "a tag such as "
+                                "user_preference, project_info, decision (default general)"}},
+    "required": ["content"], "additionalProperties": False,
+}
+RECALL_NOTES_SCHEMA = {
+    "description": "Recall the session notes recorded so far (by any session in this "
+                   "workspace), optionally only those of one category.",
+    "type": "object",
+    "properties": {"category": {"type": "string", "description": "only this category"}},
+    "additionalProperties": False,
+}
+
+
+class Notes:
+    def __init__(self, workspace: Path):
+        self.workspace = workspace
+
+    def _load(self, folder: int) -> list:
+        try:
+            fd = os.open(NOTES_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=folder)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ToolError(f"{NOTES_FILE} is a symlink; notes are kept in a plain file") \
+                    from None
+            raise
+        with open(fd, encoding="utf-8") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ToolError(f"{NOTES_FILE} is not a regular file")
+            text = f.read()
+        try:
+            notes = json.loads(text) if text.strip() else []
+        except ValueError as exc:
+            notes = exc
+        if not isinstance(notes, list):
+            raise ToolError(f"{NOTES_FILE} is not a JSON list of notes, so it was left as it "
+                            "is; fix it or move it away to record new notes")
+        return notes
+
+    def _with_folder(self, work: Callable[[int], str], lock: bool) -> str:
+        folder = os.open(self.workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if lock:
+                deadline = time.monotonic() + NOTES_LOCK_WAIT
+                while True:
+                    try:
+                        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise ToolError("another writer held the notes for over "
+                                            f"{NOTES_LOCK_WAIT:g} s; try again") from None
+                        time.sleep(0.005)
+            return work(folder)
+        finally:
+            os.close(folder)                 # and with it the lock
+
+    async def record(self, args: dict) -> str:
+        content, category = args["content"], args.get("category") or "general"
+        if not content.strip():
+            raise ToolError("the note is empty")
+
+        def add(folder: int) -> str:
+            notes = self._load(folder)
+            notes.append({"timestamp": datetime.now().isoformat(), "category": category,
+                          "content": content})
+            temp = f"{NOTES_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=folder)
+            try:
+                with open(fd, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(notes, indent=2, ensure_ascii=False))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temp, NOTES_FILE, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=folder)
+                raise
+            return f"Recorded note: {content} (category: {category})"
+
+        return await asyncio.to_thread(self._with_folder, add, True)
+
+    async def recall(self, args: dict) -> str:
+        category = args.get("category")
+
+        def read(folder: int) -> str:
+            notes = [n for n in self._load(folder) if isinstance(n, dict)]
+            if not notes:
+                return "No notes recorded yet."
+            if category:
+                notes = [n for n in notes if n.get("category") == category]
+                if not notes:
+                    return f"No notes found in category: {category}"
+            return "Recorded Notes:\n" + "\n".join(
+                f"{i}. [{n.get('category', 'general')}] {n.get('content', '')}\n"
+                f"   (recorded at {n.get('timestamp', 'unknown time')})"
+                for i, n in enumerate(notes, 1))
+
+        return await asyncio.to_thread(self._with_folder, read, False)
+
+
+# =============================================================================
+# Context compaction: a long session stays under the model's limit
+# =============================================================================
+#
+# Every step sends the whole history, so a long task grows its requests until
+# the provider refuses them.  Before a step whose request would pass
+# `token_limit`, the older part of the history is replaced in the model's
+# view by one summary the LLM writes (a user turn); the newest turns, up to
+# COMPACT_KEEP of the limit, stay word for word, cut only where a turn starts
+# (a tool result never loses its call).  The user's own messages of the
+# summarised part go into the summary turn word for word, newest first, up to
+# USER_KEEP of the limit: what was asked is never paraphrased away.
+#
+# The size of the next request is the provider's count for the last call
+# (input + output tokens, from its `usage`) plus an estimate of what was
+# added since; without a count, an estimate of all of it.  The estimate is
+# UTF-8 bytes / 4 (a token is ~4 bytes of English, and CJK's 3-byte characters
+# are ~1 token): no tokenizer, nothing downloaded.
+#
+# The summary is an ordinary LLM call (retried like any other, stopped by
+# Stop) with no tools.  A part too big for one summary request is summarised
+# in pieces, each with the summary so far.  Only the finished result becomes
+# an event, `compaction` {summary, through_seq, tokens_before, tokens_after,
+# messages}; the store keeps every event it stands for, so the page still
+# shows them all, and `history_from_events` rebuilds the model's view from the
+# newest compaction on.  A crash or a Stop mid-way stores nothing, so the next
+# step compacts again.
+#
+# A server that still says the prompt is too long (its context is smaller
+# than `token_limit`) is answered by compacting to fit what it said, and if
+# nothing is left to summarise (one huge tool output), by shortening the
+# largest tool results in the model's view; each is said in an `error` event
+# with `retrying: true`.
+
+COMPACT_KEEP = 0.3          # of the limit: the newest turns kept word for word
+USER_KEEP = 0.1             # of the limit: the user's own words kept in the summary
+SUMMARY_INPUT = 0.5         # of the limit: the most one summary request carries
+SUMMARY_RESULT_CHARS = 2_000  # a tool result, as the summariser sees it
+SHORT_RESULT_CHARS = 4_000  # a tool result shortened to fit, head and tail
+TOO_LONG_TRIES = 3          # "prompt is too long" answers before giving up
+SUMMARY_MARK = "[Context compacted]"
+
+SUMMARY_PROMPT = f"""{SUMMARY_MARK} is how your summary will begin. You are \
+summarising the earlier part of a working session between a user and an AI \
+agent that uses tools (shell commands, file edits) in a workspace. The agent \
+will continue from your summary alone, so keep everything it needs: the \
+user's goals and constraints, decisions made, files created or changed \
+(with paths), commands run and what they showed, errors and how they were \
+solved, and what is still to do. Be concise and factual; use short bullet \
+points; no preamble. The transcript follows."""
+
+
+def estimate_tokens(text: str) -> int:
+    return (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) // 4 + 1
+
+
+def entry_tokens(h: dict) -> int:
+    if h["role"] == "user":
+        return estimate_tokens(h["content"]) + 4
+    if h["role"] == "tool":
+        return estimate_tokens(h["output"]) + 8
+    size = estimate_tokens(h["text"]) + 4
+    for t in h["thinking"]:
+        size += estimate_tokens(t.get("thinking") or t.get("redacted") or "")
+    for c in h["tool_calls"]:
+        size += estimate_tokens(json.dumps(c["input"], ensure_ascii=False)) + 8
+    return size
+
+
+def request_tokens(history: list[dict], tools: list[dict]) -> int:
+    """An estimate of a whole request: system prompt, tool specs, messages."""
+    return (estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(json.dumps(tools))
+            + sum(entry_tokens(h) for h in history))
+
+
+def summary_entry(ev: dict) -> dict:
+    """The user turn that stands for everything a `compaction` summarised."""
+    return {"role": "user", "content": ev["summary"], "compaction": True}
+
+
+def cut_point(history: list[dict], keep: int) -> int | None:
+    """Where the kept tail starts: the earliest turn start from which the
+    tail fits in `keep` tokens, else the last turn start.  None when there is
+    nothing before it to summarise (only an earlier summary, or nothing)."""
+    best, size = None, 0
+    for i in range(len(history) - 1, 0, -1):
+        size += entry_tokens(history[i])
+        if history[i]["role"] != "tool":            # a turn starts here
+            if best is None or size <= keep:
+                best = i
+            if size > keep:
+                break
+    if best is None or all(h.get("compaction") for h in history[:best]):
+        return None
+    return best
+
+
+def transcript(entries: list[dict]) -> str:
+    """The part to summarise, as plain text the summariser reads."""
+    out = []
+    for h in entries:
+        if h.get("compaction"):
+            out.append(f"## Summary of what came before\n{h['content']}")
+        elif h["role"] == "user":
+            out.append(f"## User\n{h['content']}")
+        elif h["role"] == "assistant":
+            part = [f"## Assistant\n{h['text']}".rstrip()]
+            for c in h["tool_calls"]:
+                args = json.dumps(c["input"], ensure_ascii=False)
+                part.append(f"-> calls {c['name']} {clip_output(args, 400, 200)}")
+            out.append("\n".join(part))
+        else:
+            verdict = "failed" if h["is_error"] else "ok"
+            out.append(f"## Result of {h['tool']} ({verdict})\n"
+                       + clip_output(h["output"], SUMMARY_RESULT_CHARS // 2,
+                                     SUMMARY_RESULT_CHARS // 2))
+    return "\n\n".join(out)
+
+
+def pieces_to_summarise(entries: list[dict], budget: int) -> list[list[dict]]:
+    """The part split so each summary request stays within `budget` tokens."""
+    pieces: list[list[dict]] = [[]]
+    size = 0
+    for h in entries:
+        t = min(entry_tokens(h), SUMMARY_RESULT_CHARS // 3 + 50)
+        if pieces[-1] and size + t > budget:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(h)
+        size += t
+    return pieces
+
+
+def users_words(entries: list[dict], budget: int) -> str:
+    """The user's messages in the summarised part, word for word, newest
+    first within `budget` tokens (older ones live only in the summary)."""
+    kept, size = [], 0
+    for h in reversed(entries):
+        if h["role"] == "user" and not h.get("compaction"):
+            t = entry_tokens(h)
+            if size + t > budget:
+                break
+            kept.append(h["content"])
+            size += t
+    if not kept:
+        return ""
+    return ("\n\nThe user's messages in that part, word for word (oldest first):\n"
+            + "\n".join(f"- {' '.join(text.split()) if len(text) < 300 else text}"
+                        for text in reversed(kept)))
+
+
+def shorten_tool_results(history: list[dict], target: int, tools: list[dict]) -> int:
+    """Cut the largest tool results (in place, in the model's view only)
+    until the request fits in `target` tokens; returns how many were cut."""
+    cut = 0
+    for h in sorted((h for h in history if h["role"] == "tool"),
+                    key=lambda h: len(h["output"]), reverse=True):
+        if request_tokens(history, tools) <= target or len(h["output"]) <= SHORT_RESULT_CHARS:
+            break
+        was = len(h["output"])
+        h["output"] = (clip_output(h["output"], SHORT_RESULT_CHARS // 2, SHORT_RESULT_CHARS // 2)
+                       + f"\n[shortened to fit the model's context: {was:,} characters in all; "
+                       "the whole output is in the session's log]")
+        cut += 1
+    return cut
+
+
+# =============================================================================
 # The agent loop
 # =============================================================================
 
@@ -1623,8 +2021,13 @@ class Agent:
     def __init__(self, llm, cfg: LLMConfig, toolbox: Toolbox, *,
                  max_steps: int = DEFAULT_MAX_STEPS, approval_mode: str = "auto",
                  approver: Approver | None = None, decisions: dict[str, str] | None = None,
-                 asked: set[str] | None = None, allowed_tools: set[str] | None = None):
+                 asked: set[str] | None = None, allowed_tools: set[str] | None = None,
+                 measured: dict | None = None):
         self.llm, self.cfg, self.toolbox = llm, cfg, toolbox
+        # The context: the provider's last count {"tokens", "entries"} (see
+        # history_from_events), and the limit, lowered if a server says less.
+        self.measured = measured or None
+        self.limit = cfg.token_limit
         self.max_steps = max_steps
         self.approval_mode = approval_mode
         self.approver = approver
@@ -1640,6 +2043,7 @@ class Agent:
         self._input_errors: dict[str, str | None] = {}   # call id -> bad-arguments message
         self._output_so_far: dict[str, list[str]] = {}   # call id -> what it printed, live
         self._started_at: dict[str, float] = {}          # call id -> when it began to run
+        self._half: dict[str, str] = {}    # a channel's trailing high surrogate, held
 
     def cancel(self, status: str = "cancelled") -> None:
         if self.cancel_status is None:
@@ -1680,46 +2084,49 @@ class Agent:
                                      "(max_steps); send a message to continue", steps, usage)
                     return
                 steps += 1
-                # 2. One LLM step, streamed.
-                message_id = new_id("msg")
-                partial: list[str] = []      # this step's text so far, in fragments
-                streamed = False             # any delta of it, text or thinking
-                turn = None
-                half: dict[str, str] = {}    # a channel's trailing high surrogate, held
-                async for item in self._stream_step(history):
-                    kind = item[0]
-                    if kind in ("text", "thinking"):
-                        # An emoji whose halves come in two chunks is joined
-                        # before it is stored (see storable()).
-                        piece = half.pop(kind, "") + item[1]
-                        if "\ud800" <= piece[-1:] <= "\udbff":
-                            half[kind], piece = piece[-1], piece[:-1]
-                        piece = storable(piece)
-                        if not piece:
-                            continue
-                        if kind == "text":
-                            partial.append(piece)
-                        streamed = True
-                        yield {"type": "delta", "message_id": message_id,
-                               "channel": kind, "content": piece}
-                    elif kind == "retry":
-                        if item[2]:    # the failed try had streamed: close it, start anew
-                            yield self._incomplete(message_id, "".join(partial))
-                            message_id, partial, streamed = new_id("msg"), [], False
-                        yield {"type": "error", "message": item[1], "retrying": True}
-                    elif kind == "turn":
-                        turn = item[1]
-                        turn.text = storable(turn.text)
-                        turn.thinking = storable_value(turn.thinking)
-                        for c in turn.tool_calls:
-                            c["input"] = storable_value(c["input"])
+                # 2. Room first, when this step's request would pass the limit.
+                if self.context_size(history)[0] > self.limit:
+                    async for ev in self._make_room(history, usage):
+                        yield ev
+                # 3. One LLM step, streamed; a server that finds the prompt
+                #    too long for it gets a shorter one (see "Context compaction").
+                too_long = 0
+                while True:
+                    message_id = new_id("msg")
+                    partial: list[str] = []  # this step's text so far, in fragments
+                    streamed = False         # any delta of it, text or thinking
+                    turn = None
+                    try:
+                        async for item in self._stream_step(history):
+                            ev = self._step_item(item, message_id, partial)
+                            if ev is None:
+                                continue
+                            if ev["type"] == "delta":
+                                streamed = True
+                            elif ev["type"] == "error" and streamed:
+                                # the failed try had streamed: close it, start anew
+                                yield self._incomplete(message_id, "".join(partial))
+                                message_id, streamed = new_id("msg"), False
+                                partial.clear()
+                            if ev["type"] == "turn":
+                                turn = ev["turn"]
+                            else:
+                                yield ev
+                        break
+                    except LLMError as exc:
+                        if not exc.too_long or streamed or too_long >= TOO_LONG_TRIES:
+                            raise
+                        too_long += 1
+                        message_id = None
+                        async for ev in self._make_room(history, usage, exc):
+                            yield ev
                 usage["input_tokens"] += turn.usage.get("input_tokens", 0)
                 usage["output_tokens"] += turn.usage.get("output_tokens", 0)
                 if not turn.usage_reported:
                     # Never "0 tokens" when the server did not say: the counts
                     # then cover only the steps that were reported.
                     usage["reported"] = False
-                # 3. The finished reply: into the history, then out as events.
+                # 4. The finished reply: into the history, then out as events.
                 history.append({"role": "assistant", "message_id": message_id,
                                 "text": turn.text, "thinking": turn.thinking,
                                 "tool_calls": [{k: c[k] for k in ("id", "name", "input")}
@@ -1742,6 +2149,14 @@ class Agent:
                 for c in turn.tool_calls:
                     yield {"type": "tool_call", "message_id": history[-1]["message_id"],
                            "call_id": c["id"], "tool": c["name"], "input": c["input"]}
+                # The context after this step, for the page's meter (and the
+                # next run's count: see history_from_events).
+                counted = turn.usage_reported and turn.usage.get("input_tokens", 0) > 0
+                if counted:
+                    self.measured = {"tokens": turn.usage["input_tokens"]
+                                     + turn.usage.get("output_tokens", 0),
+                                     "entries": len(history)}
+                yield self.context_event(history)
                 if not turn.tool_calls:
                     summary = turn.text.strip().splitlines()[0][:200] if turn.text.strip() else ""
                     yield self._done("done", summary, steps, usage)
@@ -1782,15 +2197,123 @@ class Agent:
         return {"type": "done", "status": status, "summary": summary, "steps": steps,
                 "usage": dict(usage)}
 
-    async def _stream_step(self, history: list[dict]) -> AsyncIterator[tuple]:
+    # -- the context (see "Context compaction") -------------------------------
+    def context_size(self, history: list[dict]) -> tuple[int, bool]:
+        """(tokens of the next request, whether that is only an estimate)."""
+        m = self.measured
+        if m and m["entries"] <= len(history):
+            return m["tokens"] + sum(entry_tokens(h) for h in history[m["entries"]:]), False
+        return request_tokens(history, self.toolbox.specs()), True
+
+    def context_event(self, history: list[dict]) -> dict:
+        tokens, estimated = self.context_size(history)
+        return {"type": "context", "tokens": tokens, "limit": self.limit,
+                "estimated": estimated}
+
+    async def _make_room(self, history: list[dict], usage: dict,
+                         refused: LLMError | None = None) -> AsyncIterator[dict]:
+        """Bring the next request under the limit: compact, then if need be
+        shorten the largest tool results.  `refused`: the server's "prompt is
+        too long", which also teaches us its real limit."""
+        specs = self.toolbox.specs()
+        if refused is not None:
+            size = self.context_size(history)[0]
+            told = refused.context_limit
+            self.limit = int(min(self.limit, size * 0.8, told * 0.9 if told else size))
+            yield {"type": "error", "retrying": True, "message":
+                   f"{refused.message} — compacting the conversation to fit "
+                   f"{self.limit:,} tokens, then trying again"}
+        compacted = False
+        async for ev in self._compact(history, usage, "too_long" if refused else "limit"):
+            compacted = True
+            yield ev
+        size = self.context_size(history)[0]
+        if size > self.limit:
+            cut = shorten_tool_results(history, int(self.limit * 0.9), specs)
+            if cut:
+                self.measured = None
+                yield {"type": "error", "retrying": True, "message":
+                       f"the conversation is still {size:,} tokens, over the limit of "
+                       f"{self.limit:,}: the {cut} largest tool result(s) are shortened in "
+                       "the model's view (the whole outputs stay in the log)"}
+                yield self.context_event(history)
+            elif refused is not None and not compacted:
+                raise refused                 # nothing left to make smaller
+
+    async def _compact(self, history: list[dict], usage: dict, reason: str
+                       ) -> AsyncIterator[dict]:
+        """Summarise the older part of `history` (replaced in place) and yield
+        the `compaction` event; nothing when there is nothing to summarise."""
+        before = self.context_size(history)[0]
+        cut = cut_point(history, int(self.limit * COMPACT_KEEP))
+        if cut is None:
+            return
+        old, tail = history[:cut], history[cut:]
+        summary = ""
+        for piece in pieces_to_summarise(old, int(self.limit * SUMMARY_INPUT)):
+            earlier = [{"role": "user", "content": summary, "compaction": True}] if summary else []
+            ask = [{"role": "user", "content": f"{SUMMARY_PROMPT}\n\n{transcript(earlier + piece)}"}]
+            async for item in self._stream_step(ask, tools=[]):
+                if item[0] == "retry":
+                    yield {"type": "error", "retrying": True,
+                           "message": f"summarising the conversation: {item[1]}"}
+                elif item[0] == "turn":
+                    usage["input_tokens"] += item[1].usage.get("input_tokens", 0)
+                    usage["output_tokens"] += item[1].usage.get("output_tokens", 0)
+                    summary = storable(item[1].text.strip()) or summary
+        told = sum(1 for h in old if not h.get("compaction"))
+        content = (f"{SUMMARY_MARK} The earlier part of this session ({told} messages) is "
+                   f"summarised here; the newest messages follow word for word.\n\n"
+                   f"{summary or '(the model gave no summary)'}"
+                   f"{users_words(old, int(self.limit * USER_KEEP))}")
+        history[:] = [{"role": "user", "content": content, "compaction": True}, *tail]
+        self.measured = None
+        first = tail[0]
+        keep_from = ({"seq": first["seq"]} if first.get("seq")
+                     else {"message_id": first["message_id"]} if first.get("message_id") else {})
+        yield {"type": "compaction", "summary": content, "tokens_before": before,
+               "tokens_after": self.context_size(history)[0], "messages": told,
+               "reason": reason, "keep_from": keep_from}
+        yield self.context_event(history)
+
+    def _step_item(self, item: tuple, message_id: str, partial: list[str]) -> dict | None:
+        """One item of a streamed step as an event (a `delta`, a retry's
+        `error`), or {"type": "turn"} with the finished reply; None to skip."""
+        kind = item[0]
+        if kind in ("text", "thinking"):
+            # An emoji whose halves come in two chunks is joined before it is
+            # stored (see storable()).
+            piece = self._half.pop(kind, "") + item[1]
+            if "\ud800" <= piece[-1:] <= "\udbff":
+                self._half[kind], piece = piece[-1], piece[:-1]
+            piece = storable(piece)
+            if not piece:
+                return None
+            if kind == "text":
+                partial.append(piece)
+            return {"type": "delta", "message_id": message_id, "channel": kind,
+                    "content": piece}
+        if kind == "retry":
+            self._half.clear()
+            return {"type": "error", "message": item[1], "retrying": True}
+        turn = item[1]
+        self._half.clear()
+        turn.text = storable(turn.text)
+        turn.thinking = storable_value(turn.thinking)
+        for c in turn.tool_calls:
+            c["input"] = storable_value(c["input"])
+        return {"type": "turn", "turn": turn}
+
+    async def _stream_step(self, history: list[dict], tools: list[dict] | None = None
+                           ) -> AsyncIterator[tuple]:
         """Pump the LLM stream in a child task so cancel() can cut it anywhere."""
+        tools = self.toolbox.specs() if tools is None else tools
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
 
         async def pump() -> None:
             try:
-                async for item in stream_with_retries(self.llm, self.cfg, history,
-                                                      self.toolbox.specs()):
+                async for item in stream_with_retries(self.llm, self.cfg, history, tools):
                     queue.put_nowait(item)
                 queue.put_nowait(end)
             except BaseException as exc:        # handed to the consumer, re-raised there
@@ -1900,6 +2423,14 @@ class Agent:
 # Terminal front end: `python agent_core.py`
 # =============================================================================
 
+def context_line(context: dict | None, limit: int) -> str:
+    """"context 12,300 / 80,000 tokens" for /stats, from the last `context` event."""
+    if context is None:
+        return f"context not measured yet (limit {limit:,} tokens)"
+    return (f"context {'~' if context['estimated'] else ''}{context['tokens']:,} / "
+            f"{context['limit']:,} tokens")
+
+
 def usage_line(usage: dict) -> str:
     """A run's token counts, honest when the server did not report them."""
     counts = f"{usage['input_tokens']} in / {usage['output_tokens']} out tokens"
@@ -1926,6 +2457,8 @@ class Terminal:
         self.http = make_http_client(cfg)
         self.llm = make_llm(cfg, self.http)
         self.allowed: set[str] = set()
+        self.context: dict | None = None      # the last `context` event
+        self.measured: dict | None = None     # carried from run to run
 
     def c(self, code: str, text: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -1941,7 +2474,8 @@ class Terminal:
     async def run_task(self, text: str) -> None:
         self.history.append({"role": "user", "content": text})
         agent = Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
-                      approval_mode=self.approve, approver=self.ask_approval)
+                      approval_mode=self.approve, approver=self.ask_approval,
+                      measured=self.measured)
         agent.allowed_tools = self.allowed
         try:
             self.loop.add_signal_handler(signal.SIGINT, agent.cancel)
@@ -2000,6 +2534,12 @@ class Terminal:
                     self.say(self.c("2", f"  → {ev['decision']}"))
                 elif kind == "error":
                     self.say(self.c("31", f"⚠ {ev['message']}"))
+                elif kind == "compaction":
+                    self.say(self.c("35", f"⟲ context compacted: {ev['tokens_before']:,} → "
+                                          f"{ev['tokens_after']:,} tokens ({ev['messages']} "
+                                          "messages summarised)"))
+                elif kind == "context":
+                    self.context = ev
                 elif kind == "done":
                     self.totals["runs"] += 1
                     self.totals["steps"] += ev["steps"]
@@ -2009,6 +2549,7 @@ class Terminal:
                     self.say(self.c(colour, f"\n■ {ev['status']} · {ev['steps']} step(s) · "
                                     + usage_line(ev["usage"])))
         finally:
+            self.measured = agent.measured
             try:
                 self.loop.remove_signal_handler(signal.SIGINT)
             except (NotImplementedError, RuntimeError):
@@ -2036,7 +2577,8 @@ class Terminal:
         elif cmd == "/stats":
             t = self.totals
             self.say(f"runs {t['runs']} · steps {t['steps']} · tokens in "
-                     f"{t['input_tokens']} · out {t['output_tokens']}")
+                     f"{t['input_tokens']} · out {t['output_tokens']} · " + context_line(
+                         self.context, self.cfg.token_limit))
         else:
             self.say(f"Unknown command {cmd}. /help lists them.")
         return True
@@ -2093,9 +2635,11 @@ def main(argv: list[str] | None = None) -> int:
                    default=os.environ.get("AGENT_APPROVE", "ask"),
                    help="auto: run every tool; ask: confirm bash and file writes (default); "
                         "ask-all: confirm every tool")
+    p.add_argument("--token-limit", type=int, help="context size in tokens past which older "
+                   f"turns are summarised (AGENT_TOKEN_LIMIT; {DEFAULT_TOKEN_LIMIT:,})")
     args = p.parse_args(argv)
     try:
-        cfg = config_from_env(args.provider, args.model)
+        cfg = config_from_env(args.provider, args.model, token_limit=args.token_limit)
         terminal = Terminal(cfg, args.workspace, args.max_steps, args.approve)
     except ValueError as exc:
         p.error(str(exc))

@@ -623,6 +623,18 @@ class Store:
         return {call_id: "".join(parts) for call_id, parts in printed.items()}
 
     @staticmethod
+    def seq_before(conn, session_id: str, message_id: str | None) -> int:
+        """The seq before a message's first event (before nothing: the last)."""
+        row = conn.execute(
+            "SELECT min(seq) FROM events WHERE session_id = ? AND type IN "
+            "('thinking', 'message', 'tool_call') AND json_extract(data, '$.message_id') = ?",
+            (session_id, message_id)).fetchone() if message_id else None
+        if row and row[0]:
+            return row[0] - 1
+        return conn.execute("SELECT coalesce(max(seq), 0) FROM events WHERE session_id = ?",
+                            (session_id,)).fetchone()[0]
+
+    @staticmethod
     def conversation(conn, session_id: str) -> list[dict]:
         """Every event but the streamed fragments, decoded: enough to rebuild
         the history."""
@@ -896,13 +908,14 @@ class RunManager:
             finally:
                 run.approvals.pop(call["id"], None)
 
+        measured: dict = {}
+        history = core.history_from_events(prior, measured)
         run.agent = core.Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
                                approval_mode=approve_mode, approver=approver, asked=asked,
-                               allowed_tools=allowed_tools_from(prior))
+                               allowed_tools=allowed_tools_from(prior), measured=measured)
         for call_id in asked:       # answers may come before the agent gets there
             run.approvals[call_id] = asyncio.get_running_loop().create_future()
-        run.task = asyncio.create_task(self._drive(run, core.history_from_events(prior)),
-                                       name=f"run-{run.session_id}")
+        run.task = asyncio.create_task(self._drive(run, history), name=f"run-{run.session_id}")
 
     async def _drive(self, run: Run, history: list[dict]) -> None:
         sid = run.session_id
@@ -921,6 +934,8 @@ class RunManager:
                     if kind == "done":
                         # Free the slot first: a client that sees `done` may POST at once.
                         self.release(run)
+                    if kind == "compaction":
+                        ev["through_seq"] = await self._through_seq(sid, ev.pop("keep_from"))
                     await self.events.emit(sid, ev)
                     if self.events.lost.get(sid):
                         await self.events.emit(sid, {
@@ -942,6 +957,15 @@ class RunManager:
                 await self._end_when_storable(run, exc)
         finally:
             self.release(run)
+
+    async def _through_seq(self, sid: str, keep_from: dict) -> int:
+        """The last seq a compaction's summary stands for: the one before the
+        first event of the first turn it keeps (by seq if that turn came from
+        the store, by message_id if this run made it)."""
+        if "seq" in keep_from:
+            return keep_from["seq"] - 1
+        await self.events.flush()             # the turn's events are in the store
+        return await self.store.read(Store.seq_before, sid, keep_from.get("message_id"))
 
     async def write_end(self, sid: str, status: str, summary: str, reason: str,
                         error: str | None = None) -> None:
@@ -1911,6 +1935,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: run every tool; ask: confirm bash and file writes (default); "
                         "ask-all: confirm every tool")
     p.add_argument("--max-steps", type=int, default=core.DEFAULT_MAX_STEPS)
+    p.add_argument("--token-limit", type=int, help="context size in tokens past which older "
+                   f"turns are summarised (AGENT_TOKEN_LIMIT; {core.DEFAULT_TOKEN_LIMIT:,})")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--log-level", default=env.get("AGENT_WEB_LOG_LEVEL", "warning"))
     args = p.parse_args(argv)
@@ -1918,7 +1944,7 @@ def main(argv: list[str] | None = None) -> int:
 
     token = env.get("AGENT_WEB_TOKEN") or secrets.token_urlsafe(24)
     try:
-        cfg = core.config_from_env(args.provider, args.model)
+        cfg = core.config_from_env(args.provider, args.model, token_limit=args.token_limit)
         application = create_app(db_path=args.db, workspace=args.workspace, token=token,
                                  llm_config=cfg, approve=args.approve, max_steps=args.max_steps)
     except ValueError as exc:                      # a malformed AGENT_* setting

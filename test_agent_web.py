@@ -80,6 +80,7 @@ class Reply:
         self.delay, self.cut_after, self.fragments = delay, cut_after, fragments
         self.status, self.headers, self.body, self.hang, self.raw = (
             status, headers or {}, body, hang, raw)
+        self.input_tokens = 11              # what the usage says (see FakeLLM.count_tokens)
 
 
 def words(text: str) -> list[str]:
@@ -97,7 +98,8 @@ def anthropic_sse(r: Reply) -> list[bytes]:
     out = [ev("message_start", {"type": "message_start", "message": {
         "id": "msg_fake", "type": "message", "role": "assistant", "content": [],
         "model": "claude-fake", "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 11, "output_tokens": 1}}}), ev("ping", {"type": "ping"})]
+        "usage": {"input_tokens": r.input_tokens, "output_tokens": 1}}}),
+           ev("ping", {"type": "ping"})]
     index = 0
     if r.thinking:
         out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
@@ -157,8 +159,10 @@ def openai_sse(r: Reply) -> list[bytes]:
     out.append(chunk({}, r.stop or ("tool_calls" if r.tools else "stop")))
     out.append(("data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
                                        "created": 1, "model": "gpt-fake", "choices": [],
-                                       "usage": {"prompt_tokens": 11, "completion_tokens": 7,
-                                                 "total_tokens": 18}}) + "\n\n").encode())
+                                       "usage": {"prompt_tokens": r.input_tokens,
+                                                 "completion_tokens": 7,
+                                                 "total_tokens": r.input_tokens + 7}})
+                + "\n\n").encode())
     out.append(b"data: [DONE]\n\n")
     return out
 
@@ -187,6 +191,9 @@ def default_reply(body: dict, protocol: str) -> Reply:
             out = last["content"]
             return Reply(f"The tool said: {out.strip().splitlines()[0] if out.strip() else ''}")
         prompt = content or ""
+    if prompt.startswith(core.SUMMARY_PROMPT[:60]):    # a compaction's summary request
+        asked = re.findall(r"^## User\n", prompt, re.M)
+        return Reply(f"SUMMARY: the user sent {len(asked)} message(s); all is well.")
     if prompt.startswith("run: "):
         return Reply("Running it.", tools=[("bash", json.dumps({"command": prompt[5:]}))])
     if prompt.startswith("stream "):            # bench/: "stream N [R]": N words, R a second
@@ -201,6 +208,27 @@ def default_reply(body: dict, protocol: str) -> Reply:
     return Reply(f"You said: {prompt}")
 
 
+def is_summary_request(body: dict) -> bool:
+    """A compaction's request: its last message is the summary prompt."""
+    last = body["messages"][-1]["content"]
+    text = last if isinstance(last, str) else (last[0].get("text") or "") if last else ""
+    return text.startswith(core.SUMMARY_PROMPT[:60])
+
+
+def too_long_reply(protocol: str, tokens: int, limit: int) -> Reply:
+    """The providers' answers to a prompt past the model's context (as their
+    docs and issue trackers show them)."""
+    if protocol == "anthropic":
+        return Reply(status=400, body=json.dumps({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": f"prompt is too long: {tokens} tokens > {limit} maximum"}}).encode())
+    return Reply(status=400, body=json.dumps({"error": {
+        "message": f"This model's maximum context length is {limit} tokens. However, your "
+                   f"messages resulted in {tokens} tokens. Please reduce the length of the "
+                   "messages.", "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}}).encode())
+
+
 class FakeLLM:
     """An HTTP server on 127.0.0.1 speaking Anthropic Messages and OpenAI Chat
     Completions streaming.  `requests` records every request body."""
@@ -209,6 +237,14 @@ class FakeLLM:
         self.keep_alive = keep_alive        # as real providers: the connection is pooled
         self.script: list[Reply] = []
         self.requests: list[dict] = []
+        # A model's context, for compaction tests: with `count_tokens` the
+        # usage counts the request (bytes / 4); past `context_size` tokens it
+        # is refused with the provider's own "prompt is too long" answer.
+        # `on_summary` answers summary requests before `script` does.
+        self.count_tokens = False
+        self.context_size: int | None = None
+        self.on_summary: list[Reply] = []
+        self.refused = 0                    # requests answered "too long"
         self.headers: list[dict] = []
         self.lock = threading.Lock()
         fake = self
@@ -223,12 +259,22 @@ class FakeLLM:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length))
                 protocol = "anthropic" if self.path.endswith("/v1/messages") else "openai"
+                tokens = length // 4
+                summary = is_summary_request(body)
                 with fake.lock:
                     fake.requests.append(body)
                     fake.headers.append(dict(self.headers))
-                    reply = fake.script.pop(0) if fake.script else None
+                    if summary and fake.on_summary:
+                        reply = fake.on_summary.pop(0)
+                    else:
+                        reply = fake.script.pop(0) if fake.script else None
+                if fake.context_size and tokens > fake.context_size:
+                    reply = too_long_reply(protocol, tokens, fake.context_size)
+                    fake.refused += 1
                 if reply is None:
                     reply = default_reply(body, protocol)
+                if fake.count_tokens:
+                    reply.input_tokens = tokens
                 if reply.hang:
                     time.sleep(30)
                     return
@@ -503,8 +549,8 @@ def test_anthropic_request_carries_key_version_and_stream(llm, tmp_path):
     h = {k.lower(): v for k, v in llm.headers[0].items()}
     assert h["x-api-key"] == "key-123" and h["anthropic-version"] == "2023-06-01"
     assert llm.requests[0]["stream"] is True
-    assert {t["name"] for t in llm.requests[0]["tools"]} == {"bash", "read_file", "write_file",
-                                                             "edit_file"}
+    assert {t["name"] for t in llm.requests[0]["tools"]} == {
+        "bash", "read_file", "write_file", "edit_file", "record_note", "recall_notes"}
 
 
 def test_openai_request_asks_for_usage_and_sends_bearer(llm, tmp_path):
@@ -1891,6 +1937,308 @@ def test_a_body_sent_a_byte_at_a_time_times_out_408(tmp_path, llm):
 
 
 # =============================================================================
+# Long sessions: context compaction and session notes (issue 18)
+# =============================================================================
+
+def test_prompt_too_long_is_recognised_in_what_each_server_says():
+    bodies = {
+        '{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too '
+        'long: 208656 tokens > 200000 maximum"}}': 200000,                  # Anthropic
+        '{"error":{"message":"This model\'s maximum context length is 16384 tokens. However, '
+        'you requested 122946 tokens","code":"context_length_exceeded"}}': 16384,  # OpenAI, vLLM
+        '{"error":{"code":400,"message":"the request exceeds the available context size. try '
+        'increasing the context size or enable context shift","type":"exceed_context_size_error",'
+        '"n_prompt_tokens":1407,"n_ctx":256}}': 256,                        # llama.cpp
+        '{"error":{"code":500,"message":"Context size has been exceeded.","type":"server_error"}}':
+            None,                                                           # older llama.cpp
+        '{"detail":"Requested tokens (2285) exceed context window of 2048"}': 2048,
+        '{"object":"error","message":"Input prompt (35247 tokens) is too long and exceeds limit '
+        'of 1000"}': 1000,                                                  # vLLM's scheduler
+    }
+    for body, size in bodies.items():
+        assert core.prompt_too_long(body) == (True, size), body
+    for other in ('{"error":{"message":"Rate limit reached for tokens per min"}}',
+                  '{"error":"model \'x\' not found"}', "Bad Gateway"):
+        assert core.prompt_too_long(other) == (False, None)
+
+
+def long_prompt(n: int, size: int = 2400) -> str:
+    return f"say: turn{n} " + f"filler{n} " * (size // 8)
+
+
+@pytest.mark.parametrize("protocol", ["anthropic", "openai"])
+def test_a_long_session_is_compacted_and_the_model_reads_the_summary(llm, tmp_path, protocol):
+    """Past the limit (counted by the server's own usage, plus an estimate of
+    what came since) the older turns are summarised by the model: one
+    `compaction` event, and the next request is the summary and the newest
+    turns, a conversation the provider accepts."""
+    llm.count_tokens = True
+    cfg = cfg_for(llm, protocol, token_limit=2000)
+    history: list[dict] = []
+    runs = []
+    for n in range(4):
+        runs.append(arun(run_agent(cfg, tmp_path / "ws", long_prompt(n), history=history)))
+    events = [e for run in runs for e in run]
+    compactions = of(events, "compaction")
+    assert len(compactions) >= 1
+    c = compactions[0]
+    assert c["tokens_before"] > 2000 > c["tokens_after"] and c["messages"] >= 2
+    assert "SUMMARY: the user sent" in c["summary"] and c["reason"] == "limit"
+    assert all(r[-1]["status"] == "done" for r in runs)
+    # The summary request: no tools, the transcript of the older part.
+    asks = [b for b in llm.requests if is_summary_request(b)]
+    assert asks and all("tools" not in b for b in asks)
+    assert "turn0" in json.dumps(asks[0])
+    # After it, the model reads the summary, not the turns it stands for.
+    last = llm.requests[-1]
+    sent = json.dumps(last["messages"])
+    assert "SUMMARY: the user sent" in sent and "filler0" not in sent and "turn3" in sent
+    check = anthropic_problems if protocol == "anthropic" else openai_problems
+    assert all(check(b) == [] for b in llm.requests)
+    # A context event after every step; the server's count, not an estimate.
+    contexts = of(events, "context")
+    assert len(contexts) >= len(of(events, "message")) and contexts[0]["limit"] == 2000
+    assert not contexts[0]["estimated"] and contexts[0]["tokens"] > 0
+
+
+def test_the_models_view_is_rebuilt_from_the_newest_compaction():
+    events = [
+        {"seq": 1, "type": "message", "role": "user", "content": "first"},
+        {"seq": 2, "type": "message", "role": "assistant", "message_id": "a1", "content": "A1"},
+        {"seq": 3, "type": "context", "tokens": 900, "limit": 1000, "estimated": False},
+        {"seq": 4, "type": "message", "role": "user", "content": "second"},
+        {"seq": 5, "type": "message", "role": "assistant", "message_id": "a2", "content": "A2"},
+        {"seq": 6, "type": "compaction", "summary": "S-old", "through_seq": 2},
+        {"seq": 7, "type": "message", "role": "user", "content": "third"},
+        {"seq": 8, "type": "tool_call", "message_id": "a3", "call_id": "c1", "tool": "bash",
+         "input": {"command": "ls"}},
+        {"seq": 9, "type": "tool_result", "call_id": "c1", "tool": "bash", "output": "x",
+         "is_error": False, "duration_ms": 1},
+        {"seq": 10, "type": "compaction", "summary": "S-new", "through_seq": 7},
+        {"seq": 11, "type": "context", "tokens": 300, "limit": 1000, "estimated": False},
+    ]
+    measure: dict = {}
+    history = core.history_from_events(events, measure)
+    assert [h["role"] for h in history] == ["user", "assistant", "tool"]
+    assert history[0]["content"] == "S-new" and history[1]["tool_calls"][0]["id"] == "c1"
+    assert measure == {"tokens": 300, "entries": 3}
+    # A count taken before the newest compaction is not the context now.
+    measure = {}
+    core.history_from_events(events[:10], measure)
+    assert measure == {}
+
+
+def test_any_log_with_a_compaction_makes_requests_both_providers_accept():
+    """Property test: random logs, a compaction through a random seq, a new
+    message: the rebuilt requests pass both providers' validators."""
+    import random
+    for seed in range(600):
+        rng = random.Random(seed)
+        events = random_event_log(rng)
+        for i, e in enumerate(events, 1):
+            e["seq"] = i
+        through = rng.randint(0, len(events))
+        events.append({"seq": len(events) + 1, "type": "compaction", "summary": "[Context "
+                       "compacted] what came before", "through_seq": through})
+        events.append({"seq": len(events) + 1, "type": "message", "role": "user",
+                       "content": "and now?"})
+        a_body, o_body = request_bodies(core.history_from_events(events))
+        assert anthropic_problems(a_body) == [], (seed, a_body["messages"])
+        assert openai_problems(o_body) == [], (seed, o_body["messages"])
+        assert "what came before" in json.dumps(o_body["messages"][1])
+
+
+@pytest.mark.parametrize("protocol", ["anthropic", "openai"])
+def test_prompt_too_long_is_answered_by_compacting_and_retrying(llm, tmp_path, protocol):
+    """The server's context is smaller than token_limit: its own "too long"
+    answer starts a compaction, and the step is tried again, not failed."""
+    llm.count_tokens = True
+    llm.context_size = 1800
+    cfg = cfg_for(llm, protocol)                       # token_limit 80,000: far too high
+    history: list[dict] = []
+    runs = [arun(run_agent(cfg, tmp_path / "ws", long_prompt(n), history=history))
+            for n in range(4)]
+    events = [e for run in runs for e in run]
+    assert all(r[-1]["status"] == "done" for r in runs)
+    said = [e for e in events if e["type"] == "error"]
+    assert said and all(e["retrying"] for e in said)
+    assert "too long" in said[0]["message"] and "compacting" in said[0]["message"]
+    c = of(events, "compaction")[0]
+    assert c["reason"] == "too_long" and c["tokens_after"] < 1800
+    assert llm.refused == len(said)          # each refusal said, then made to fit
+    assert len(json.dumps(llm.requests[-1])) // 4 <= 1800
+
+
+def test_one_huge_tool_output_is_shortened_in_the_models_view_only(llm, tmp_path):
+    """Nothing older to summarise helps when one tool result alone is past
+    the server's context: the largest results are shortened for the model,
+    it says so, and the stored result keeps every character."""
+    llm.count_tokens = True
+    llm.context_size = 3000
+    cmd = "python3 -c \"print('y' * 19000)\""
+    events = arun(run_agent(cfg_for(llm), tmp_path / "ws", f"run: {cmd}"))
+    assert events[-1]["status"] == "done"
+    result = of(events, "tool_result")[0]
+    assert result["output"].count("y") >= 19000              # the log keeps it whole
+    notes = [e["message"] for e in of(events, "error")]
+    assert all(e["retrying"] for e in of(events, "error"))
+    assert any("shortened in the model's view" in m for m in notes)
+    sent = json.dumps(llm.requests[-1]["messages"])
+    assert "shortened to fit the model's context" in sent and sent.count("y") < 6000
+
+
+def test_a_failing_summary_call_is_retried_and_stop_during_compaction_works(llm, tmp_path):
+    llm.count_tokens = True
+    cfg = cfg_for(llm, token_limit=2000)
+    history: list[dict] = []
+    assert not of(arun(run_agent(cfg, tmp_path / "ws", long_prompt(0), history=history)),
+                  "compaction")
+    before = [dict(h) for h in history]
+    # Stop while the summary is being written: the run ends cancelled, and
+    # nothing of a compaction is left (the history is as it was).
+    llm.on_summary.append(Reply(hang=True))
+
+    async def stop_during_summary():
+        history.append({"role": "user", "content": long_prompt(9, 6000)})
+        async with core.make_http_client(cfg) as http:
+            agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(tmp_path / "ws"))
+
+            async def stop_soon():
+                deadline = time.monotonic() + 10
+                while not any(map(is_summary_request, llm.requests)):
+                    assert time.monotonic() < deadline, "no summary was asked for"
+                    await asyncio.sleep(0.02)
+                agent.cancel()
+            stopper = asyncio.ensure_future(stop_soon())
+            out = [ev async for ev in agent.run(history)]
+            await stopper
+            return out
+    events = arun(stop_during_summary())
+    assert events[-1]["status"] == "cancelled" and not of(events, "compaction")
+    assert history[:len(before)] == before
+    history.pop()
+    # A summary call that fails is retried like any other call.
+    llm.on_summary.append(Reply(status=529, body=json.dumps(
+        {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}).encode()))
+    events = arun(run_agent(cfg, tmp_path / "ws", long_prompt(3), history=history))
+    assert events[-1]["status"] == "done" and len(of(events, "compaction")) == 1
+    retry = [e for e in of(events, "error") if e["retrying"]]
+    assert retry and "summarising the conversation" in retry[0]["message"]
+
+
+def test_compaction_in_the_server_is_stored_kept_across_a_restart_and_loses_nothing(
+        tmp_path, llm):
+    """The server stores the compaction with the last seq it stands for; the
+    user's view keeps every message; after a restart the model's view starts
+    from the summary; a crash during a summary loses nothing and the next
+    message compacts again."""
+    llm.count_tokens = True
+    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_TOKEN_LIMIT": "2000"})
+    try:
+        sid = None
+        for n in range(3):
+            sid = server.chat(long_prompt(n), sid)["session_id"]
+            server.wait_status(sid)
+        events = server.all_events(sid)
+        c = of(events, "compaction")[0]
+        assert 0 < c["through_seq"] < c["seq"] and "SUMMARY" in c["summary"]
+        kept = [e for e in events if e["seq"] > c["through_seq"] and e["type"] == "message"]
+        assert kept and kept[0]["role"] == "user"                # a turn starts there
+        assert [e["content"] for e in of(events, "message") if e["role"] == "user"] == [
+            long_prompt(n) for n in range(3)]                   # the user's view: all of it
+        server.stop()
+        server.start()
+        server.chat("say: after the restart", sid)
+        server.wait_status(sid)
+        first = json.dumps(llm.requests[-1]["messages"][0])
+        assert "[Context compacted]" in first and "filler0" not in json.dumps(
+            llm.requests[-1]["messages"])
+        # A crash while a summary is written: nothing is stored of it, and
+        # the next message compacts again.
+        count = len(of(server.all_events(sid), "compaction"))
+        llm.on_summary.append(Reply(hang=True))
+        server.chat(long_prompt(7), sid)
+        deadline = time.time() + 20
+        while not any(is_summary_request(b)
+                      for b in llm.requests[-1:]) and time.time() < deadline:
+            time.sleep(0.05)
+        server.kill()
+        server.start()
+        assert server.history(sid)["status"] == "idle"
+        assert len(of(server.all_events(sid), "compaction")) == count
+        server.chat("say: once more", sid)
+        server.wait_status(sid)
+        assert len(of(server.all_events(sid), "compaction")) == count + 1
+    finally:
+        server.stop()
+
+
+def test_the_terminal_prints_a_compaction_line(llm, tmp_path):
+    llm.count_tokens = True
+    llm.context_size = 3000
+    out = subprocess.run(
+        [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path), "--approve", "auto",
+         "--token-limit", "1000", "-t", "run: python3 -c \"print('z' * 15000)\""],
+        capture_output=True, text=True, timeout=60,
+        env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url,
+                     AGENT_RETRY_BASE_DELAY="0.01"))
+    assert "⟲ context compacted:" in out.stdout and "■ done" in out.stdout, out.stdout
+
+
+def test_notes_are_kept_in_mini_agents_file_and_shape(tmp_path):
+    upstream = [{"timestamp": "2025-10-01T09:00:00.000001", "category": "project_info",
+                 "content": "Uses Python 3.12"}]
+    (tmp_path / ".agent_memory.json").write_text(json.dumps(upstream, indent=2))
+    box = core.Toolbox(tmp_path)
+
+    async def go():
+        return [await box.execute("record_note", {"content": "User likes short answers",
+                                                  "category": "user_preference"}),
+                await box.execute("record_note", {"content": "no category"}),
+                await box.execute("recall_notes", {}),
+                await box.execute("recall_notes", {"category": "user_preference"}),
+                await box.execute("recall_notes", {"category": "nothing"})]
+    rec, rec2, everything, prefs, none = arun(go())
+    assert rec == ("Recorded note: User likes short answers (category: user_preference)", False)
+    notes = json.loads((tmp_path / ".agent_memory.json").read_text())
+    assert notes[0] == upstream[0] and [n["category"] for n in notes] == [
+        "project_info", "user_preference", "general"]
+    assert set(notes[1]) == {"timestamp", "category", "content"}
+    assert everything[0].startswith("Recorded Notes:\n1. [project_info] Uses Python 3.12\n"
+                                    "   (recorded at 2025-10-01T09:00:00.000001)")
+    assert prefs[0] == ("Recorded Notes:\n1. [user_preference] User likes short answers\n"
+                        f"   (recorded at {notes[1]['timestamp']})")
+    assert none == ("No notes found in category: nothing", False)
+
+
+def test_notes_written_at_once_by_many_sessions_lose_none_and_bad_files_are_kept(tmp_path):
+    boxes = [core.Toolbox(tmp_path) for _ in range(4)]      # four sessions, one workspace
+
+    async def go():
+        return await asyncio.gather(*(
+            box.execute("record_note", {"content": f"s{i} n{j}"})
+            for i, box in enumerate(boxes) for j in range(15)))
+    results = arun(go())
+    assert all(not err for _, err in results)
+    notes = json.loads((tmp_path / ".agent_memory.json").read_text())
+    assert sorted(n["content"] for n in notes) == sorted(
+        f"s{i} n{j}" for i in range(4) for j in range(15))
+    assert not list(tmp_path.glob("*.tmp"))
+    # A file that is not a list of notes is never overwritten.
+    (tmp_path / ".agent_memory.json").write_text("{oops")
+    out, err = arun(boxes[0].execute("record_note", {"content": "x"}))
+    assert err and "not a JSON list" in out
+    assert (tmp_path / ".agent_memory.json").read_text() == "{oops"
+    # Nor followed out of the workspace.
+    (tmp_path / ".agent_memory.json").unlink()
+    outside = tmp_path.parent / f"outside-{tmp_path.name}.json"
+    outside.write_text("[]")
+    (tmp_path / ".agent_memory.json").symlink_to(outside)
+    out, err = arun(boxes[0].execute("recall_notes", {}))
+    assert err and "symlink" in out and outside.read_text() == "[]"
+
+
+# =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
 
@@ -3093,6 +3441,38 @@ def test_page_slash_commands(server, page_for):
     send_in_page(page, "/clear")
     page.wait_for_function("!location.search.includes('session=')")
     assert page.locator("#events > *").count() == 0
+
+
+def test_page_shows_compaction_as_a_divider_and_the_context_meter(tmp_path, llm, page_for):
+    llm.count_tokens = True
+    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_TOKEN_LIMIT": "2000"})
+    try:
+        page = page_for(server)
+        assert page.locator("#context").inner_text() == "context not measured yet"
+        for n in range(3):
+            send_in_page(page, long_prompt(n))
+            page.wait_for_selector(f".done >> nth={n}")
+        page.wait_for_selector("details.compaction")
+        sid = re.search(r"session=([\w-]+)", page.url).group(1)
+        c = of(server.all_events(sid), "compaction")[0]
+        line = page.locator("details.compaction summary").inner_text()
+        assert line == (f"⟲ context compacted: {c['tokens_before']:,} → "
+                        f"{c['tokens_after']:,} tokens")
+        assert not page.locator("details.compaction .body").is_visible()
+        page.click("details.compaction summary")
+        assert "SUMMARY: the user sent" in page.locator("details.compaction .body").inner_text()
+        # Everything the user saw is still there, above the divider too.
+        assert page.locator(".user").count() == 3
+        last = of(server.all_events(sid), "context")[-1]
+        assert page.locator("#context").inner_text() == f"context {last['tokens']:,} / 2,000"
+        send_in_page(page, "/stats")
+        page.wait_for_selector(".notice.info")
+        assert f"context {last['tokens']:,} / 2,000" in page.locator(".notice.info").last.inner_text()
+        page.reload()                              # the same after a reload
+        page.wait_for_selector("details.compaction")
+        assert page.locator("#context").inner_text() == f"context {last['tokens']:,} / 2,000"
+    finally:
+        server.stop()
 
 
 def test_page_sessions_switch_and_delete(server, page_for):

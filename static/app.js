@@ -31,10 +31,15 @@ const LABELS = {
     untitled: "New session", delete: "Delete", confirm_delete: "Delete this session and its history?",
     busy: "A run is going in this session: wait for it or press Stop.",
     answered: "That request was already answered.",
-    help: "Enter sends · Shift+Enter new line · Esc stops a run\n/help this help · /clear new session · /history the conversation · /stats token usage",
-    stats: "{runs} run(s) · {steps} step(s) · {inp} input / {out} output tokens (in the loaded events)",
+    help: "Enter sends · Shift+Enter new line · Esc stops a run\n/help this help · /clear new session · /history the conversation · /stats token usage and context",
+    stats: "{runs} run(s) · {steps} step(s) · {inp} input / {out} output tokens (in the loaded events) · {context}",
     history_empty: "Nothing yet.", error_prefix: "Error",
     deleted_elsewhere: "That session was deleted (in another tab or by another client).",
+    compacted: "context compacted: {before} → {after} tokens",
+    compacted_open: "{n} earlier message(s) summarised for the model (all of them stay above); the summary it now reads:",
+    context: "context {tokens} / {limit}", context_title: "What the model reads each step, against the limit past which older turns are summarised ({how})",
+    context_counted: "as the model server counted it", context_estimated: "estimated",
+    context_none: "context not measured yet",
   },
   zh: {
     sessions: "会话", model: "模型", approvals: "审批", new_session: "+ 新会话",
@@ -53,10 +58,15 @@ const LABELS = {
     auth: "未登录：请打开服务器启动时打印的带 ?token=… 的链接。",
     untitled: "新会话", delete: "删除", confirm_delete: "删除此会话及其历史？",
     busy: "此会话正在运行：请等待或点击停止。", answered: "该请求已被回答。",
-    help: "Enter 发送 · Shift+Enter 换行 · Esc 停止\n/help 帮助 · /clear 新会话 · /history 对话记录 · /stats 用量",
-    stats: "{runs} 次运行 · {steps} 步 · 输入 {inp} / 输出 {out} tokens（已加载的事件）",
+    help: "Enter 发送 · Shift+Enter 换行 · Esc 停止\n/help 帮助 · /clear 新会话 · /history 对话记录 · /stats 用量与上下文",
+    stats: "{runs} 次运行 · {steps} 步 · 输入 {inp} / 输出 {out} tokens（已加载的事件）· {context}",
     history_empty: "还没有内容。", error_prefix: "错误",
     deleted_elsewhere: "该会话已被删除（在另一个标签页或由另一个客户端）。",
+    compacted: "上下文已压缩：{before} → {after} tokens",
+    compacted_open: "{n} 条较早的消息已为模型总结（全部仍保留在上方）；模型现在读取的摘要：",
+    context: "上下文 {tokens} / {limit}", context_title: "模型每一步读取的内容，对比超过即总结旧轮次的上限（{how}）",
+    context_counted: "由模型服务器计数", context_estimated: "估算",
+    context_none: "上下文尚未测量",
   },
 };
 const LANG = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
@@ -93,6 +103,7 @@ class Transcript {
 
   reset() {
     this.container.replaceChildren();
+    showContext(null);
     this.blocks = new Map();      // message_id -> assistant block
     this.cards = new Map();       // call_id -> tool card
     this.pending = new Map();     // call_id -> approval_request waiting for an answer
@@ -244,6 +255,21 @@ class Transcript {
         this.flush();          // the run is over: show its final state now
         break;
       }
+      case "compaction": {
+        // The model's view was summarised; the user's loses nothing: every
+        // event stays above the divider, and the summary can be opened.
+        const details = this.add(document.createElement("details"));
+        details.className = "compaction";
+        const line = document.createElement("summary");
+        line.textContent = `⟲ ${t("compacted", { before: fmt(ev.tokens_before), after: fmt(ev.tokens_after) })}`;
+        const intro = div("intro");
+        intro.textContent = t("compacted_open", { n: ev.messages });
+        const body = div("body");
+        body.textContent = ev.summary;
+        details.append(line, intro, body);
+        break;
+      }
+      case "context": showContext(ev); break;
       default: break;   // an event type this page does not know yet: skip it
     }
   }
@@ -328,6 +354,23 @@ class Transcript {
     }
     this.dirty.clear();
   }
+}
+
+const fmt = (n) => Number(n || 0).toLocaleString("en-US");
+
+// The context meter: the newest `context` event of the open session.
+function showContext(ev) {
+  const box = $("context"), bar = $("context-bar");
+  if (!ev) {
+    box.textContent = t("context_none");
+    box.title = "";
+    bar.value = 0;
+    return;
+  }
+  box.textContent = t("context", { tokens: (ev.estimated ? "~" : "") + fmt(ev.tokens), limit: fmt(ev.limit) });
+  box.title = t("context_title", { how: t(ev.estimated ? "context_estimated" : "context_counted") });
+  bar.max = ev.limit;
+  bar.value = Math.min(ev.tokens, ev.limit);
 }
 
 function div(className) {
@@ -654,7 +697,8 @@ function slash(line) {
     const done = state.events.filter((e) => e.type === "done");
     const sum = (f) => done.reduce((n, e) => n + (f(e) || 0), 0);
     notice(t("stats", { runs: done.length, steps: sum((e) => e.steps),
-      inp: sum((e) => e.usage?.input_tokens), out: sum((e) => e.usage?.output_tokens) }));
+      inp: sum((e) => e.usage?.input_tokens), out: sum((e) => e.usage?.output_tokens),
+      context: $("context").textContent }));
   } else notice(t("help"));
 }
 
