@@ -140,7 +140,10 @@ class LLMConfig:
     step_timeout: float = STEP_TIMEOUT   # a whole step, however steadily it trickles
     retry_attempts: int = RETRY_ATTEMPTS
     retry_base_delay: float = RETRY_BASE_DELAY
+    retry_max_delay: float = RETRY_MAX_DELAY
+    retry_exp_base: float = 2.0   # each wait is this many times the last (before jitter)
     token_limit: int = DEFAULT_TOKEN_LIMIT   # see "Context compaction"
+    system_prompt: str = SYSTEM_PROMPT
 
     @property
     def label(self) -> str:
@@ -161,18 +164,21 @@ def env_number(env, name: str, kind: type = int) -> Any:
 
 
 def config_from_env(provider: str | None = None, model: str | None = None,
-                    env: dict[str, str] | None = None, token_limit: int | None = None
-                    ) -> LLMConfig:
-    """Settings the way the official SDKs read them; flags (arguments) win.
+                    env: dict[str, str] | None = None, token_limit: int | None = None,
+                    file: "ConfigFile | None" = None) -> LLMConfig:
+    """Settings the way the official SDKs read them: flags (arguments) beat
+    environment variables beat Mini-Agent's config file (see its section)
+    beat defaults.
 
     MINIMAX_API_KEY selects the Anthropic protocol at MiniMax's endpoint; with
     no key at all we fall back to the offline demo model rather than failing,
     so `python agent_web.py` always shows the whole loop working.
     """
     env = os.environ if env is None else env
+    fv = file.values if file else {}
     provider = provider or env.get("AGENT_PROVIDER") or ""
     model = model or env.get("AGENT_MODEL") or ""
-    extra = {}
+    extra: dict[str, Any] = file.llm_settings() if file else {}
     for name, field_name, kind in (("AGENT_LLM_READ_TIMEOUT", "read_timeout", float),
                                    ("AGENT_RETRY_BASE_DELAY", "retry_base_delay", float),
                                    ("AGENT_THINKING_BUDGET", "thinking_budget", int),
@@ -188,6 +194,9 @@ def config_from_env(provider: str | None = None, model: str | None = None,
         raise ValueError(f"the token limit (AGENT_TOKEN_LIMIT, --token-limit) must be at "
                          f"least 1,000 tokens, not {extra['token_limit']}")
 
+    # A key in the environment beats the file's; the file's LLM is used when
+    # no provider key is set, or when its provider is the one asked for.
+    file_provider = fv.get("provider", "anthropic") if fv.get("api_key") else None
     if not provider:
         if env.get("ANTHROPIC_API_KEY"):
             provider = "anthropic"
@@ -196,22 +205,183 @@ def config_from_env(provider: str | None = None, model: str | None = None,
         elif env.get("OPENAI_API_KEY"):
             provider = "openai"
         else:
-            provider = "demo"
+            provider = file_provider or "demo"
+    mine = provider == file_provider
+    if mine:
+        model = model or fv.get("model", UPSTREAM_MODEL)
     if provider == "minimax":
         return LLMConfig("anthropic", model or DEFAULT_MODELS["minimax"],
                          env.get("MINIMAX_API_KEY", ""),
                          env.get("MINIMAX_BASE_URL", MINIMAX_BASE_URL), **extra)
     if provider == "anthropic":
         return LLMConfig("anthropic", model or DEFAULT_MODELS["anthropic"],
-                         env.get("ANTHROPIC_API_KEY") or env.get("MINIMAX_API_KEY", ""),
-                         env.get("ANTHROPIC_BASE_URL", "https://api.anthropic.com"), **extra)
+                         env.get("ANTHROPIC_API_KEY") or (mine and fv["api_key"])
+                         or env.get("MINIMAX_API_KEY", ""),
+                         env.get("ANTHROPIC_BASE_URL") or (mine and file.base_url())
+                         or "https://api.anthropic.com", **extra)
     if provider == "openai":
         return LLMConfig("openai", model or DEFAULT_MODELS["openai"],
-                         env.get("OPENAI_API_KEY", ""),
-                         env.get("OPENAI_BASE_URL", "https://api.openai.com/v1"), **extra)
+                         env.get("OPENAI_API_KEY") or (mine and fv["api_key"]) or "",
+                         env.get("OPENAI_BASE_URL") or (mine and file.base_url())
+                         or "https://api.openai.com/v1", **extra)
     if provider == "demo":
         return LLMConfig("demo", DEFAULT_MODELS["demo"], **extra)
     raise ValueError(f"unknown provider {provider!r} (anthropic, openai, minimax or demo)")
+
+
+# =============================================================================
+# Mini-Agent's config files: config.yaml and system_prompt.md
+# =============================================================================
+#
+# A Mini-Agent user's `config.yaml` works here unchanged.  It is found where
+# upstream looks: `--config PATH`, else ./mini_agent/config/config.yaml, else
+# ~/.mini-agent/config/config.yaml; its `system_prompt.md` and `mcp.json`
+# are named relative to its folder.  Every upstream field is honoured, with
+# upstream's defaults where it has them (api_base https://api.minimax.io,
+# model MiniMax-M2.5, provider anthropic; for MiniMax hosts only, /anthropic
+# or /v1 is added to api_base as upstream's client does), plus `token_limit`.
+# The YAML is read with PyYAML's safe loader.  An unknown field is a warning
+# (a typo must not pass silently, nor stop a start); a value of the wrong
+# type is a usage error that names the field and the file.  Upstream's
+# `retry.max_retries` counts retries, our `retry_attempts` tries: one more.
+# `system_prompt.md` replaces the built-in system prompt; its
+# `{SKILLS_METADATA}` placeholder is filled with the skills' names and
+# descriptions (none yet: an empty string).
+
+UPSTREAM_API_BASE = "https://api.minimax.io"
+UPSTREAM_MODEL = "MiniMax-M2.5"
+PLACEHOLDER_KEY = "YOUR_API_KEY_HERE"          # config-example.yaml's
+CONFIG_FIELDS: dict[str, Any] = {
+    "api_key": str, "api_base": str, "model": str, "provider": ("anthropic", "openai"),
+    "retry.enabled": bool, "retry.max_retries": int, "retry.initial_delay": float,
+    "retry.max_delay": float, "retry.exponential_base": float,
+    "max_steps": int, "workspace_dir": str, "system_prompt_path": str, "token_limit": int,
+    "tools.enable_file_tools": bool, "tools.enable_bash": bool, "tools.enable_note": bool,
+    "tools.enable_skills": bool, "tools.skills_dir": str,
+    "tools.enable_mcp": bool, "tools.mcp_config_path": str,
+    "tools.mcp.connect_timeout": float, "tools.mcp.execute_timeout": float,
+    "tools.mcp.sse_read_timeout": float,
+}
+
+
+def config_search_path(cwd: Path | None = None, home: Path | None = None) -> list[Path]:
+    return [(cwd or Path.cwd()) / "mini_agent" / "config" / "config.yaml",
+            (home or Path.home()) / ".mini-agent" / "config" / "config.yaml"]
+
+
+@dataclass
+class ConfigFile:
+    path: Path
+    values: dict[str, Any]               # flat: "retry.max_retries" -> 3
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def find(cls, explicit: str | None = None, cwd: Path | None = None,
+             home: Path | None = None) -> "ConfigFile | None":
+        """The config file in upstream's search order, None if there is none."""
+        if explicit:
+            path = Path(explicit).expanduser()
+            if not path.is_file():
+                raise ValueError(f"--config {explicit}: no such file")
+            return cls.read(path)
+        for path in config_search_path(cwd, home):
+            if path.is_file():
+                return cls.read(path)
+        return None
+
+    @classmethod
+    def read(cls, path: Path) -> "ConfigFile":
+        import yaml           # PyYAML: only a front end that reads a config needs it
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot be read as YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top")
+        values, warnings = {}, []
+
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                if isinstance(value, dict) and any(f.startswith(name + ".")
+                                                   for f in CONFIG_FIELDS):
+                    walk(value, name + ".")
+                elif name not in CONFIG_FIELDS:
+                    warnings.append(f"{path}: unknown field {name!r} (ignored)")
+                elif value is not None:
+                    values[name] = cls._checked(path, name, value)
+        walk(data, "")
+        if values.get("api_key") == PLACEHOLDER_KEY:
+            raise ValueError(f"{path}: api_key is still the example's {PLACEHOLDER_KEY}: put "
+                             "your key there, or remove the line for the offline demo model")
+        for w in warnings:
+            log.warning("%s", w)
+        return cls(path, values, warnings)
+
+    @staticmethod
+    def _checked(path: Path, name: str, value: Any) -> Any:
+        want = CONFIG_FIELDS[name]
+        if isinstance(want, tuple):
+            if value not in want:
+                raise ValueError(f"{path}: {name} must be one of {', '.join(want)}, "
+                                 f"not {value!r}")
+            return value
+        if want is bool or want is str:
+            ok = isinstance(value, want)
+        else:                    # a number; YAML's `true` is not one, 3.0 is a whole one
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and (want is float or float(value).is_integer()))
+        if not ok:
+            kind = {bool: "true or false", int: "a whole number", float: "a number",
+                    str: "a string"}[want]
+            raise ValueError(f"{path}: {name} must be {kind}, not {value!r}")
+        if want in (int, float) and value < 0:
+            raise ValueError(f"{path}: {name} must not be negative, not {value!r}")
+        return want(value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    def toolbox_options(self) -> dict[str, bool]:
+        """Toolbox(**options): upstream's tools.enable_* switches."""
+        return {"file_tools": self.get("tools.enable_file_tools", True),
+                "bash": self.get("tools.enable_bash", True),
+                "notes": self.get("tools.enable_note", True)}
+
+    def relative(self, name: str, default: str) -> Path:
+        """A path setting; upstream reads config-folder files relative to it."""
+        return (self.path.parent / self.values.get(name, default)).resolve()
+
+    def base_url(self) -> str:
+        base = self.values.get("api_base", UPSTREAM_API_BASE).rstrip("/")
+        if self.values.get("provider", "anthropic") == "openai" and _is_host(
+                base, MINIMAX_HOSTS) and not base.endswith("/v1"):
+            base += "/v1"                 # (anthropic_base() adds /anthropic itself)
+        return base
+
+    def llm_settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        v = self.values
+        if v.get("retry.enabled") is False:
+            out["retry_attempts"] = 1
+        elif "retry.max_retries" in v:
+            out["retry_attempts"] = v["retry.max_retries"] + 1
+        for name, field_name in (("retry.initial_delay", "retry_base_delay"),
+                                 ("retry.max_delay", "retry_max_delay"),
+                                 ("retry.exponential_base", "retry_exp_base"),
+                                 ("token_limit", "token_limit")):
+            if name in v:
+                out[field_name] = v[name]
+        prompt = self.relative("system_prompt_path", "system_prompt.md")
+        if prompt.is_file():
+            text = prompt.read_text(encoding="utf-8", errors="replace")
+            out["system_prompt"] = text.replace("{SKILLS_METADATA}", "").strip()
+        elif "system_prompt_path" in v:
+            log.warning("%s: system_prompt_path %s does not exist; the built-in system "
+                        "prompt is used", self.path, prompt)
+        return out
 
 
 # =============================================================================
@@ -394,6 +564,7 @@ def pending_tool_calls(history: list[dict]) -> list[dict]:
 # returns: the one place, so no log can break a session for good.
 
 CALL_NAME_RE = re.compile(r"[^A-Za-z0-9_-]")
+CALL_NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def repair_history(history: list[dict]) -> list[dict]:
@@ -720,7 +891,8 @@ class AnthropicClient:
     def body(self, history: list[dict], tools: list[dict]) -> dict:
         body: dict[str, Any] = {
             "model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
-            "system": SYSTEM_PROMPT, "messages": self._messages(history), "stream": True,
+            "system": self.cfg.system_prompt, "messages": self._messages(history),
+            "stream": True,
         }
         if tools:
             body["tools"] = [{"name": t["name"], "description": t["description"],
@@ -837,8 +1009,8 @@ class OpenAIClient:
                         "content-type": "application/json", "accept": "text/event-stream"}
 
     @staticmethod
-    def _messages(history: list[dict]) -> list[dict]:
-        out: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    def _messages(history: list[dict], system: str = SYSTEM_PROMPT) -> list[dict]:
+        out: list[dict] = [{"role": "system", "content": system}]
         for h in repair_history(history):
             if h["role"] == "user":
                 out.append({"role": "user", "content": h["content"]})
@@ -857,7 +1029,8 @@ class OpenAIClient:
 
     def body(self, history: list[dict], tools: list[dict]) -> dict:
         body: dict[str, Any] = {
-            "model": self.cfg.model, "messages": self._messages(history), "stream": True,
+            "model": self.cfg.model, "stream": True,
+            "messages": self._messages(history, self.cfg.system_prompt),
             "stream_options": {"include_usage": True},
             self.max_tokens_field: self.cfg.max_tokens,
         }
@@ -1257,11 +1430,12 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float:
+def backoff_delay(attempt: int, base: float, retry_after: float | None,
+                  most: float = RETRY_MAX_DELAY, factor: float = 2.0) -> float:
     """Exponential back-off with full jitter; the server's Retry-After wins."""
     if retry_after is not None:
-        return min(retry_after, RETRY_MAX_DELAY)
-    return min(RETRY_MAX_DELAY, base * (2 ** attempt)) * (0.5 + random.random() / 2)
+        return min(retry_after, most)
+    return min(most, base * (factor ** attempt)) * (0.5 + random.random() / 2)
 
 
 def _transport_error(exc: httpx.TransportError, url: str) -> LLMError:
@@ -1308,7 +1482,8 @@ async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
                 if err.retryable:
                     err.message += f" (gave up after {cfg.retry_attempts} tries)"
                 raise err from None
-            delay = backoff_delay(attempt, cfg.retry_base_delay, err.retry_after)
+            delay = backoff_delay(attempt, cfg.retry_base_delay, err.retry_after,
+                                  cfg.retry_max_delay, cfg.retry_exp_base)
             yield ("retry", f"{err.message} — retrying in {delay:.1f} s "
                             f"(try {attempt + 2} of {cfg.retry_attempts})", yielded)
             await asyncio.sleep(delay)
@@ -1332,7 +1507,9 @@ def validate_args(schema: dict, args: Any) -> str | None:
     py_types = {"string": str, "integer": int, "boolean": bool, "number": (int, float)}
     for name, value in args.items():
         if name not in props:
-            return f"unknown argument {name!r} (expected: {', '.join(props)})"
+            if schema.get("additionalProperties", True) is False:
+                return f"unknown argument {name!r} (expected: {', '.join(props)})"
+            continue
         want = props[name].get("type")
         ok = isinstance(value, py_types[want]) if want in py_types else True
         if want in ("integer", "number") and isinstance(value, bool):
@@ -1373,19 +1550,60 @@ def tool_failure(tool: str, args: dict, exc: Exception) -> str:
 class Toolbox:
     """The tools the model sees, bound to one workspace folder."""
 
-    def __init__(self, workspace: str | Path, notes: bool = True):
+    def __init__(self, workspace: str | Path, notes: bool = True, file_tools: bool = True,
+                 bash: bool = True):
         self.workspace = Path(workspace).resolve()
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.tools: dict[str, tuple[dict, Callable[[dict], Awaitable[str]]]] = {
-            "bash": (BASH_SCHEMA, self.bash),
-            "read_file": (READ_SCHEMA, self.read_file),
-            "write_file": (WRITE_SCHEMA, self.write_file),
-            "edit_file": (EDIT_SCHEMA, self.edit_file),
-        }
+        self.tools: dict[str, tuple[dict, Callable[[dict], Awaitable[str]]]] = {}
+        if bash:
+            self.tools["bash"] = (BASH_SCHEMA, self.bash)
+        if file_tools:
+            self.tools.update({"read_file": (READ_SCHEMA, self.read_file),
+                               "write_file": (WRITE_SCHEMA, self.write_file),
+                               "edit_file": (EDIT_SCHEMA, self.edit_file)})
         if notes:                                # see "Session notes"
             book = Notes(self.workspace)
             self.tools["record_note"] = (RECORD_NOTE_SCHEMA, book.record)
             self.tools["recall_notes"] = (RECALL_NOTES_SCHEMA, book.recall)
+        self.source: dict[str, str] = {name: "built-in" for name in self.tools}
+        self.read_only: set[str] = set()         # MCP tools that never ask (readOnlyHint)
+        self.mcp: list[McpServer] = []
+
+    def add_mcp(self, server: "McpServer") -> None:
+        """Offer a started MCP server's tools (see "MCP client")."""
+        self.mcp.append(server)
+        for tool in server.tools:
+            name = tool.get("name") or ""
+            offered = name
+            if not CALL_NAME_OK.fullmatch(offered) or offered in self.tools:
+                offered = CALL_NAME_RE.sub("_", f"{server.name}_{name}")[:64]
+                log.warning("MCP server %s: tool %r is offered as %r (the name was taken "
+                            "or not allowed)", server.name, name, offered)
+            schema = dict(tool.get("inputSchema") or {"type": "object"})
+            schema["description"] = tool.get("description") or f"{name} (MCP: {server.name})"
+
+            async def run(args: dict, server=server, name=name) -> str:
+                return await server.call(name, args)
+            self.tools[offered] = (schema, run)
+            self.source[offered] = f"mcp:{server.name}"
+            if (tool.get("annotations") or {}).get("readOnlyHint") is True:
+                self.read_only.add(offered)
+
+    def describe(self) -> dict:
+        """What the model is offered, by source, and each MCP server's state
+        (GET /agent/tools and the terminal's /tools)."""
+        return {"tools": [{"name": name, "source": self.source.get(name, "built-in"),
+                           "description": schema.get("description", ""),
+                           "asks_first": self.writes(name)}
+                          for name, (schema, _) in self.tools.items()],
+                "mcp_servers": [{"name": s.name, "transport": s.transport, "state": s.state,
+                                 "error": s.error, "tools": len(s.tools)} for s in self.mcp]}
+
+    def writes(self, name: str) -> bool:
+        """Whether a tool may change things (so `ask` asks first)."""
+        if self.source.get(name, "built-in") == "built-in":
+            return name in WRITE_TOOLS
+        return name not in self.read_only
 
     def specs(self) -> list[dict]:
         return [{"name": name, "description": schema["description"],
@@ -1684,9 +1902,11 @@ EDIT_SCHEMA = {
 }
 
 
-def needs_approval(mode: str, tool: str) -> bool:
-    """auto: never ask; ask: bash and file writes; ask-all: every tool."""
-    return mode == "ask-all" or (mode == "ask" and tool in WRITE_TOOLS)
+def needs_approval(mode: str, tool: str, writes: bool | None = None) -> bool:
+    """auto: never ask; ask: tools that may change things (bash, file
+    writes, MCP tools not marked read-only); ask-all: every tool."""
+    return mode == "ask-all" or (mode == "ask" and (tool in WRITE_TOOLS if writes is None
+                                                    else writes))
 
 
 # =============================================================================
@@ -1822,6 +2042,421 @@ class Notes:
 
 
 # =============================================================================
+# MCP client: tools from Model Context Protocol servers
+# =============================================================================
+#
+# Mini-Agent's `mcp.json` works here unchanged: {"mcpServers": {name: {...}}}
+# with `command`/`args`/`env` (stdio) or `url`/`headers` and `type`
+# `streamable_http`/`http` (Streamable HTTP; the default when there is a url)
+# or `sse` (the older HTTP+SSE transport), `disabled`, and per-server
+# `connect_timeout`/`execute_timeout`/`sse_read_timeout`.
+#
+# One `McpServer` per entry speaks JSON-RPC 2.0 as the MCP specification
+# says.  Start: `initialize` (our newest protocol version; the server's
+# answer must be one we know), then `notifications/initialized`, then
+# `tools/list` page by page (`nextCursor`), all within `connect_timeout`; a
+# server that fails is reported (its state and error) and never holds up
+# the rest.  A call is `tools/call`; its `content` (text, image, audio,
+# embedded resources, resource links) becomes one text result, `isError`
+# its error flag.  A call past `execute_timeout`, or stopped by Stop, is
+# followed by `notifications/cancelled`.  A ping from the server is
+# answered; other requests from it are refused (-32601).
+#
+# Transports: stdio is a child process (its own process group; stderr goes
+# to our log line by line; messages are lines of JSON).  A stdio server that
+# died is started again at the next call.  Streamable HTTP POSTs each
+# message; the answer is JSON or an SSE stream; `Mcp-Session-Id` from the
+# initialize answer goes on every later request (a 404 then means the
+# session is gone: we initialize again once).  HTTP+SSE reads one GET
+# stream whose first event names the URL to POST to.
+#
+# Tools keep their MCP names; one that clashes with a tool already there is
+# named `<server>_<tool>` (logged).  In `ask` mode an MCP tool asks first
+# unless the server marks it read-only (`annotations.readOnlyHint`).
+
+MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MCP_LINE_LIMIT = 32 << 20          # one JSON-RPC message from a stdio server, at most
+MCP_DEFAULT_TIMEOUTS = {"connect_timeout": 10.0, "execute_timeout": 60.0,
+                        "sse_read_timeout": 120.0}
+
+
+class McpError(Exception):
+    pass
+
+
+def mcp_servers_from_file(path: Path, timeouts: dict[str, float] | None = None
+                          ) -> list["McpServer"]:
+    """The enabled servers of an mcp.json; a malformed file is a ValueError."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot be read as JSON: {exc}") from None
+    servers = doc.get("mcpServers") if isinstance(doc, dict) else None
+    if not isinstance(servers, dict):
+        raise ValueError(f"{path}: expected {{\"mcpServers\": {{name: {{...}}}}}}")
+    out = []
+    for name, spec in servers.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: mcpServers.{name} must be an object")
+        if spec.get("disabled"):
+            continue
+        kind = str(spec.get("type") or ("streamable_http" if spec.get("url") else "stdio"))
+        kind = kind.lower()
+        if kind not in ("stdio", "sse", "http", "streamable_http"):
+            raise ValueError(f"{path}: mcpServers.{name}.type {kind!r} is not stdio, sse, "
+                             "http or streamable_http")
+        if kind == "stdio" and not spec.get("command"):
+            raise ValueError(f"{path}: mcpServers.{name} has no command")
+        if kind != "stdio" and not spec.get("url"):
+            raise ValueError(f"{path}: mcpServers.{name} has no url")
+        limits = {**MCP_DEFAULT_TIMEOUTS, **(timeouts or {})}
+        limits.update({k: float(spec[k]) for k in MCP_DEFAULT_TIMEOUTS if k in spec})
+        out.append(McpServer(name, spec, "stdio" if kind == "stdio" else
+                             "sse" if kind == "sse" else "http", limits))
+    return out
+
+
+def mcp_content_text(content: list) -> str:
+    """An MCP result's content blocks as the one text a tool result is."""
+    parts = []
+    for block in content or []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append(block.get("text", ""))
+        elif kind in ("image", "audio"):
+            size = len(block.get("data", "")) * 3 // 4
+            parts.append(f"[{kind}: {block.get('mimeType', '?')}, {size:,} bytes]")
+        elif kind == "resource":
+            res = block.get("resource") or {}
+            parts.append(res.get("text") if "text" in res else
+                         f"[resource {res.get('uri', '?')}: {res.get('mimeType', 'binary')}]")
+        elif kind == "resource_link":
+            parts.append(f"[resource link {block.get('uri', '?')}"
+                         + (f": {block['name']}" if block.get("name") else "") + "]")
+        else:
+            parts.append(json.dumps(block, ensure_ascii=False)[:500])
+    return "\n".join(parts)
+
+
+class McpServer:
+    def __init__(self, name: str, spec: dict, transport: str, timeouts: dict[str, float]):
+        self.name, self.spec, self.transport, self.timeouts = name, spec, transport, timeouts
+        self.state, self.error = "stopped", ""      # stopped, starting, ready, failed
+        self.tools: list[dict] = []
+        self.protocol = ""
+        self._ids = 0
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._http: httpx.AsyncClient | None = None
+        self._session_id: str | None = None
+        self._post_url = ""                            # HTTP+SSE: where messages go
+        self._lock = asyncio.Lock()                    # one (re)start at a time
+
+    # -- life cycle ---------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, initialize and list the tools, within connect_timeout;
+        on failure the state says why (and nothing is left running)."""
+        async with self._lock:
+            if self.state == "ready":
+                return
+            self.state, self.error = "starting", ""
+            try:
+                await asyncio.wait_for(self._connect(), self.timeouts["connect_timeout"])
+                self.state = "ready"
+            except Exception as exc:
+                await self.close()
+                self.state = "failed"
+                self.error = (f"no answer within {self.timeouts['connect_timeout']:g} s"
+                              if isinstance(exc, (asyncio.TimeoutError, TimeoutError))
+                              else str(exc) or type(exc).__name__)
+                log.warning("MCP server %s failed to start: %s", self.name, self.error)
+
+    async def _connect(self) -> None:
+        if self.transport == "stdio":
+            await self._open_stdio()
+        else:
+            headers = {str(k): str(v) for k, v in (self.spec.get("headers") or {}).items()}
+            self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(
+                self.timeouts["execute_timeout"], connect=self.timeouts["connect_timeout"],
+                read=self.timeouts["sse_read_timeout"]))
+            if self.transport == "sse":
+                await self._open_sse()
+        result = await self.request("initialize", {
+            "protocolVersion": MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
+            "clientInfo": {"name": "mini-agent-web", "version": "1"}})
+        version = result.get("protocolVersion")
+        if version not in MCP_PROTOCOL_VERSIONS:
+            raise McpError(f"the server speaks MCP {version!r}, which this client does not "
+                           f"know ({', '.join(MCP_PROTOCOL_VERSIONS)})")
+        self.protocol = version
+        await self.notify("notifications/initialized")
+        tools, cursor = [], None
+        while True:
+            page = await self.request("tools/list", {"cursor": cursor} if cursor else {})
+            tools += page.get("tools") or []
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+        self.tools = tools
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._proc and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), 3)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                await self._proc.wait()
+        self._proc = None
+        if self._http is not None:
+            if self._session_id:               # the spec: end the session with DELETE
+                with contextlib.suppress(httpx.HTTPError):
+                    await self._http.delete(self.spec["url"], headers=self._headers())
+            await self._http.aclose()
+            self._http = None
+        self._session_id = None
+        self._fail_waiting(McpError("the connection was closed"))
+        if self.state == "ready":
+            self.state = "stopped"
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._waiting.clear()
+
+    # -- JSON-RPC -----------------------------------------------------------
+    async def request(self, method: str, params: dict, timeout: float | None = None) -> dict:
+        self._ids += 1
+        rid = self._ids
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        async def exchange() -> dict:
+            await self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+            return await future
+        try:
+            return await asyncio.wait_for(exchange(), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            # The spec: tell the server it may stop working on it.
+            if self.state == "ready" and method != "initialize":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.notify("notifications/cancelled", {
+                        "requestId": rid, "reason": "stopped by the user" if
+                        asyncio.current_task().cancelling() else "timed out"}), 2)
+            raise
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def notify(self, method: str, params: dict | None = None) -> None:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        await self._send(message)
+
+    def _received(self, message: Any) -> None:
+        """One message from the server: an answer, or a request of its own."""
+        for m in message if isinstance(message, list) else [message]:
+            if not isinstance(m, dict):
+                continue
+            if "method" in m and "id" in m:        # the server asks us something
+                answer = ({"jsonrpc": "2.0", "id": m["id"], "result": {}} if m["method"] == "ping"
+                          else {"jsonrpc": "2.0", "id": m["id"], "error": {
+                              "code": -32601, "message": f"{m['method']} is not supported"}})
+                self._tasks.append(asyncio.ensure_future(self._send(answer)))
+                continue
+            future = self._waiting.get(m.get("id"))
+            if future is None or future.done():
+                continue                           # a notification, or an answer too late
+            if "error" in m:
+                err = m["error"] if isinstance(m["error"], dict) else {"message": m["error"]}
+                future.set_exception(McpError(f"{err.get('message', 'error')} "
+                                              f"(code {err.get('code', '?')})"))
+            else:
+                future.set_result(m.get("result") or {})
+
+    async def _send(self, message: dict) -> None:
+        if self.transport == "stdio":
+            if self._proc is None or self._proc.returncode is not None:
+                raise McpError("the server process is not running")
+            self._proc.stdin.write(json.dumps(message).encode() + b"\n")
+            await self._proc.stdin.drain()
+        elif self.transport == "sse":
+            r = await self._http.post(self._post_url, json=message)
+            if r.status_code >= 400:
+                raise McpError(f"HTTP {r.status_code} from {self._post_url}")
+        else:
+            await self._post(message)
+
+    # -- stdio --------------------------------------------------------------
+    async def _open_stdio(self) -> None:
+        env = {**os.environ, **{str(k): str(v) for k, v in (self.spec.get("env") or {}).items()}}
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                str(self.spec["command"]), *map(str, self.spec.get("args") or []),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, cwd=self.spec.get("cwd"),
+                start_new_session=True, limit=MCP_LINE_LIMIT)
+        except OSError as exc:
+            raise McpError(f"cannot start {self.spec['command']}: {exc.strerror or exc}") \
+                from None
+        self._tasks += [asyncio.ensure_future(self._read_stdout(self._proc)),
+                        asyncio.ensure_future(self._read_stderr(self._proc))]
+
+    async def _read_stdout(self, proc) -> None:
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:                 # one line past MCP_LINE_LIMIT
+                self._fail_waiting(McpError("the server sent a message over "
+                                            f"{MCP_LINE_LIMIT:,} bytes"))
+                continue
+            if not line:
+                break
+            try:
+                self._received(json.loads(line))
+            except ValueError:
+                log.info("MCP %s (not JSON-RPC): %s", self.name, line[:200])
+        code = await proc.wait()
+        self._fail_waiting(McpError(f"the server exited (code {code}) during the call"))
+        if self.state == "ready":
+            self.state, self.error = "stopped", f"exited with code {code}; started again " \
+                "at the next call"
+
+    async def _read_stderr(self, proc) -> None:
+        while line := await proc.stderr.readline():
+            log.info("MCP %s: %s", self.name, line.decode("utf-8", "replace").rstrip())
+
+    # -- Streamable HTTP ----------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        h = {"accept": "application/json, text/event-stream"}
+        if self._session_id:
+            h["mcp-session-id"] = self._session_id
+        if self.protocol:
+            h["mcp-protocol-version"] = self.protocol
+        return h
+
+    async def _post(self, message: dict) -> None:
+        """POST one message; its answer (JSON or an SSE stream) is read in
+        a task of its own, so a slow answer never blocks another."""
+        request = self._http.build_request("POST", self.spec["url"], json=message,
+                                           headers=self._headers())
+        response = await self._http.send(request, stream=True)
+        if message.get("method") == "initialize":
+            self._session_id = response.headers.get("mcp-session-id") or None
+        if response.status_code == 404 and self._session_id:
+            await response.aclose()
+            self.state, self.error = "stopped", "the server ended the session"
+            raise McpError("the server ended the session; it is started again at the next call")
+        if response.status_code >= 400:
+            body = (await response.aread()).decode("utf-8", "replace")[:300]
+            await response.aclose()
+            raise McpError(f"HTTP {response.status_code} from {self.spec['url']}: {body}")
+        if "id" not in message or "method" not in message:
+            await response.aclose()              # a notification or an answer: 202
+            return
+        self._tasks.append(asyncio.ensure_future(self._read_answer(response)))
+
+    async def _read_answer(self, response: httpx.Response) -> None:
+        try:
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                async with contextlib.aclosing(sse_events(response)) as events:
+                    async for _, data in events:
+                        with contextlib.suppress(ValueError):
+                            self._received(json.loads(data))
+            else:
+                self._received(json.loads(await response.aread() or b"null"))
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("MCP %s: an answer was cut: %s", self.name, exc)
+        finally:
+            await response.aclose()
+
+    # -- HTTP+SSE (the older transport) ---------------------------------------
+    async def _open_sse(self) -> None:
+        endpoint = asyncio.get_running_loop().create_future()
+
+        async def listen() -> None:
+            async with self._http.stream("GET", self.spec["url"],
+                                         headers={"accept": "text/event-stream"}) as r:
+                if r.status_code >= 400:
+                    raise McpError(f"HTTP {r.status_code} from {self.spec['url']}")
+                async with contextlib.aclosing(sse_events(r)) as events:
+                    async for kind, data in events:
+                        if kind == "endpoint" and not endpoint.done():
+                            endpoint.set_result(str(httpx.URL(self.spec["url"]).join(data)))
+                        elif kind == "message":
+                            with contextlib.suppress(ValueError):
+                                self._received(json.loads(data))
+            self._fail_waiting(McpError("the server closed its event stream"))
+
+        task = asyncio.ensure_future(listen())
+        self._tasks.append(task)
+        done, _ = await asyncio.wait({endpoint, task}, return_when=asyncio.FIRST_COMPLETED)
+        if endpoint not in done:
+            task.result()                            # raises what went wrong
+            raise McpError("the event stream ended before it named its endpoint")
+        self._post_url = endpoint.result()
+
+    # -- tools --------------------------------------------------------------
+    async def call(self, tool: str, args: dict) -> str:
+        """Run one tool; returns its text, raises ToolError for an error."""
+        if self.state != "ready":
+            await self.start()                      # died, or the session ended
+            if self.state != "ready":
+                raise ToolError(f"MCP server {self.name} is not available: {self.error}")
+        limit = self.timeouts["execute_timeout"]
+        try:
+            result = await self.request("tools/call", {"name": tool, "arguments": args}, limit)
+        except asyncio.TimeoutError:
+            raise ToolError(f"{tool} (MCP server {self.name}) gave no answer within "
+                            f"{limit:g} s (execute_timeout); it was told to stop") from None
+        except McpError as exc:
+            raise ToolError(f"{tool} (MCP server {self.name}): {exc}") from None
+        text = mcp_content_text(result.get("content") or [])
+        if not text and result.get("structuredContent") is not None:
+            text = json.dumps(result["structuredContent"], ensure_ascii=False)
+        if result.get("isError"):
+            raise ToolError(text or f"{tool} failed (MCP server {self.name})")
+        return text or "(no output)"
+
+
+def mcp_servers(explicit: str | None = None, env=None, file: "ConfigFile | None" = None
+                ) -> list[McpServer]:
+    """The MCP servers to start: from `--mcp-config`, else AGENT_MCP_CONFIG,
+    else the config file's `tools.mcp_config_path` (beside it; only when
+    `tools.enable_mcp` is not false and the file is there)."""
+    env = os.environ if env is None else env
+    timeouts = {k: file.get(f"tools.mcp.{k}") for k in MCP_DEFAULT_TIMEOUTS} if file else {}
+    timeouts = {k: v for k, v in timeouts.items() if v is not None}
+    for given, label in ((explicit, "--mcp-config"), (env.get("AGENT_MCP_CONFIG"),
+                                                       "AGENT_MCP_CONFIG")):
+        if given:
+            path = Path(given).expanduser()
+            if not path.is_file():
+                raise ValueError(f"{label} {given}: no such file")
+            return mcp_servers_from_file(path, timeouts)
+    if file and file.get("tools.enable_mcp", True):
+        path = file.relative("tools.mcp_config_path", "mcp.json")
+        if path.is_file():
+            return mcp_servers_from_file(path, timeouts)
+    return []
+
+
+async def start_mcp(servers: list[McpServer], toolbox: "Toolbox") -> None:
+    """Start every server at once (each within its own connect_timeout) and
+    offer their tools in `toolbox`."""
+    await asyncio.gather(*(s.start() for s in servers))
+    for server in servers:
+        toolbox.add_mcp(server)
+
+
+# =============================================================================
 # Context compaction: a long session stays under the model's limit
 # =============================================================================
 #
@@ -1890,9 +2525,9 @@ def entry_tokens(h: dict) -> int:
     return size
 
 
-def request_tokens(history: list[dict], tools: list[dict]) -> int:
+def request_tokens(history: list[dict], tools: list[dict], system: str = SYSTEM_PROMPT) -> int:
     """An estimate of a whole request: system prompt, tool specs, messages."""
-    return (estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(json.dumps(tools))
+    return (estimate_tokens(system) + estimate_tokens(json.dumps(tools))
             + sum(entry_tokens(h) for h in history))
 
 
@@ -2203,7 +2838,7 @@ class Agent:
         m = self.measured
         if m and m["entries"] <= len(history):
             return m["tokens"] + sum(entry_tokens(h) for h in history[m["entries"]:]), False
-        return request_tokens(history, self.toolbox.specs()), True
+        return request_tokens(history, self.toolbox.specs(), self.cfg.system_prompt), True
 
     def context_event(self, history: list[dict]) -> dict:
         tokens, estimated = self.context_size(history)
@@ -2358,7 +2993,8 @@ class Agent:
         name, args = call["name"], call["input"]
         input_error = self._input_errors.get(call["id"])
         if (name in self.toolbox.tools and not input_error
-                and needs_approval(self.approval_mode, name) and name not in self.allowed_tools):
+                and needs_approval(self.approval_mode, name, self.toolbox.writes(name))
+                and name not in self.allowed_tools):
             decision = self.decisions.pop(call["id"], None)
             if decision is None:
                 if call["id"] not in self.asked:
@@ -2445,11 +3081,14 @@ class Terminal:
     """The Mini-Agent experience in a terminal, on the same Agent loop."""
 
     HELP = ("/help  this help      /clear  new conversation   /history  the conversation\n"
-            "/stats  token usage   /exit   quit               Ctrl+C  stop the running task")
+            "/stats  token usage   /tools  what the model may use\n"
+            "/exit   quit          Ctrl+C  stop the running task")
 
-    def __init__(self, cfg: LLMConfig, workspace: str, max_steps: int, approve: str):
+    def __init__(self, cfg: LLMConfig, workspace: str, max_steps: int, approve: str,
+                 tools: dict[str, bool] | None = None, mcp: list[McpServer] | None = None):
         self.cfg, self.max_steps, self.approve = cfg, max_steps, approve
-        self.toolbox = Toolbox(workspace)
+        self.toolbox = Toolbox(workspace, **(tools or {}))
+        self.mcp = mcp or []
         self.history: list[dict] = []
         self.totals = {"runs": 0, "steps": 0, "input_tokens": 0, "output_tokens": 0}
         self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -2574,6 +3213,14 @@ class Terminal:
                     self.say(self.c("1", "agent: ") + h["text"][:200]
                              + (f" [tools: {calls}]" if calls else ""))
             self.say(f"({len(self.history)} entries)")
+        elif cmd == "/tools":
+            info = self.toolbox.describe()
+            for tool in info["tools"]:
+                self.say(f"{tool['name']:<24} {tool['source']:<16}"
+                         + (" asks first" if tool["asks_first"] else ""))
+            for server in info["mcp_servers"]:
+                self.say(f"MCP {server['name']} ({server['transport']}): {server['state']}"
+                         + (f" — {server['error']}" if server["error"] else ""))
         elif cmd == "/stats":
             t = self.totals
             self.say(f"runs {t['runs']} · steps {t['steps']} · tokens in "
@@ -2587,6 +3234,12 @@ class Terminal:
         banner = (f"Mini Agent · model {self.cfg.label} · workspace {self.toolbox.workspace}"
                   f" · approvals {self.approve}")
         self.say(self.c("1", banner))
+        if self.mcp:
+            self.loop.run_until_complete(start_mcp(self.mcp, self.toolbox))
+            for server in self.mcp:
+                self.say(f"MCP {server.name} ({server.transport}): " + (
+                    f"{len(server.tools)} tool(s)" if server.state == "ready"
+                    else self.c("31", f"{server.state}: {server.error}")))
         if self.cfg.provider == "demo":
             self.say(self.c("33", "Offline demo model: set ANTHROPIC_API_KEY, OPENAI_API_KEY "
                                   "or MINIMAX_API_KEY for a real one."))
@@ -2612,9 +3265,11 @@ class Terminal:
                     continue
                 self.loop.run_until_complete(self.run_task(line))
         finally:
-            # As asyncio.run() ends: close the LLM connections, then every
-            # async generator and task still open, before the loop goes.
+            # As asyncio.run() ends: close the LLM connections and MCP
+            # servers, then every async generator and task still open.
             self.loop.run_until_complete(self.http.aclose())
+            for server in self.mcp:
+                self.loop.run_until_complete(server.close())
             pending = asyncio.all_tasks(self.loop)
             for task in pending:
                 task.cancel()
@@ -2626,21 +3281,32 @@ class Terminal:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Mini Agent in the terminal.")
-    p.add_argument("-w", "--workspace", default=os.environ.get("AGENT_WORKSPACE", "workspace"))
+    p.add_argument("-w", "--workspace")
+    p.add_argument("--config", help="Mini-Agent's config.yaml (default: ./mini_agent/config/"
+                   "config.yaml, then ~/.mini-agent/config/config.yaml)")
     p.add_argument("-t", "--task", help="run one task and exit")
     p.add_argument("--provider", choices=["anthropic", "openai", "minimax", "demo"])
     p.add_argument("--model")
-    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    p.add_argument("--max-steps", type=int)
     p.add_argument("--approve", choices=APPROVAL_MODES,
                    default=os.environ.get("AGENT_APPROVE", "ask"),
                    help="auto: run every tool; ask: confirm bash and file writes (default); "
                         "ask-all: confirm every tool")
     p.add_argument("--token-limit", type=int, help="context size in tokens past which older "
                    f"turns are summarised (AGENT_TOKEN_LIMIT; {DEFAULT_TOKEN_LIMIT:,})")
+    p.add_argument("--mcp-config", help="Mini-Agent's mcp.json (AGENT_MCP_CONFIG; default: "
+                   "the config's tools.mcp_config_path)")
     args = p.parse_args(argv)
     try:
-        cfg = config_from_env(args.provider, args.model, token_limit=args.token_limit)
-        terminal = Terminal(cfg, args.workspace, args.max_steps, args.approve)
+        file = ConfigFile.find(args.config)
+        cfg = config_from_env(args.provider, args.model, token_limit=args.token_limit,
+                              file=file)
+        workspace = (args.workspace or os.environ.get("AGENT_WORKSPACE")
+                     or (file and file.get("workspace_dir")) or "workspace")
+        max_steps = args.max_steps or (file and file.get("max_steps")) or DEFAULT_MAX_STEPS
+        terminal = Terminal(cfg, workspace, max_steps, args.approve,
+                            file.toolbox_options() if file else {},
+                            mcp_servers(args.mcp_config, file=file))
     except ValueError as exc:
         p.error(str(exc))
     return terminal.main(args.task)

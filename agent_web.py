@@ -1338,8 +1338,12 @@ class AgentWebApp:
     def __init__(self, *, db_path: str | Path, workspace: str | Path, token: str | None,
                  llm_config: core.LLMConfig | None, allowed_hosts: set[str],
                  allowed_origins: set[str], approve: str, max_steps: int,
-                 queue_size: int, body_timeout: float = BODY_TIMEOUT):
+                 queue_size: int, body_timeout: float = BODY_TIMEOUT,
+                 tools: dict[str, bool] | None = None,
+                 mcp_servers: list[core.McpServer] | None = None):
         self.db_path, self.workspace = db_path, workspace
+        self.tool_options = tools or {}       # Toolbox(**): config.yaml's tools.enable_*
+        self.mcp_servers = mcp_servers or []
         self.token = token
         self.guard = Guard(token or "", allowed_hosts, allowed_origins)
         self.llm_config = llm_config
@@ -1379,9 +1383,12 @@ class AgentWebApp:
             self.events = EventLog(self.store, self.registry)
             self.events.start()
             self.http = core.make_http_client(self.llm_config)
+            self.toolbox = core.Toolbox(self.workspace, **self.tool_options)
+            # MCP servers start side by side, each within its connect_timeout.
+            await core.start_mcp(self.mcp_servers, self.toolbox)
             self.runs = RunManager(self.events, self.store,
                                    core.make_llm(self.llm_config, self.http), self.llm_config,
-                                   core.Toolbox(self.workspace), self.max_steps)
+                                   self.toolbox, self.max_steps)
             await self.runs.recover()
             if os.environ.get("AGENT_WEB_LAG_PROBE"):      # bench/ only: see LagProbe
                 self.lag_probe = LagProbe()
@@ -1395,6 +1402,7 @@ class AgentWebApp:
             await self.lag_probe.stop()
             self.lag_probe = None
         await self.runs.shutdown()
+        await asyncio.gather(*(server.close() for server in self.mcp_servers))
         await self.events.stop()
         await self.http.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
@@ -1503,6 +1511,11 @@ class AgentWebApp:
                                    "limits": {"message_chars": MAX_MESSAGE_CHARS,
                                               "body_bytes": MAX_BODY_BYTES,
                                               "ws_frame_bytes": MAX_WS_FRAME_BYTES}})
+
+    async def get_tools(self, req: Request) -> Response:
+        """Extension: the tools the model is offered, by source (built-in,
+        mcp:<server>), and each MCP server's state and error."""
+        return json_response(200, self.toolbox.describe())
 
     async def get_stats(self, req: Request) -> Response:
         """Extension: what the process holds now, for leak checks and bench/."""
@@ -1821,6 +1834,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("GET", "/healthz", AgentWebApp.healthz, False),
     ("GET", "/agent/config", AgentWebApp.get_config, True),
     ("GET", "/agent/stats", AgentWebApp.get_stats, True),
+    ("GET", "/agent/tools", AgentWebApp.get_tools, True),
     ("POST", "/agent/chat", AgentWebApp.post_chat, True),
     ("GET", "/agent/chat", AgentWebApp.get_chat, True),
     ("POST", "/agent/cancel", AgentWebApp.post_cancel, True),
@@ -1870,7 +1884,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                allowed_hosts: set[str] | list[str] | None = None,
                allowed_origins: set[str] | list[str] | None = None,
                approve: str | None = None, max_steps: int = core.DEFAULT_MAX_STEPS,
-               queue_size: int | None = None, body_timeout: float | None = None
+               queue_size: int | None = None, body_timeout: float | None = None,
+               tools: dict[str, bool] | None = None, mcp_config: str | Path | None = None
                ) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
@@ -1893,7 +1908,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         queue_size=queue_size or core.env_number(os.environ, "AGENT_WEB_QUEUE_SIZE")
         or SUBSCRIBER_QUEUE_SIZE,
         body_timeout=body_timeout or core.env_number(os.environ, "AGENT_WEB_BODY_TIMEOUT",
-                                                     float) or BODY_TIMEOUT)
+                                                     float) or BODY_TIMEOUT,
+        tools=tools, mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None))
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
@@ -1927,14 +1943,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=env.get("AGENT_WEB_PORT", str(DEFAULT_PORT)),
                    help="0 picks a free port")
     p.add_argument("--db", default=env.get("AGENT_WEB_DB", DEFAULT_DB))
-    p.add_argument("--workspace", default=env.get("AGENT_WORKSPACE", DEFAULT_WORKSPACE))
+    p.add_argument("--workspace")
+    p.add_argument("--config", help="Mini-Agent's config.yaml (default: ./mini_agent/config/"
+                   "config.yaml, then ~/.mini-agent/config/config.yaml)")
     p.add_argument("--provider", choices=["anthropic", "openai", "minimax", "demo"])
     p.add_argument("--model")
     p.add_argument("--approve", choices=core.APPROVAL_MODES,
                    default=env.get("AGENT_APPROVE", "ask"),
                    help="auto: run every tool; ask: confirm bash and file writes (default); "
                         "ask-all: confirm every tool")
-    p.add_argument("--max-steps", type=int, default=core.DEFAULT_MAX_STEPS)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--mcp-config", help="Mini-Agent's mcp.json (AGENT_MCP_CONFIG; default: "
+                   "the config's tools.mcp_config_path)")
     p.add_argument("--token-limit", type=int, help="context size in tokens past which older "
                    f"turns are summarised (AGENT_TOKEN_LIMIT; {core.DEFAULT_TOKEN_LIMIT:,})")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
@@ -1944,9 +1964,18 @@ def main(argv: list[str] | None = None) -> int:
 
     token = env.get("AGENT_WEB_TOKEN") or secrets.token_urlsafe(24)
     try:
-        cfg = core.config_from_env(args.provider, args.model, token_limit=args.token_limit)
+        file = core.ConfigFile.find(args.config)
+        cfg = core.config_from_env(args.provider, args.model, token_limit=args.token_limit,
+                                   file=file)
+        # flags beat environment variables beat the config file beat defaults
+        args.workspace = (args.workspace or env.get("AGENT_WORKSPACE")
+                          or (file and file.get("workspace_dir")) or DEFAULT_WORKSPACE)
+        max_steps = (args.max_steps or (file and file.get("max_steps"))
+                     or core.DEFAULT_MAX_STEPS)
         application = create_app(db_path=args.db, workspace=args.workspace, token=token,
-                                 llm_config=cfg, approve=args.approve, max_steps=args.max_steps)
+                                 llm_config=cfg, approve=args.approve, max_steps=max_steps,
+                                 tools=file.toolbox_options() if file else None)
+        application.mcp_servers = core.mcp_servers(args.mcp_config, env, file)
     except ValueError as exc:                      # a malformed AGENT_* setting
         p.error(str(exc))
 
@@ -1988,6 +2017,12 @@ def main(argv: list[str] | None = None) -> int:
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
+            if file:
+                print(f"Config {file.path}", flush=True)
+            for mcp in application.mcp_servers:
+                print(f"MCP {mcp.name} ({mcp.transport}): " + (
+                    f"{len(mcp.tools)} tool(s)" if mcp.state == "ready"
+                    else f"{mcp.state}: {mcp.error}"), flush=True)
             print(f"Mini Agent Web · model {cfg.label} · workspace "
                   f"{Path(args.workspace).resolve()} · db {Path(args.db).resolve()}", flush=True)
             if cfg.provider == "demo":

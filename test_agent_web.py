@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -2236,6 +2238,477 @@ def test_notes_written_at_once_by_many_sessions_lose_none_and_bad_files_are_kept
     (tmp_path / ".agent_memory.json").symlink_to(outside)
     out, err = arun(boxes[0].execute("recall_notes", {}))
     assert err and "symlink" in out and outside.read_text() == "[]"
+
+
+# =============================================================================
+# Mini-Agent's config files (issue 19.1)
+# =============================================================================
+
+# A config.yaml with every field upstream's example has, as a CLI user keeps it.
+MINI_AGENT_YAML = """\
+api_key: "sk-from-the-file"
+api_base: "https://api.minimax.io"
+model: "MiniMax-M2.5"
+provider: "anthropic"
+retry:
+  enabled: true
+  max_retries: 2
+  initial_delay: 0.5
+  max_delay: 7.0
+  exponential_base: 3.0
+max_steps: 12
+workspace_dir: "./my-workspace"
+system_prompt_path: "system_prompt.md"
+token_limit: 50000
+tools:
+  enable_file_tools: true
+  enable_bash: true
+  enable_note: true
+  enable_skills: true
+  skills_dir: "./skills"
+  enable_mcp: true
+  mcp_config_path: "mcp.json"
+  mcp:
+    connect_timeout: 10.0
+    execute_timeout: 60.0
+    sse_read_timeout: 120.0
+"""
+
+
+def write_config(folder: Path, text: str = MINI_AGENT_YAML, prompt: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(text)
+    if prompt is not None:
+        (folder / "system_prompt.md").write_text(prompt)
+    return folder / "config.yaml"
+
+
+def test_config_yaml_is_found_where_mini_agent_looks(tmp_path):
+    cwd, home = tmp_path / "project", tmp_path / "home"
+    assert core.ConfigFile.find(cwd=cwd, home=home) is None
+    write_config(home / ".mini-agent" / "config", MINI_AGENT_YAML.replace("MiniMax-M2.5", "home"))
+    assert core.ConfigFile.find(cwd=cwd, home=home).get("model") == "home"
+    write_config(cwd / "mini_agent" / "config", MINI_AGENT_YAML.replace("MiniMax-M2.5", "dev"))
+    assert core.ConfigFile.find(cwd=cwd, home=home).get("model") == "dev"   # development first
+    explicit = write_config(tmp_path / "x", MINI_AGENT_YAML.replace("MiniMax-M2.5", "mine"))
+    assert core.ConfigFile.find(str(explicit), cwd=cwd, home=home).get("model") == "mine"
+    with pytest.raises(ValueError, match="no such file"):
+        core.ConfigFile.find(str(tmp_path / "missing.yaml"))
+
+
+def test_every_field_of_config_yaml_is_honoured(tmp_path):
+    path = write_config(tmp_path / "conf", prompt="You are Mini-Agent.\n\n{SKILLS_METADATA}\n")
+    file = core.ConfigFile.read(path)
+    assert file.warnings == []
+    cfg = core.config_from_env(env={}, file=file)
+    assert (cfg.provider, cfg.model, cfg.api_key) == ("anthropic", "MiniMax-M2.5",
+                                                      "sk-from-the-file")
+    # upstream adds /anthropic (or /v1) to MiniMax hosts only
+    assert core.AnthropicClient(cfg, None).url == "https://api.minimax.io/anthropic/v1/messages"
+    assert (cfg.retry_attempts, cfg.retry_base_delay, cfg.retry_max_delay,
+            cfg.retry_exp_base, cfg.token_limit) == (3, 0.5, 7.0, 3.0, 50000)
+    assert cfg.system_prompt == "You are Mini-Agent."       # placeholder filled (no skills)
+    assert file.get("max_steps") == 12 and file.get("workspace_dir") == "./my-workspace"
+    openai = core.ConfigFile.read(write_config(tmp_path / "o", MINI_AGENT_YAML.replace(
+        'provider: "anthropic"', 'provider: "openai"')))
+    assert core.config_from_env(env={}, file=openai).base_url == "https://api.minimax.io/v1"
+    other = core.ConfigFile.read(write_config(tmp_path / "t", MINI_AGENT_YAML.replace(
+        'provider: "anthropic"', 'provider: "openai"').replace(
+        "https://api.minimax.io", "https://api.siliconflow.cn/v1")))
+    assert core.config_from_env(env={}, file=other).base_url == "https://api.siliconflow.cn/v1"
+    off = core.ConfigFile.read(write_config(tmp_path / "r", MINI_AGENT_YAML.replace(
+        "enabled: true", "enabled: false").replace("enable_bash: true", "enable_bash: false")
+        .replace("enable_note: true", "enable_note: false")))
+    assert core.config_from_env(env={}, file=off).retry_attempts == 1      # no retries
+    names = {t["name"] for t in core.Toolbox(tmp_path / "ws", **off.toolbox_options()).specs()}
+    assert names == {"read_file", "write_file", "edit_file"}
+
+
+def test_flags_beat_environment_beat_the_file_beat_defaults(tmp_path):
+    file = core.ConfigFile.read(write_config(tmp_path / "c"))
+    env = {"AGENT_MODEL": "env-model", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+           "AGENT_TOKEN_LIMIT": "60000"}
+    cfg = core.config_from_env(env=env, file=file)
+    assert (cfg.model, cfg.base_url, cfg.api_key, cfg.token_limit) == (
+        "env-model", "http://127.0.0.1:9", "sk-from-the-file", 60000)
+    cfg = core.config_from_env(model="flag-model", token_limit=70000, env=env, file=file)
+    assert (cfg.model, cfg.token_limit) == ("flag-model", 70000)
+    # A provider key in the environment beats the file's LLM altogether.
+    cfg = core.config_from_env(env={"OPENAI_API_KEY": "sk-env"}, file=file)
+    assert (cfg.provider, cfg.api_key) == ("openai", "sk-env")
+    # No api_key in the file (and none in the environment): the demo model.
+    bare = core.ConfigFile.read(write_config(tmp_path / "d", "max_steps: 3\n"))
+    assert core.config_from_env(env={}, file=bare).provider == "demo"
+
+
+@pytest.mark.parametrize("line,says", [
+    ("max_steps: many", "max_steps must be a whole number, not 'many'"),
+    ("provider: gemini", "provider must be one of anthropic, openai, not 'gemini'"),
+    ("tools:\n  enable_bash: maybe", "tools.enable_bash must be true or false, not 'maybe'"),
+    ("retry:\n  initial_delay: -1", "retry.initial_delay must not be negative"),
+    ('api_key: "YOUR_API_KEY_HERE"', "api_key is still the example's YOUR_API_KEY_HERE"),
+    ("max_steps: [1", "cannot be read as YAML")])
+def test_a_bad_config_value_is_a_usage_error_naming_field_and_file(tmp_path, line, says):
+    path = write_config(tmp_path / "c", line + "\n")
+    for script in ("agent_web.py", "agent_core.py"):
+        proc = subprocess.run([sys.executable, str(HERE / script), "--config", str(path),
+                               "--workspace" if script == "agent_web.py" else "-w",
+                               str(tmp_path / "ws"), *(["--no-browser", "--db",
+                                                        str(tmp_path / "a.db")]
+                                                       if script == "agent_web.py" else
+                                                       ["-t", "hi"])],
+                              env=free_env(), capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, (script, proc.stderr)
+        assert says in proc.stderr and str(path) in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_the_server_runs_on_a_mini_agent_config_unchanged(tmp_path, llm):
+    """`python agent_web.py --config` on a CLI user's files: the file's key,
+    base URL, model, system prompt, max_steps, workspace and tool switches
+    reach the requests; an unknown field is a warning in the log."""
+    conf = write_config(tmp_path / "conf", MINI_AGENT_YAML.replace(
+        "https://api.minimax.io", llm.url).replace('provider: "anthropic"', 'provider: "openai"')
+        .replace("enable_note: true", "enable_note: false").replace(
+        "max_steps: 12", "max_steps: 1\nshiny_new_option: 3"),
+        prompt="You are the CLI's own prompt.\n{SKILLS_METADATA}")
+    base = llm.url + "/v1"
+    conf.write_text(conf.read_text().replace(llm.url, base))
+    server = ServerProcess(tmp_path, None, args=["--config", str(conf)])
+    try:
+        assert any(f"Config {conf}" in line for line in server.lines)
+        sid = server.chat("run: echo hi")["session_id"]
+        h = server.wait_status(sid)
+        assert llm.requests, (h["events"], server.lines)
+        body, headers = llm.requests[0], llm.headers[0]
+        assert body["model"] == "MiniMax-M2.5"
+        assert body["messages"][0] == {"role": "system", "content": "You are the CLI's own prompt."}
+        assert {t["function"]["name"] for t in body["tools"]} == {
+            "bash", "read_file", "write_file", "edit_file"}
+        assert {k.lower(): v for k, v in headers.items()}["authorization"] == \
+            "Bearer sk-from-the-file"
+        assert of(h["events"], "done")[-1]["status"] == "max_steps"     # max_steps: 1
+    finally:
+        server.stop()
+    assert "unknown field 'shiny_new_option'" in (tmp_path / "server.log").read_text()
+
+
+# =============================================================================
+# MCP: our client against servers built with the official SDK (issue 19.2)
+# =============================================================================
+
+# A server made with the official MCP Python SDK (`mcp`, test-only): run as
+# `python mcp_server.py` for stdio, `python mcp_server.py http` for
+# Streamable HTTP on a free port (printed on its first line).
+MCP_TEST_SERVER = r'''import asyncio, os, socket, sys
+from mcp.server.mcpserver import MCPServer, Image
+from mcp.types import ToolAnnotations
+
+srv = MCPServer("test-server")
+
+@srv.tool(description="Echo the text back")
+def echo(text: str) -> str:
+    return f"echo: {text}"
+
+@srv.tool(description="Always fails")
+def fail(reason: str = "no reason") -> str:
+    from mcp.server.mcpserver.exceptions import ToolError
+    raise ToolError(f"it failed: {reason}")
+
+@srv.tool(description="Sleep, then answer")
+async def slow(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return f"slept {seconds}"
+
+@srv.tool(description="The server process dies mid-call")
+def die() -> str:
+    os._exit(3)
+
+@srv.tool(description="A small image")
+def picture() -> Image:
+    return Image(data=b"\x89PNG\r\n\x1a\n" + b"0" * 100, format="png")
+
+@srv.tool(description="Read-only lookup", annotations=ToolAnnotations(readOnlyHint=True))
+def lookup(key: str) -> str:
+    return f"value of {key}"
+
+@srv.tool(name="bash", description="A tool whose name clashes with a built-in")
+def shadow() -> str:
+    return "the MCP bash"
+
+if __name__ == "__main__":
+    print("starting", file=sys.stderr, flush=True)
+    if len(sys.argv) > 1 and sys.argv[1] == "http":
+        import uvicorn
+        sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
+        print(sock.getsockname()[1], flush=True)
+        app = srv.streamable_http_app()
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    else:
+        srv.run("stdio")
+'''
+
+# A hand-written stdio server for what the SDK's servers do not show: tools
+# listed over two pages, and an older protocol version (or an unknown one).
+PAGED_MCP_SERVER = r'''
+import json, sys
+version = sys.argv[1]
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    if m["method"] == "initialize":
+        result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "paged", "version": "0"}}
+    elif m["method"] == "tools/list":
+        page = (m.get("params") or {}).get("cursor")
+        tool = {"name": "second" if page else "first", "inputSchema": {"type": "object"}}
+        result = {"tools": [tool]} if page else {"tools": [tool], "nextCursor": "p2"}
+    else:
+        result = {"content": [{"type": "text", "text": "called " + m["params"]["name"]}]}
+    print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": result}), flush=True)
+'''
+
+
+@pytest.fixture
+def mcp_script(tmp_path) -> Path:
+    path = tmp_path / "mcp_server.py"
+    path.write_text(MCP_TEST_SERVER)
+    return path
+
+
+@pytest.fixture
+def mcp_http(mcp_script):
+    proc = subprocess.Popen([sys.executable, str(mcp_script), "http"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    port = int(proc.stdout.readline())
+    yield f"http://127.0.0.1:{port}/mcp"
+    proc.terminate()
+    proc.wait(10)
+
+
+def mcp_spec(kind: str, where) -> tuple[dict, str]:
+    if kind == "stdio":
+        return {"command": sys.executable, "args": [str(where)]}, "stdio"
+    return {"url": where, "type": "streamable_http"}, "http"
+
+
+async def mcp_toolbox(tmp_path: Path, spec: dict, transport: str, **timeouts):
+    server = core.McpServer("t", spec, transport, {**core.MCP_DEFAULT_TIMEOUTS, **timeouts})
+    box = core.Toolbox(tmp_path / "ws")
+    await core.start_mcp([server], box)
+    return server, box
+
+
+@pytest.mark.parametrize("kind", ["stdio", "http"])
+def test_mcp_tools_are_listed_and_called_over_both_transports(tmp_path, mcp_script, kind,
+                                                              request):
+    where = mcp_script if kind == "stdio" else request.getfixturevalue("mcp_http")
+    spec, transport = mcp_spec(kind, where)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, transport, execute_timeout=1.5)
+        try:
+            started = time.monotonic()
+            out = {name: await box.execute(name, args) for name, args in (
+                ("echo", {"text": "hi"}), ("fail", {"reason": "on purpose"}),
+                ("picture", {}), ("lookup", {"key": "k"}), ("t_bash", {}),
+                ("slow", {"seconds": 5}))}
+            out["took"] = time.monotonic() - started
+            out["after"] = await box.execute("echo", {"text": "still there"})
+            return server, box.describe(), out
+        finally:
+            await server.close()
+    server, info, out = arun(go())
+    assert server.protocol in core.MCP_PROTOCOL_VERSIONS
+    assert out["echo"] == ("echo: hi", False)
+    assert out["fail"][1] and "it failed: on purpose" in out["fail"][0]
+    assert out["picture"] == ("[image: image/png, 108 bytes]", False)
+    assert out["lookup"] == ("value of k", False)
+    assert out["t_bash"] == ("the MCP bash", False)         # clashed with bash: prefixed
+    assert out["slow"][1] and "within 1.5 s (execute_timeout)" in out["slow"][0]
+    assert out["took"] < 5                                   # the slow call did not wait
+    assert out["after"] == ("echo: still there", False)
+    sources = {t["name"]: t["source"] for t in info["tools"]}
+    assert sources["bash"] == "built-in" and sources["echo"] == "mcp:t"
+    asks = {t["name"]: t["asks_first"] for t in info["tools"]}
+    assert asks["echo"] and not asks["lookup"]               # readOnlyHint: never asks
+    assert info["mcp_servers"] == [{"name": "t", "transport": transport, "state": "ready",
+                                    "error": "", "tools": 7}]
+
+
+def test_an_mcp_stdio_server_that_dies_mid_call_is_reported_and_started_again(tmp_path,
+                                                                               mcp_script):
+    spec, transport = mcp_spec("stdio", mcp_script)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, transport)
+        try:
+            return (await box.execute("die", {}), server.state,
+                    await box.execute("echo", {"text": "back"}), server.state)
+        finally:
+            await server.close()
+    died, state, back, state_after = arun(go())
+    assert died[1] and "exited (code 3) during the call" in died[0]
+    assert state == "stopped" and back == ("echo: back", False) and state_after == "ready"
+
+
+def test_mcp_version_negotiation_and_paged_tool_lists(tmp_path):
+    script = tmp_path / "paged.py"
+    script.write_text(PAGED_MCP_SERVER)
+
+    async def go(version):
+        server, box = await mcp_toolbox(
+            tmp_path, {"command": sys.executable, "args": [str(script), version]}, "stdio")
+        try:
+            return server, [t["name"] for t in server.tools], (
+                await box.execute("second", {}) if server.state == "ready" else None)
+        finally:
+            await server.close()
+    server, names, called = arun(go("2025-03-26"))
+    assert server.protocol == "2025-03-26" and names == ["first", "second"]
+    assert called == ("called second", False)
+    server, names, _ = arun(go("1999-01-01"))
+    assert server.state == "failed" and "1999-01-01" in server.error and names == []
+
+
+def test_an_mcp_server_that_fails_to_start_is_reported_and_holds_nothing_up(tmp_path, caplog):
+    hang = tmp_path / "hang.py"
+    hang.write_text("import sys, time\nprint('about to hang', file=sys.stderr, flush=True)\n"
+                    "time.sleep(60)\n")
+    servers = [core.McpServer("missing", {"command": "no-such-mcp-server"}, "stdio",
+                              dict(core.MCP_DEFAULT_TIMEOUTS)),
+               core.McpServer("silent", {"command": sys.executable, "args": [str(hang)]},
+                              "stdio", dict(core.MCP_DEFAULT_TIMEOUTS, connect_timeout=1.0)),
+               core.McpServer("nobody", {"url": "http://127.0.0.1:9/mcp"}, "http",
+                              dict(core.MCP_DEFAULT_TIMEOUTS, connect_timeout=1.0))]
+
+    async def go():
+        box = core.Toolbox(tmp_path / "ws")
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="agent_core"):
+            await core.start_mcp(servers, box)
+        took = time.monotonic() - started
+        await asyncio.gather(*(s.close() for s in servers))
+        return took, box.describe()
+    took, info = arun(go())
+    assert took < 8                                     # side by side, each within its time
+    states = {s["name"]: (s["state"], s["error"]) for s in info["mcp_servers"]}
+    assert states["missing"][0] == "failed" and "cannot start no-such-mcp-server" in \
+        states["missing"][1]
+    assert states["silent"] == ("failed", "no answer within 1 s")
+    assert states["nobody"][0] == "failed"
+    assert "about to hang" in caplog.text                 # its stderr went to the log
+    assert [t["source"] for t in info["tools"]] == ["built-in"] * len(info["tools"])
+
+
+def test_mcp_json_in_mini_agents_format_is_read_as_upstream_does(tmp_path):
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {
+        "local": {"description": "x", "command": "uvx", "args": ["thing"],
+                  "env": {"KEY": "v"}, "execute_timeout": 5},
+        "remote": {"url": "https://mcp.example/mcp", "headers": {"Authorization": "Bearer t"}},
+        "old": {"type": "sse", "url": "https://mcp.example/sse"},
+        "off": {"command": "npx", "args": ["-y", "x"], "disabled": True}}}))
+    servers = core.mcp_servers(str(path), env={})
+    assert [(s.name, s.transport) for s in servers] == [("local", "stdio"), ("remote", "http"),
+                                                        ("old", "sse")]
+    assert servers[0].timeouts["execute_timeout"] == 5.0
+    assert servers[1].timeouts["connect_timeout"] == 10.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mcpServers": {"x": {"type": "carrier-pigeon", "url": "u"}}}))
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        core.mcp_servers(str(bad), env={})
+    # from config.yaml: beside it, with its tools.mcp timeouts
+    conf = write_config(tmp_path / "conf", MINI_AGENT_YAML.replace("execute_timeout: 60.0",
+                                                                   "execute_timeout: 9.0"))
+    (tmp_path / "conf" / "mcp.json").write_text(path.read_text())
+    servers = core.mcp_servers(None, env={}, file=core.ConfigFile.read(conf))
+    assert [s.name for s in servers] == ["local", "remote", "old"]
+    assert servers[1].timeouts["execute_timeout"] == 9.0 and servers[0].timeouts[
+        "execute_timeout"] == 5.0                       # the server's own wins
+
+
+def test_stop_during_an_mcp_call_cancels_it_and_the_server_lives_on(tmp_path, llm, mcp_script):
+    spec, transport = mcp_spec("stdio", mcp_script)
+    llm.script += [Reply("Waiting.", tools=[("slow", json.dumps({"seconds": 30}))])]
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, transport)
+        cfg = cfg_for(llm)
+        try:
+            async with core.make_http_client(cfg) as http:
+                agent = core.Agent(core.make_llm(cfg, http), cfg, box)
+                history = [{"role": "user", "content": "wait for it"}]
+                events = []
+                async for ev in agent.run(history):
+                    events.append(ev)
+                    if ev["type"] == "tool_call":
+                        asyncio.get_running_loop().call_later(0.5, agent.cancel)
+            return events, await box.execute("echo", {"text": "alive"})
+        finally:
+            await server.close()
+    events, after = arun(go())
+    assert events[-1]["status"] == "cancelled"
+    result = of(events, "tool_result")[0]
+    assert result["is_error"] and "cancelled" in result["output"]
+    assert after == ("echo: alive", False)
+
+
+def test_the_server_offers_mcp_tools_lists_them_and_asks_first_in_ask_mode(tmp_path, llm,
+                                                                          mcp_script):
+    conf = tmp_path / "mcp.json"
+    conf.write_text(json.dumps({"mcpServers": {
+        "t": {"command": sys.executable, "args": [str(mcp_script)]},
+        "broken": {"command": "no-such-mcp-server"}}}))
+    server = ServerProcess(tmp_path, llm, approve="ask", args=["--mcp-config", str(conf)])
+    try:
+        assert any("MCP broken (stdio): failed" in line for line in server.lines)
+        info = server.http("GET", "/agent/tools").json()
+        states = {s["name"]: s["state"] for s in info["mcp_servers"]}
+        assert states == {"t": "ready", "broken": "failed"}
+        assert {"echo", "lookup", "t_bash"} <= {t["name"] for t in info["tools"]}
+        llm.script += [Reply("Looking.", tools=[("lookup", json.dumps({"key": "a"}))]),
+                       Reply("Echoing.", tools=[("echo", json.dumps({"text": "b"}))])]
+        sid = server.chat("go")["session_id"]
+        request = server.wait_event(sid, "approval_request")     # echo asks; lookup did not
+        assert request["tool"] == "echo"
+        results = of(server.history(sid)["events"], "tool_result")
+        assert results[0]["output"] == "value of a" and not results[0]["is_error"]
+        server.http("POST", "/agent/approve", {"session_id": sid, "call_id": request["call_id"],
+                                               "decision": "allow"})
+        h = server.wait_status(sid)
+        assert of(h["events"], "tool_result")[-1]["output"] == "echo: b"
+        assert "echo" in {t["name"] for t in llm.requests[0]["tools"]}
+        assert server.http("GET", "/agent/tools", token=False).status_code == 401
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not shutil.which("npx"), reason="Node's npx is not installed")
+def test_the_reference_memory_server_from_npm(tmp_path):
+    """@modelcontextprotocol/server-memory, the reference implementation,
+    as Mini-Agent's example mcp.json names it (fetched from the npm registry)."""
+    spec = {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-memory"],
+            "env": {"MEMORY_FILE_PATH": str(tmp_path / "memory.jsonl")}}
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, "stdio", connect_timeout=120.0)
+        try:
+            if server.state != "ready":
+                return server, None, None
+            made = await box.execute("create_entities", {"entities": [
+                {"name": "Mini Agent Web", "entityType": "project",
+                 "observations": ["talks MCP over stdio"]}]})
+            found = await box.execute("search_nodes", {"query": "Mini Agent"})
+            return server, made, found
+        finally:
+            await server.close()
+    server, made, found = arun(go())
+    if server.state == "failed" and "npm" in server.error.lower():
+        pytest.skip(f"npm could not fetch the server: {server.error}")
+    assert server.state != "failed", server.error
+    assert not made[1] and not found[1] and "talks MCP over stdio" in found[0]
 
 
 # =============================================================================
