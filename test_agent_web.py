@@ -2438,11 +2438,11 @@ def shadow() -> str:
 
 if __name__ == "__main__":
     print("starting", file=sys.stderr, flush=True)
-    if len(sys.argv) > 1 and sys.argv[1] == "http":
+    if len(sys.argv) > 1 and sys.argv[1] in ("http", "sse"):
         import uvicorn
         sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
         print(sock.getsockname()[1], flush=True)
-        app = srv.streamable_http_app()
+        app = srv.streamable_http_app() if sys.argv[1] == "http" else srv.sse_app()
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     else:
         srv.run("stdio")
@@ -2477,20 +2477,29 @@ def mcp_script(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def mcp_http(mcp_script):
-    proc = subprocess.Popen([sys.executable, str(mcp_script), "http"], stdout=subprocess.PIPE,
+def mcp_over_http(script: Path, kind: str):
+    proc = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     port = int(proc.stdout.readline())
-    yield f"http://127.0.0.1:{port}/mcp"
+    yield f"http://127.0.0.1:{port}/" + ("mcp" if kind == "http" else "sse")
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture
+def mcp_http(mcp_script):
+    yield from mcp_over_http(mcp_script, "http")
+
+
+@pytest.fixture
+def mcp_sse(mcp_script):
+    yield from mcp_over_http(mcp_script, "sse")
 
 
 def mcp_spec(kind: str, where) -> tuple[dict, str]:
     if kind == "stdio":
         return {"command": sys.executable, "args": [str(where)]}, "stdio"
-    return {"url": where, "type": "streamable_http"}, "http"
+    return {"url": where, "type": "streamable_http" if kind == "http" else "sse"}, kind
 
 
 async def mcp_toolbox(tmp_path: Path, spec: dict, transport: str, **timeouts):
@@ -2500,10 +2509,10 @@ async def mcp_toolbox(tmp_path: Path, spec: dict, transport: str, **timeouts):
     return server, box
 
 
-@pytest.mark.parametrize("kind", ["stdio", "http"])
-def test_mcp_tools_are_listed_and_called_over_both_transports(tmp_path, mcp_script, kind,
+@pytest.mark.parametrize("kind", ["stdio", "http", "sse"])
+def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_script, kind,
                                                               request):
-    where = mcp_script if kind == "stdio" else request.getfixturevalue("mcp_http")
+    where = mcp_script if kind == "stdio" else request.getfixturevalue(f"mcp_{kind}")
     spec, transport = mcp_spec(kind, where)
 
     async def go():
