@@ -58,6 +58,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -246,7 +247,7 @@ def config_from_env(provider: str | None = None, model: str | None = None,
 # `retry.max_retries` counts retries, our `retry_attempts` tries: one more.
 # `system_prompt.md` replaces the built-in system prompt; its
 # `{SKILLS_METADATA}` placeholder is filled with the skills' names and
-# descriptions (none yet: an empty string).
+# descriptions (see "Claude Skills").
 
 UPSTREAM_API_BASE = "https://api.minimax.io"
 UPSTREAM_MODEL = "MiniMax-M2.5"
@@ -377,7 +378,7 @@ class ConfigFile:
         prompt = self.relative("system_prompt_path", "system_prompt.md")
         if prompt.is_file():
             text = prompt.read_text(encoding="utf-8", errors="replace")
-            out["system_prompt"] = text.replace("{SKILLS_METADATA}", "").strip()
+            out["system_prompt"] = text.strip()      # {SKILLS_METADATA}: see with_skills
         elif "system_prompt_path" in v:
             log.warning("%s: system_prompt_path %s does not exist; the built-in system "
                         "prompt is used", self.path, prompt)
@@ -1568,6 +1569,17 @@ class Toolbox:
         self.source: dict[str, str] = {name: "built-in" for name in self.tools}
         self.read_only: set[str] = set()         # MCP tools that never ask (readOnlyHint)
         self.mcp: list[McpServer] = []
+        self.read_roots: list[Path] = []         # skill folders read_file may read
+        self.skills: Skills | None = None
+
+    def add_skills(self, skills: "Skills") -> None:
+        """Offer get_skill, and let read_file read inside the skills' folders."""
+        if not skills.found:
+            return
+        self.skills = skills
+        self.read_roots = sorted({s.folder for s in skills.found.values()})
+        self.tools["get_skill"] = (GET_SKILL_SCHEMA, skills.get)
+        self.source["get_skill"] = "skills"
 
     def add_mcp(self, server: "McpServer") -> None:
         """Offer a started MCP server's tools (see "MCP client")."""
@@ -1637,16 +1649,19 @@ class Toolbox:
             return f"Error: {tool_failure(name, args, exc)}", True
 
     # -- paths ---------------------------------------------------------------
-    def resolve(self, path: str) -> Path:
-        """A path inside the workspace, or ToolError.  Symlinks are followed
-        first, so a link that leads out of the workspace is refused too."""
+    def resolve(self, path: str, write: bool = False) -> tuple[Path, Path]:
+        """(root, target): a path inside the workspace (or, to read, inside a
+        skill's folder: see "Claude Skills"), or ToolError.  Symlinks are
+        followed first, so a link that leads out of the workspace is refused
+        too."""
         if "\x00" in path:
             raise ToolError("path contains a NUL byte")
         target = (self.workspace / path).resolve()
-        if target != self.workspace and self.workspace not in target.parents:
-            raise ToolError(f"path {path!r} is outside the workspace ({self.workspace}); "
-                            "use a path inside it")
-        return target
+        for root in [self.workspace] + ([] if write else self.read_roots):
+            if target == root or root in target.parents:
+                return root, target
+        raise ToolError(f"path {path!r} is outside the workspace ({self.workspace}); "
+                        "use a path inside it")
 
     # Checking a path and then opening it is a race: swap a folder for a
     # symlink in between and the open follows it out of the workspace.  So a
@@ -1661,10 +1676,10 @@ class Toolbox:
     def open_file(self, path: str, write: bool = False) -> int:
         """A descriptor of a regular file inside the workspace (see above);
         `write` creates it (and its folders) or empties it."""
-        target = self.resolve(path)
-        if target == self.workspace:
-            raise ToolError(f"{path!r} is the workspace folder itself, not a file")
-        folder = self._folder_fd(target.parent.relative_to(self.workspace).parts, path, write)
+        root, target = self.resolve(path, write)
+        if target == root:
+            raise ToolError(f"{path!r} is a folder itself, not a file")
+        folder = self._folder_fd(root, target.parent.relative_to(root).parts, path, write)
         flags = ((os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY)
         try:
             fd = os.open(target.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -1687,8 +1702,8 @@ class Toolbox:
         os.set_blocking(fd, True)
         return fd
 
-    def _folder_fd(self, parts: tuple[str, ...], path: str, create: bool) -> int:
-        fd = os.open(self.workspace, self._DIR_FLAGS)
+    def _folder_fd(self, root: Path, parts: tuple[str, ...], path: str, create: bool) -> int:
+        fd = os.open(root, self._DIR_FLAGS)
         try:
             for part in parts:
                 if create:
@@ -2457,6 +2472,143 @@ async def start_mcp(servers: list[McpServer], toolbox: "Toolbox") -> None:
 
 
 # =============================================================================
+# Claude Skills: SKILL.md folders, disclosed step by step
+# =============================================================================
+#
+# As Mini-Agent (and Claude) load them: every SKILL.md under the skills
+# folder (`--skills-dir`, AGENT_SKILLS_DIR, the config's `tools.skills_dir`,
+# default ./skills, then ./mini_agent/skills as upstream looks) starts with
+# YAML front matter holding at least `name` and `description`.  Only those
+# two go into the system prompt (its `{SKILLS_METADATA}` placeholder, or
+# appended to ours); `get_skill(skill_name)` returns a skill's whole text,
+# with the skill's folder named and its relative references (scripts/,
+# references/, assets/, Markdown links, "see forms.md") made absolute when
+# the file is there, so the model can run or read them from the workspace.
+# read_file may read inside a skill's folder (still with no symlink out of
+# it); writing there, and anything else outside the workspace, stays
+# refused.  A SKILL.md that cannot be read is a warning, never a failed start.
+
+GET_SKILL_SCHEMA = {
+    "description": "Load the full instructions of one of the skills listed in the system "
+                   "prompt (its files are named with absolute paths).",
+    "type": "object",
+    "properties": {"skill_name": {"type": "string", "description": "the skill's name"}},
+    "required": ["skill_name"], "additionalProperties": False,
+}
+SKILL_FRONT_MATTER = re.compile(r"\A---\r?\n(.*?)\r?\n---[ \t]*\r?\n?(.*)\Z", re.S)
+SKILL_DIR_REF = re.compile(r"(?<![\w/.-])((?:scripts|references|assets)/[^\s`'\")\]]+)")
+SKILL_LINK = re.compile(r"\]\((?!https?:|/|#)(?:\./)?([^)\s]+)\)")
+SKILL_DOC_REF = re.compile(r"\b((?:see|read|refer to|check)\s+)([\w-]+\.(?:md|txt|json|yaml))\b",
+                           re.I)
+
+
+@dataclass
+class Skill:
+    name: str
+    description: str
+    body: str
+    folder: Path
+
+
+class Skills:
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.found: dict[str, Skill] = {}
+        self.warnings: list[str] = []
+        if folder is not None and folder.is_dir():
+            for path in sorted(folder.rglob("SKILL.md")):
+                self._load(path)
+
+    @classmethod
+    def locate(cls, explicit: str | None = None, env=None, file: "ConfigFile | None" = None
+               ) -> "Skills":
+        env = os.environ if env is None else env
+        given = explicit or env.get("AGENT_SKILLS_DIR")
+        if given:
+            return cls(Path(given).expanduser().resolve())
+        if file and file.get("tools.enable_skills", True) is False:
+            return cls(None)
+        name = Path(str(file.get("tools.skills_dir", "./skills")) if file else "./skills")
+        name = name.expanduser()
+        for folder in ([name] if name.is_absolute() else [name, Path("mini_agent") / name]):
+            if folder.is_dir():
+                return cls(folder.resolve())
+        return cls(None)
+
+    def _load(self, path: Path) -> None:
+        import yaml
+        try:
+            text = path.read_text(encoding="utf-8")
+            match = SKILL_FRONT_MATTER.match(text)
+            meta = yaml.safe_load(match.group(1)) if match else None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            self._warn(f"{path}: cannot be read ({exc})")
+            return
+        if not isinstance(meta, dict) or not meta.get("name") or not meta.get("description"):
+            self._warn(f"{path}: no front matter with a name and a description; skipped")
+            return
+        name = str(meta["name"])
+        if name in self.found:
+            self._warn(f"{path}: a second skill named {name!r}; the first is kept")
+            return
+        self.found[name] = Skill(name, " ".join(str(meta["description"]).split()),
+                                 match.group(2).strip(), path.parent.resolve())
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("%s", text)
+
+    def metadata(self) -> str:
+        """The skills' names and descriptions, for the system prompt."""
+        if not self.found:
+            return ""
+        return ("## Available Skills\n\nEach skill holds expert instructions for one kind of "
+                "task. Load one with `get_skill(skill_name)` before doing such a task.\n\n"
+                + "\n".join(f"- `{s.name}`: {s.description}" for s in self.found.values()))
+
+    @staticmethod
+    def absolute(body: str, folder: Path) -> str:
+        """A skill's relative references made absolute where the file exists."""
+        def there(rel: str) -> Path | None:
+            path = (folder / rel).resolve()
+            return path if path.exists() and (path == folder or folder in path.parents) else None
+
+        def dir_ref(m: re.Match) -> str:
+            path = there(m.group(1))
+            return str(path) if path else m.group(0)
+
+        def link(m: re.Match) -> str:
+            path = there(m.group(1))
+            return f"]({path})" if path else m.group(0)
+
+        def doc(m: re.Match) -> str:
+            path = there(m.group(2))
+            return f"{m.group(1)}`{path}` (read it with read_file)" if path else m.group(0)
+        body = SKILL_LINK.sub(link, body)
+        body = SKILL_DIR_REF.sub(dir_ref, body)
+        return SKILL_DOC_REF.sub(doc, body)
+
+    async def get(self, args: dict) -> str:
+        skill = self.found.get(args["skill_name"])
+        if skill is None:
+            raise ToolError(f"no skill named {args['skill_name']!r}; the skills are: "
+                            + ", ".join(self.found))
+        return (f"# Skill: {skill.name}\n\n{skill.description}\n\nThe skill's folder: "
+                f"`{skill.folder}` (its files are named below with absolute paths; read "
+                f"them with read_file, run its scripts with bash)\n\n---\n\n"
+                + self.absolute(skill.body, skill.folder))
+
+
+def with_skills(prompt: str, skills: Skills) -> str:
+    """The system prompt with the skills' metadata in its placeholder (or
+    after it, when the prompt has none)."""
+    listed = skills.metadata()
+    if "{SKILLS_METADATA}" in prompt:
+        return prompt.replace("{SKILLS_METADATA}", listed).strip()
+    return f"{prompt}\n\n{listed}" if listed else prompt
+
+
+# =============================================================================
 # Context compaction: a long session stays under the model's limit
 # =============================================================================
 #
@@ -3085,16 +3237,20 @@ class Terminal:
             "/exit   quit          Ctrl+C  stop the running task")
 
     def __init__(self, cfg: LLMConfig, workspace: str, max_steps: int, approve: str,
-                 tools: dict[str, bool] | None = None, mcp: list[McpServer] | None = None):
-        self.cfg, self.max_steps, self.approve = cfg, max_steps, approve
+                 tools: dict[str, bool] | None = None, mcp: list[McpServer] | None = None,
+                 skills: Skills | None = None):
+        skills = skills or Skills(None)
+        self.cfg = dataclasses.replace(cfg, system_prompt=with_skills(cfg.system_prompt, skills))
+        self.max_steps, self.approve = max_steps, approve
         self.toolbox = Toolbox(workspace, **(tools or {}))
+        self.toolbox.add_skills(skills)
         self.mcp = mcp or []
         self.history: list[dict] = []
         self.totals = {"runs": 0, "steps": 0, "input_tokens": 0, "output_tokens": 0}
         self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         self.loop = asyncio.new_event_loop()
-        self.http = make_http_client(cfg)
-        self.llm = make_llm(cfg, self.http)
+        self.http = make_http_client(self.cfg)
+        self.llm = make_llm(self.cfg, self.http)
         self.allowed: set[str] = set()
         self.context: dict | None = None      # the last `context` event
         self.measured: dict | None = None     # carried from run to run
@@ -3234,6 +3390,9 @@ class Terminal:
         banner = (f"Mini Agent · model {self.cfg.label} · workspace {self.toolbox.workspace}"
                   f" · approvals {self.approve}")
         self.say(self.c("1", banner))
+        if self.toolbox.skills:
+            self.say(f"Skills ({self.toolbox.skills.folder}): "
+                     + ", ".join(self.toolbox.skills.found))
         if self.mcp:
             self.loop.run_until_complete(start_mcp(self.mcp, self.toolbox))
             for server in self.mcp:
@@ -3296,6 +3455,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"turns are summarised (AGENT_TOKEN_LIMIT; {DEFAULT_TOKEN_LIMIT:,})")
     p.add_argument("--mcp-config", help="Mini-Agent's mcp.json (AGENT_MCP_CONFIG; default: "
                    "the config's tools.mcp_config_path)")
+    p.add_argument("--skills-dir", help="a folder of SKILL.md skills (AGENT_SKILLS_DIR; "
+                   "default: the config's tools.skills_dir, else ./skills)")
     args = p.parse_args(argv)
     try:
         file = ConfigFile.find(args.config)
@@ -3306,7 +3467,8 @@ def main(argv: list[str] | None = None) -> int:
         max_steps = args.max_steps or (file and file.get("max_steps")) or DEFAULT_MAX_STEPS
         terminal = Terminal(cfg, workspace, max_steps, args.approve,
                             file.toolbox_options() if file else {},
-                            mcp_servers(args.mcp_config, file=file))
+                            mcp_servers(args.mcp_config, file=file),
+                            Skills.locate(args.skills_dir, file=file))
     except ValueError as exc:
         p.error(str(exc))
     return terminal.main(args.task)

@@ -62,6 +62,7 @@ import traceback
 import urllib.parse
 import webbrowser
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -1340,10 +1341,12 @@ class AgentWebApp:
                  allowed_origins: set[str], approve: str, max_steps: int,
                  queue_size: int, body_timeout: float = BODY_TIMEOUT,
                  tools: dict[str, bool] | None = None,
-                 mcp_servers: list[core.McpServer] | None = None):
+                 mcp_servers: list[core.McpServer] | None = None,
+                 skills: core.Skills | None = None):
         self.db_path, self.workspace = db_path, workspace
         self.tool_options = tools or {}       # Toolbox(**): config.yaml's tools.enable_*
         self.mcp_servers = mcp_servers or []
+        self.skills = skills or core.Skills(None)
         self.token = token
         self.guard = Guard(token or "", allowed_hosts, allowed_origins)
         self.llm_config = llm_config
@@ -1384,6 +1387,9 @@ class AgentWebApp:
             self.events.start()
             self.http = core.make_http_client(self.llm_config)
             self.toolbox = core.Toolbox(self.workspace, **self.tool_options)
+            self.toolbox.add_skills(self.skills)
+            self.llm_config = dataclasses.replace(self.llm_config, system_prompt=core.with_skills(
+                self.llm_config.system_prompt, self.skills))
             # MCP servers start side by side, each within its connect_timeout.
             await core.start_mcp(self.mcp_servers, self.toolbox)
             self.runs = RunManager(self.events, self.store,
@@ -1885,8 +1891,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                allowed_origins: set[str] | list[str] | None = None,
                approve: str | None = None, max_steps: int = core.DEFAULT_MAX_STEPS,
                queue_size: int | None = None, body_timeout: float | None = None,
-               tools: dict[str, bool] | None = None, mcp_config: str | Path | None = None
-               ) -> AgentWebApp:
+               tools: dict[str, bool] | None = None, mcp_config: str | Path | None = None,
+               skills_dir: str | Path | None = None) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
     approve = approve or os.environ.get("AGENT_APPROVE", "ask")
@@ -1909,7 +1915,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         or SUBSCRIBER_QUEUE_SIZE,
         body_timeout=body_timeout or core.env_number(os.environ, "AGENT_WEB_BODY_TIMEOUT",
                                                      float) or BODY_TIMEOUT,
-        tools=tools, mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None))
+        tools=tools, mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None),
+        skills=core.Skills.locate(str(skills_dir) if skills_dir else None))
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
@@ -1955,6 +1962,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--mcp-config", help="Mini-Agent's mcp.json (AGENT_MCP_CONFIG; default: "
                    "the config's tools.mcp_config_path)")
+    p.add_argument("--skills-dir", help="a folder of SKILL.md skills (AGENT_SKILLS_DIR; "
+                   "default: the config's tools.skills_dir, else ./skills)")
     p.add_argument("--token-limit", type=int, help="context size in tokens past which older "
                    f"turns are summarised (AGENT_TOKEN_LIMIT; {core.DEFAULT_TOKEN_LIMIT:,})")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
@@ -1976,6 +1985,7 @@ def main(argv: list[str] | None = None) -> int:
                                  llm_config=cfg, approve=args.approve, max_steps=max_steps,
                                  tools=file.toolbox_options() if file else None)
         application.mcp_servers = core.mcp_servers(args.mcp_config, env, file)
+        application.skills = core.Skills.locate(args.skills_dir, env, file)
     except ValueError as exc:                      # a malformed AGENT_* setting
         p.error(str(exc))
 
@@ -2019,6 +2029,9 @@ def main(argv: list[str] | None = None) -> int:
         if server.started:
             if file:
                 print(f"Config {file.path}", flush=True)
+            if application.skills.found:
+                print(f"Skills {application.skills.folder}: "
+                      + ", ".join(application.skills.found), flush=True)
             for mcp in application.mcp_servers:
                 print(f"MCP {mcp.name} ({mcp.transport}): " + (
                     f"{len(mcp.tools)} tool(s)" if mcp.state == "ready"

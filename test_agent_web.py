@@ -2307,7 +2307,7 @@ def test_every_field_of_config_yaml_is_honoured(tmp_path):
     assert core.AnthropicClient(cfg, None).url == "https://api.minimax.io/anthropic/v1/messages"
     assert (cfg.retry_attempts, cfg.retry_base_delay, cfg.retry_max_delay,
             cfg.retry_exp_base, cfg.token_limit) == (3, 0.5, 7.0, 3.0, 50000)
-    assert cfg.system_prompt == "You are Mini-Agent."       # placeholder filled (no skills)
+    assert core.with_skills(cfg.system_prompt, core.Skills(None)) == "You are Mini-Agent."
     assert file.get("max_steps") == 12 and file.get("workspace_dir") == "./my-workspace"
     openai = core.ConfigFile.read(write_config(tmp_path / "o", MINI_AGENT_YAML.replace(
         'provider: "anthropic"', 'provider: "openai"')))
@@ -2391,6 +2391,110 @@ def test_the_server_runs_on_a_mini_agent_config_unchanged(tmp_path, llm):
     finally:
         server.stop()
     assert "unknown field 'shiny_new_option'" in (tmp_path / "server.log").read_text()
+
+
+# =============================================================================
+# Claude Skills (issue 19.3)
+# =============================================================================
+
+def make_skills(root: Path) -> Path:
+    pdf = root / "skills" / "documents" / "pdf"
+    (pdf / "scripts").mkdir(parents=True)
+    (pdf / "scripts" / "fill.py").write_text("print('filled')\n")
+    (pdf / "forms.md").write_text("# Forms\nFill them in.\n")
+    (pdf / "reference").mkdir()
+    (pdf / "reference" / "guide.md").write_text("the guide\n")
+    (pdf / "SKILL.md").write_text(
+        "---\nname: pdf\ndescription: >\n  Work with PDF files:\n  fill forms, split pages.\n"
+        "license: MIT\n---\n# PDF\n\nRun `python scripts/fill.py` to fill a form; see "
+        "forms.md first.\nThe [guide](./reference/guide.md) and [site](https://example.com/x.md)."
+        "\nNot there: `scripts/missing.py`.\n")
+    notes = root / "skills" / "notes"
+    notes.mkdir(parents=True)
+    (notes / "SKILL.md").write_text("---\nname: notes\ndescription: Keep tidy notes\n---\nBe brief.")
+    (root / "skills" / "broken").mkdir()
+    (root / "skills" / "broken" / "SKILL.md").write_text("no front matter here")
+    (root / "skills" / "bad-yaml").mkdir()
+    (root / "skills" / "bad-yaml" / "SKILL.md").write_text("---\nname: [unclosed\n---\nx")
+    return root / "skills"
+
+
+def test_skills_are_found_their_metadata_goes_to_the_prompt_and_get_skill_loads_one(tmp_path):
+    folder = make_skills(tmp_path)
+    skills = core.Skills(folder)
+    assert sorted(skills.found) == ["notes", "pdf"] and len(skills.warnings) == 2
+    meta = skills.metadata()
+    assert "- `pdf`: Work with PDF files: fill forms, split pages." in meta
+    assert "Be brief" not in meta                          # only names and descriptions
+    assert core.with_skills("Intro.\n{SKILLS_METADATA}\nEnd.", skills).count("`notes`") == 1
+    assert core.with_skills(core.SYSTEM_PROMPT, skills).startswith(core.SYSTEM_PROMPT)
+    box = core.Toolbox(tmp_path / "ws")
+    box.add_skills(skills)
+    pdf = (folder / "documents" / "pdf").resolve()
+
+    async def go():
+        return [await box.execute("get_skill", {"skill_name": "pdf"}),
+                await box.execute("get_skill", {"skill_name": "nope"}),
+                await box.execute("read_file", {"path": str(pdf / "forms.md")}),
+                await box.execute("write_file", {"path": str(pdf / "forms.md"), "content": "x"}),
+                await box.execute("read_file", {"path": str(tmp_path / "elsewhere.txt")})]
+    (text, err), (missing, m_err), (read, r_err), (wrote, w_err), (out, o_err) = arun(go())
+    assert not err and f"The skill's folder: `{pdf}`" in text
+    assert f"`python {pdf / 'scripts' / 'fill.py'}`" in text
+    assert f"see `{pdf / 'forms.md'}` (read it with read_file)" in text
+    assert f"[guide]({pdf / 'reference' / 'guide.md'})" in text
+    assert "(https://example.com/x.md)" in text and "`scripts/missing.py`" in text
+    assert m_err and "the skills are: pdf, notes" in missing
+    assert not r_err and "Fill them in." in read              # read_file reads a skill's files
+    assert w_err and "outside the workspace" in wrote         # ... but nothing writes there
+    assert (pdf / "forms.md").read_text() == "# Forms\nFill them in.\n"
+    assert o_err and "outside the workspace" in out
+
+
+def test_a_symlink_in_a_skill_folder_does_not_lead_out(tmp_path):
+    folder = make_skills(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    link = folder / "notes" / "leak.txt"
+    link.symlink_to(secret)
+    box = core.Toolbox(tmp_path / "ws")
+    box.add_skills(core.Skills(folder))
+    out, err = arun(box.execute("read_file", {"path": str(link)}))
+    assert err and "top secret" not in out
+
+
+def test_skills_dir_from_flag_environment_and_config(tmp_path, monkeypatch):
+    folder = make_skills(tmp_path)
+    assert sorted(core.Skills.locate(str(folder), env={}).found) == ["notes", "pdf"]
+    assert sorted(core.Skills.locate(None, env={"AGENT_SKILLS_DIR": str(folder)}).found) == [
+        "notes", "pdf"]
+    monkeypatch.chdir(tmp_path)
+    conf = core.ConfigFile.read(write_config(tmp_path / "c"))      # tools.skills_dir ./skills
+    assert sorted(core.Skills.locate(None, env={}, file=conf).found) == ["notes", "pdf"]
+    off = core.ConfigFile.read(write_config(tmp_path / "d", MINI_AGENT_YAML.replace(
+        "enable_skills: true", "enable_skills: false")))
+    assert core.Skills.locate(None, env={}, file=off).found == {}
+    monkeypatch.chdir(tmp_path / "c")
+    assert core.Skills.locate(None, env={}).found == {}            # no ./skills there
+
+
+def test_the_server_offers_skills_to_the_model(tmp_path, llm):
+    folder = make_skills(tmp_path)
+    llm.script += [Reply("Loading.", tools=[("get_skill", json.dumps({"skill_name": "pdf"}))])]
+    server = ServerProcess(tmp_path, llm, args=["--skills-dir", str(folder)])
+    try:
+        assert any("Skills " in line and "pdf, notes" in line for line in server.lines)
+        sid = server.chat("fill the form")["session_id"]
+        h = server.wait_status(sid)
+        assert "- `pdf`: Work with PDF files" in llm.requests[0]["system"]
+        assert "get_skill" in {t["name"] for t in llm.requests[0]["tools"]}
+        result = of(h["events"], "tool_result")[0]
+        assert not result["is_error"] and "# Skill: pdf" in result["output"]
+        tools = server.http("GET", "/agent/tools").json()["tools"]
+        assert {"name": "get_skill", "source": "skills"}.items() <= next(
+            t for t in tools if t["name"] == "get_skill").items()
+    finally:
+        server.stop()
 
 
 # =============================================================================
