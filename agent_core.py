@@ -1556,8 +1556,11 @@ class Toolbox:
         self.workspace = Path(workspace).resolve()
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.tools: dict[str, tuple[dict, Callable[[dict], Awaitable[str]]]] = {}
+        self.jobs = BackgroundJobs(self.workspace)      # see "Background commands"
         if bash:
             self.tools["bash"] = (BASH_SCHEMA, self.bash)
+            self.tools["bash_output"] = (BASH_OUTPUT_SCHEMA, self.jobs.output)
+            self.tools["bash_kill"] = (BASH_KILL_SCHEMA, self.jobs.kill)
         if file_tools:
             self.tools.update({"read_file": (READ_SCHEMA, self.read_file),
                                "write_file": (WRITE_SCHEMA, self.write_file),
@@ -1623,7 +1626,8 @@ class Toolbox:
                 for name, (schema, _) in self.tools.items()]
 
     async def execute(self, name: str, args: dict, input_error: str | None = None,
-                      on_output: Callable[[str], None] | None = None) -> tuple[str, bool]:
+                      on_output: Callable[[str], None] | None = None,
+                      owner: str = "") -> tuple[str, bool]:
         """Run one tool call; returns (output, is_error).  Never raises ToolError.
 
         `on_output` gets a running command's output as it comes (bash only;
@@ -1638,8 +1642,12 @@ class Toolbox:
         if problem:
             return f"Error: {problem}", True
         try:
+            if name == "bash" and args.get("run_in_background"):
+                return storable(await self.jobs.start(owner, args["command"])), False
             if name == "bash":
                 return storable(await self.bash(args, on_output)), False
+            if name in ("bash_output", "bash_kill"):
+                return storable(await fn(args, owner)), False
             return storable(await fn(args)), False
         except ToolError as exc:
             return f"Error: {storable(str(exc))}", True
@@ -1891,7 +1899,11 @@ BASH_SCHEMA = {
                    "long output is cut in the middle. Default time-out 120 s, at most 600.",
     "type": "object",
     "properties": {"command": {"type": "string", "description": "the command line"},
-                   "timeout": {"type": "integer", "description": "seconds (1-600)"}},
+                   "timeout": {"type": "integer", "description": "seconds (1-600)"},
+                   "run_in_background": {"type": "boolean", "description":
+                                         "start it and return at once with a bash_id (a "
+                                         "server, a watcher, a long build); read its output "
+                                         "with bash_output, stop it with bash_kill"}},
     "required": ["command"], "additionalProperties": False,
 }
 READ_SCHEMA = {
@@ -2054,6 +2066,148 @@ class Notes:
                 for i, n in enumerate(notes, 1))
 
         return await asyncio.to_thread(self._with_folder, read, False)
+
+
+# =============================================================================
+# Background commands: bash run_in_background, bash_output, bash_kill
+# =============================================================================
+#
+# As Mini-Agent's background bash: `bash` with `run_in_background` starts
+# the command (its own process group, in the workspace) and answers at once
+# with a `bash_id`; `bash_output(bash_id, filter_str?)` returns what it
+# printed since the last read (only the lines matching the regex, if one is
+# given) and whether it still runs; `bash_kill(bash_id)` sends TERM to its
+# group, then KILL after BACKGROUND_KILL_GRACE s.  Each command belongs to
+# its owner (a session in the server): another session cannot read or kill
+# it, and all of an owner's are killed when the session is deleted; all of
+# them when the server stops.  Output waiting to be read is capped at
+# BACKGROUND_BUFFER bytes (the oldest is dropped, and the next read says so).
+# Nothing of a command outlives the process, so after a restart its id is
+# unknown and `bash_output` says it is gone.
+
+BACKGROUND_BUFFER = 1 << 20
+BACKGROUND_KILL_GRACE = 5.0
+BASH_OUTPUT_SCHEMA = {
+    "description": "What a background command (bash with run_in_background) printed since "
+                   "the last read, and whether it still runs.",
+    "type": "object",
+    "properties": {"bash_id": {"type": "string"},
+                   "filter_str": {"type": "string",
+                                  "description": "a regex: only the lines that match"}},
+    "required": ["bash_id"], "additionalProperties": False,
+}
+BASH_KILL_SCHEMA = {
+    "description": "Stop a background command (TERM, then KILL after 5 s).",
+    "type": "object",
+    "properties": {"bash_id": {"type": "string"}},
+    "required": ["bash_id"], "additionalProperties": False,
+}
+
+
+@dataclass
+class Job:
+    bash_id: str
+    owner: str
+    command: str
+    proc: asyncio.subprocess.Process
+    started: float = field(default_factory=time.time)
+    unread: bytearray = field(default_factory=bytearray)
+    dropped: int = 0                 # bytes lost since the last read (over the cap)
+    tail: bytearray = field(default_factory=bytearray)   # the last output, for the page
+    reader: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    def describe(self) -> dict:
+        return {"bash_id": self.bash_id, "command": self.command, "started": self.started,
+                "running": self.running, "exit_code": self.proc.returncode,
+                "output_tail": self.tail.decode("utf-8", "replace")}
+
+
+class BackgroundJobs:
+    def __init__(self, workspace: Path):
+        self.workspace = workspace
+        self.jobs: dict[str, Job] = {}
+
+    async def start(self, owner: str, command: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/bash", "-c", command, cwd=self.workspace, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)
+        job = Job(new_id("bash"), owner, command, proc)
+        job.reader = asyncio.ensure_future(self._read(job))
+        self.jobs[job.bash_id] = job
+        return (f"Started in the background: bash_id {job.bash_id} (pid {proc.pid}). "
+                "Read its output with bash_output, stop it with bash_kill.")
+
+    async def _read(self, job: Job) -> None:
+        while chunk := await job.proc.stdout.read(65536):
+            job.unread += chunk
+            over = len(job.unread) - BACKGROUND_BUFFER
+            if over > 0:
+                del job.unread[:over]
+                job.dropped += over
+            job.tail += chunk
+            del job.tail[:-4000]
+        await job.proc.wait()
+
+    def _job(self, bash_id: str, owner: str) -> Job:
+        job = self.jobs.get(bash_id)
+        if job is None or job.owner != owner:
+            raise ToolError(f"no background command {bash_id!r} in this session: it may have "
+                            "ended with a restart of the server (nothing outlives it)")
+        return job
+
+    async def output(self, args: dict, owner: str = "") -> str:
+        job = self._job(args["bash_id"], owner)
+        await asyncio.sleep(0)                       # let a pending read land
+        text = job.unread.decode("utf-8", "replace")
+        job.unread.clear()
+        dropped, job.dropped = job.dropped, 0
+        if args.get("filter_str"):
+            try:
+                pattern = re.compile(args["filter_str"])
+            except re.error as exc:
+                raise ToolError(f"filter_str is not a valid regex: {exc}") from None
+            text = "\n".join(line for line in text.splitlines() if pattern.search(line))
+        state = ("still running" if job.running
+                 else f"finished with exit code {job.proc.returncode}")
+        return (f"[{job.bash_id}: {state}]"
+                + (f"\n… ({dropped:,} bytes dropped before this read)" if dropped else "")
+                + (f"\n{text}" if text else "\n(no new output)"))
+
+    async def kill(self, args: dict, owner: str = "") -> str:
+        job = self._job(args["bash_id"], owner)
+        if not job.running:
+            return f"{job.bash_id} had already finished (exit code {job.proc.returncode})"
+        await self._stop(job)
+        return f"{job.bash_id} stopped (exit code {job.proc.returncode})"
+
+    async def _stop(self, job: Job) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(job.proc.wait()), BACKGROUND_KILL_GRACE)
+        except asyncio.TimeoutError:
+            _kill_group(job.proc.pid)
+            await job.proc.wait()
+        if job.reader:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(job.reader, 1)
+        # What the group left behind (a child that ignored TERM): gone too.
+        _kill_group(job.proc.pid)
+
+    def of(self, owner: str) -> list[dict]:
+        return [j.describe() for j in self.jobs.values() if j.owner == owner]
+
+    async def end(self, owner: str | None = None) -> None:
+        """Kill an owner's commands (a deleted session), or everyone's."""
+        chosen = [j for j in self.jobs.values() if owner is None or j.owner == owner]
+        await asyncio.gather(*(self._stop(j) for j in chosen if j.running))
+        for job in chosen:
+            self.jobs.pop(job.bash_id, None)
 
 
 # =============================================================================
@@ -2809,8 +2963,9 @@ class Agent:
                  max_steps: int = DEFAULT_MAX_STEPS, approval_mode: str = "auto",
                  approver: Approver | None = None, decisions: dict[str, str] | None = None,
                  asked: set[str] | None = None, allowed_tools: set[str] | None = None,
-                 measured: dict | None = None):
+                 measured: dict | None = None, owner: str = ""):
         self.llm, self.cfg, self.toolbox = llm, cfg, toolbox
+        self.owner = owner       # whose background commands these are (a session)
         # The context: the provider's last count {"tokens", "entries"} (see
         # history_from_events), and the limit, lowered if a server says less.
         self.measured = measured or None
@@ -3181,7 +3336,8 @@ class Agent:
         # what it prints, as `tool_output` events, until it ends.
         live: asyncio.Queue[str] = asyncio.Queue()
         work = asyncio.ensure_future(self._guard(
-            self.toolbox.execute(name, args, input_error, on_output=live.put_nowait)))
+            self.toolbox.execute(name, args, input_error, on_output=live.put_nowait,
+                                 owner=self.owner)))
         try:
             while not (work.done() and live.empty()):
                 if live.empty():
@@ -3427,6 +3583,7 @@ class Terminal:
             # As asyncio.run() ends: close the LLM connections and MCP
             # servers, then every async generator and task still open.
             self.loop.run_until_complete(self.http.aclose())
+            self.loop.run_until_complete(self.toolbox.jobs.end())
             for server in self.mcp:
                 self.loop.run_until_complete(server.close())
             pending = asyncio.all_tasks(self.loop)

@@ -165,6 +165,8 @@ STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
 # flight; they change nothing in the session's row and are not needed to
 # rebuild the conversation.
 STREAMED = frozenset({"delta", "tool_output"})
+# How a background command's start reads in its tool_result (agent_core's BackgroundJobs).
+BACKGROUND_STARTED = re.compile(r"Started in the background: bash_id (bash_\w+)")
 
 
 # =============================================================================
@@ -913,7 +915,8 @@ class RunManager:
         history = core.history_from_events(prior, measured)
         run.agent = core.Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
                                approval_mode=approve_mode, approver=approver, asked=asked,
-                               allowed_tools=allowed_tools_from(prior), measured=measured)
+                               allowed_tools=allowed_tools_from(prior), measured=measured,
+                               owner=run.session_id)
         for call_id in asked:       # answers may come before the agent gets there
             run.approvals[call_id] = asyncio.get_running_loop().create_future()
         run.task = asyncio.create_task(self._drive(run, history), name=f"run-{run.session_id}")
@@ -1408,6 +1411,7 @@ class AgentWebApp:
             await self.lag_probe.stop()
             self.lag_probe = None
         await self.runs.shutdown()
+        await self.toolbox.jobs.end()             # no background command outlives us
         await asyncio.gather(*(server.close() for server in self.mcp_servers))
         await self.events.stop()
         await self.http.aclose()
@@ -1629,10 +1633,31 @@ class AgentWebApp:
         if run is not None and run.task is not None:
             run.task.cancel()       # nothing of it will be kept: no need for a clean end
             await asyncio.gather(run.task, return_exceptions=True)
+        await self.toolbox.jobs.end(sid)     # its background commands go with it
         await self.events.flush()
         await self.store.write(Store.delete_session, sid)
         self.registry.end(sid)
         return Response(204, b"", "text/plain")
+
+    async def get_background(self, req: Request) -> Response:
+        """Extension: the session's background commands (bash with
+        run_in_background) with their latest output; those its events name
+        that this process does not know ended with a restart: `gone`."""
+        session = await self.session_or_404(req.params["id"])
+        sid = session["session_id"]
+        jobs = self.toolbox.jobs.of(sid)
+        known = {j["bash_id"] for j in jobs}
+        calls = {}
+        for ev in await self.store.read(Store.conversation, sid):
+            if ev["type"] == "tool_call" and ev["tool"] == "bash":
+                calls[ev["call_id"]] = ev["input"].get("command", "")
+            elif ev["type"] == "tool_result" and ev["call_id"] in calls:
+                found = BACKGROUND_STARTED.match(ev["output"])
+                if found and found.group(1) not in known:
+                    jobs.append({"bash_id": found.group(1), "command": calls[ev["call_id"]],
+                                 "started": ev["ts"], "running": False, "exit_code": None,
+                                 "output_tail": "", "gone": True})
+        return json_response(200, {"session_id": sid, "jobs": jobs})
 
     # -- WebSocket -----------------------------------------------------------------------
     async def handle_websocket(self, scope, receive, send) -> None:
@@ -1848,6 +1873,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("GET", "/agent/sessions", AgentWebApp.list_sessions, True),
     ("PATCH", "/agent/sessions/{id}", AgentWebApp.patch_session, True),
     ("DELETE", "/agent/sessions/{id}", AgentWebApp.delete_session, True),
+    ("GET", "/agent/sessions/{id}/background", AgentWebApp.get_background, True),
 ]
 
 

@@ -2498,6 +2498,105 @@ def test_the_server_offers_skills_to_the_model(tmp_path, llm):
 
 
 # =============================================================================
+# Background commands (issue 19.4)
+# =============================================================================
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+def test_background_commands_start_at_once_are_read_in_parts_and_killed(tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "BACKGROUND_KILL_GRACE", 0.5)
+    box = core.Toolbox(tmp_path / "ws")
+
+    async def go():
+        out = {}
+        started = time.monotonic()
+        out["start"] = await box.execute("bash", {
+            "command": "for i in 1 2 3; do echo line$i; echo noise; sleep 0.3; done; "
+                       "echo end; exit 4", "run_in_background": True}, owner="s1")
+        out["took"] = time.monotonic() - started
+        bash_id = re.search(r"bash_id (bash_\w+)", out["start"][0]).group(1)
+        await asyncio.sleep(0.15)
+        out["first"] = await box.execute("bash_output", {"bash_id": bash_id,
+                                                         "filter_str": "^line"}, owner="s1")
+        out["stranger"] = await box.execute("bash_output", {"bash_id": bash_id}, owner="s2")
+        await asyncio.sleep(1.5)
+        out["rest"] = await box.execute("bash_output", {"bash_id": bash_id}, owner="s1")
+        out["again"] = await box.execute("bash_output", {"bash_id": bash_id}, owner="s1")
+        stubborn = await box.execute("bash", {
+            "command": "trap '' TERM; echo $$; sleep 60", "run_in_background": True},
+            owner="s1")
+        stubborn_id = re.search(r"bash_id (bash_\w+)", stubborn[0]).group(1)
+        pid = int(re.search(r"pid (\d+)", stubborn[0]).group(1))
+        await asyncio.sleep(0.3)
+        out["kill"] = await box.execute("bash_kill", {"bash_id": stubborn_id}, owner="s1")
+        out["alive_after_kill"] = pid_alive(pid)
+        last = await box.execute("bash", {"command": "sleep 60", "run_in_background": True},
+                                 owner="s1")
+        last_pid = int(re.search(r"pid (\d+)", last[0]).group(1))
+        out["listed"] = [j["running"] for j in box.jobs.of("s1")]
+        await box.jobs.end("s1")                      # the session was deleted
+        out["alive_after_end"] = pid_alive(last_pid)
+        out["gone"] = await box.execute("bash_output", {"bash_id": bash_id}, owner="s1")
+        return out
+    out = arun(go())
+    assert not out["start"][1] and out["took"] < 1
+    first, _ = out["first"]
+    assert first.startswith("[bash_") and "still running" in first
+    assert "line1" in first and "noise" not in first
+    assert out["stranger"][1] and "no background command" in out["stranger"][0]
+    rest = out["rest"][0]
+    assert "finished with exit code 4" in rest and "line3" in rest and "end" in rest
+    assert "line1" not in rest                              # only what came since the last read
+    assert "(no new output)" in out["again"][0]
+    assert "stopped" in out["kill"][0] and not out["alive_after_kill"]   # TERM ignored: KILL
+    assert out["listed"] == [False, False, True]
+    assert not out["alive_after_end"] and out["gone"][1] and "restart" in out["gone"][0]
+
+
+def test_the_servers_background_commands_belong_to_their_session(tmp_path, llm):
+    """Listed with their output; killed when their session is deleted and
+    when the server stops; after a restart reported as gone."""
+    def start(cmd):
+        return Reply("Starting.", tools=[("bash", json.dumps(
+            {"command": cmd, "run_in_background": True}))])
+    llm.script += [start("echo ready; sleep 300"), Reply("Started."), start("sleep 301"),
+                   Reply("Started.")]
+    server = ServerProcess(tmp_path, llm)
+    try:
+        first = server.chat("one")["session_id"]
+        h = server.wait_status(first)
+        pid1 = int(re.search(r"pid (\d+)", of(h["events"], "tool_result")[0]["output"]).group(1))
+        second = server.chat("two")["session_id"]
+        h = server.wait_status(second)
+        pid2 = int(re.search(r"pid (\d+)", of(h["events"], "tool_result")[0]["output"]).group(1))
+        jobs = server.http("GET", f"/agent/sessions/{first}/background").json()["jobs"]
+        assert len(jobs) == 1 and jobs[0]["running"] and jobs[0]["command"] == \
+            "echo ready; sleep 300"
+        deadline = time.time() + 5
+        while "ready" not in jobs[0]["output_tail"] and time.time() < deadline:
+            time.sleep(0.1)
+            jobs = server.http("GET", f"/agent/sessions/{first}/background").json()["jobs"]
+        assert "ready" in jobs[0]["output_tail"]
+        assert server.http("DELETE", f"/agent/sessions/{first}").status_code == 204
+        assert not pid_alive(pid1) and pid_alive(pid2)
+        server.stop()
+        assert not pid_alive(pid2)                          # nothing outlives the server
+        server.start()
+        jobs = server.http("GET", f"/agent/sessions/{second}/background").json()["jobs"]
+        assert [(j["command"], j["running"], j.get("gone")) for j in jobs] == [
+            ("sleep 301", False, True)]
+    finally:
+        server.stop()
+
+
+# =============================================================================
 # MCP: our client against servers built with the official SDK (issue 19.2)
 # =============================================================================
 
