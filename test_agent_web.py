@@ -4160,6 +4160,40 @@ def test_page_shows_compaction_as_a_divider_and_the_context_meter(tmp_path, llm,
         server.stop()
 
 
+def test_page_lists_tools_and_the_sessions_background_commands(tmp_path, llm, page_for,
+                                                                mcp_script):
+    conf = tmp_path / "mcp.json"
+    conf.write_text(json.dumps({"mcpServers": {
+        "t": {"command": sys.executable, "args": [str(mcp_script)]},
+        "broken": {"command": "no-such-mcp-server"}}}))
+    llm.script += [Reply("Starting.", tools=[("bash", json.dumps(
+        {"command": "echo from-the-background; sleep 30", "run_in_background": True}))]),
+        Reply("Started.")]
+    server = ServerProcess(tmp_path, llm, args=["--mcp-config", str(conf)])
+    try:
+        page = page_for(server)
+        page.click("#tools-panel summary")
+        tools = page.locator("#tools")
+        page.wait_for_selector("#tools .tool")
+        text = tools.inner_text()
+        assert "built-in" in text and "mcp:t" in text and "lookup" in text
+        assert "MCP broken (stdio): failed — cannot start no-such-mcp-server" in text
+        assert "asks" in page.locator("#tools .tool", has_text="echo").first.get_attribute("class")
+        assert "asks" not in page.locator("#tools .tool", has_text="lookup").first.get_attribute(
+            "class")
+        assert not page.locator("#background-panel").is_visible()
+        send_in_page(page, "start it")
+        page.wait_for_selector(".done")
+        page.wait_for_selector("#background .job.running")
+        page.wait_for_function("document.querySelector('#background').textContent"
+                               ".includes('from-the-background')")
+        assert "$ echo from-the-background; sleep 30" in page.locator("#background").inner_text()
+        page.click("#new-session")
+        page.wait_for_function("document.querySelector('#background-panel').hidden")
+    finally:
+        server.stop()
+
+
 def test_page_sessions_switch_and_delete(server, page_for):
     page = page_for(server)
     send_in_page(page, "say: alpha")

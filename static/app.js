@@ -40,6 +40,9 @@ const LABELS = {
     context: "context {tokens} / {limit}", context_title: "What the model reads each step, against the limit past which older turns are summarised ({how})",
     context_counted: "as the model server counted it", context_estimated: "estimated",
     context_none: "context not measured yet",
+    tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
+    src_builtin: "built-in", src_skills: "skills", job_running: "running",
+    job_exited: "exited ({code})", job_gone: "gone (the server restarted)",
   },
   zh: {
     sessions: "会话", model: "模型", approvals: "审批", new_session: "+ 新会话",
@@ -67,6 +70,9 @@ const LABELS = {
     context: "上下文 {tokens} / {limit}", context_title: "模型每一步读取的内容，对比超过即总结旧轮次的上限（{how}）",
     context_counted: "由模型服务器计数", context_estimated: "估算",
     context_none: "上下文尚未测量",
+    tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
+    src_builtin: "内置", src_skills: "技能", job_running: "运行中",
+    job_exited: "已退出（{code}）", job_gone: "已消失（服务器已重启）",
   },
 };
 const LANG = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
@@ -443,6 +449,7 @@ async function openSession(sessionId, { push = true } = {}) {
   state.lastSeq = 0;
   state.loaded = false;
   transcript.reset();
+  showBackground();
   $("load-earlier").hidden = true;
   const url = new URL(location.href);
   if (sessionId) url.searchParams.set("session", sessionId); else url.searchParams.delete("session");
@@ -596,6 +603,70 @@ function subscribe() {
   state.ws.send(JSON.stringify({ type: "subscribe", session_id: state.sessionId, after: state.lastSeq }));
 }
 
+// --------------------------------------------------- tools and background ---
+// What the model may use (GET agent/tools): by source, with each MCP
+// server's state; and the open session's background commands, with their
+// latest output, refreshed while one runs.
+async function showTools() {
+  let info;
+  try { info = await call("GET", "agent/tools"); } catch { return; }
+  const box = $("tools");
+  box.replaceChildren();
+  const groups = new Map();
+  for (const tool of info.tools) {
+    if (!groups.has(tool.source)) groups.set(tool.source, []);
+    groups.get(tool.source).push(tool);
+  }
+  for (const [source, tools] of groups) {
+    const head = div("group");
+    head.textContent = source === "built-in" ? t("src_builtin") : source === "skills" ? t("src_skills") : source;
+    box.append(head);
+    for (const tool of tools) {
+      const el = div(`tool${tool.asks_first ? " asks" : ""}`);
+      el.textContent = tool.name;
+      el.title = tool.description + (tool.asks_first ? ` (${t("tool_asks")})` : "");
+      box.append(el);
+    }
+  }
+  for (const server of info.mcp_servers) {
+    const el = div(`server ${server.state}`);
+    el.textContent = `MCP ${server.name} (${server.transport}): ${server.state}` + (server.error ? ` — ${server.error}` : "");
+    box.append(el);
+  }
+}
+
+let backgroundTimer = 0;
+async function showBackground() {
+  clearTimeout(backgroundTimer);
+  const sid = state.sessionId;
+  const panel = $("background-panel"), list = $("background");
+  if (!sid) { panel.hidden = true; return; }
+  let data;
+  try { data = await call("GET", `agent/sessions/${encodeURIComponent(sid)}/background`); } catch { return; }
+  if (sid !== state.sessionId) return;
+  panel.hidden = data.jobs.length === 0;
+  if (data.jobs.length && !list.children.length) panel.open = true;
+  list.replaceChildren(...data.jobs.map((job) => {
+    const li = document.createElement("li");
+    li.className = `job${job.running ? " running" : ""}`;
+    li.dataset.bashId = job.bash_id;
+    const cmd = document.createElement("span");
+    cmd.className = "cmd";
+    cmd.textContent = `$ ${job.command}`;
+    const st = document.createElement("span");
+    st.className = "state";
+    st.textContent = ` · ${job.gone ? t("job_gone") : job.running ? t("job_running") : t("job_exited", { code: job.exit_code })}`;
+    li.append(cmd, st);
+    if (job.output_tail) {
+      const out = document.createElement("pre");
+      out.textContent = job.output_tail;
+      li.append(out);
+    }
+    return li;
+  }));
+  if (data.jobs.some((j) => j.running)) backgroundTimer = setTimeout(showBackground, 2000);
+}
+
 function onEvent(ev) {
   if (ev.session_id !== state.sessionId || ev.seq <= state.lastSeq) return;   // old or doubled
   state.lastSeq = ev.seq;
@@ -607,6 +678,7 @@ function onEvent(ev) {
   else if (ev.type === "approval") setStatus("running");
   else if (ev.type === "done") { setStatus("idle"); refreshSessions(); }
   else if (ev.type === "tool_result" || ev.type === "approval") updateApprovalBar();
+  if (ev.type === "tool_result" && ev.tool.startsWith("bash")) showBackground();
   scrollToEnd(stick);
 }
 
@@ -774,6 +846,7 @@ async function main() {
     $("demo-banner").hidden = false;
   }
   connect();
+  showTools();
   await openSession(state.sessionId, { push: false });
   refreshSessions();
   setInterval(refreshSessions, 15000);
