@@ -281,7 +281,7 @@ class ConfigFile:
              home: Path | None = None) -> "ConfigFile | None":
         """The config file in upstream's search order, None if there is none."""
         if explicit:
-            path = Path(explicit).expanduser()
+            path = Path(explicit).expanduser().resolve()
             if not path.is_file():
                 raise ValueError(f"--config {explicit}: no such file")
             return cls.read(path)
