@@ -223,6 +223,8 @@ class StoreUnavailable(HTTPError):
 
     def __init__(self, exc: sqlite3.Error):
         text = str(exc)
+        # Full or locked: every write fails alike, so none is tried alone.
+        self.whole_store = any(word in text for word in ("full", "locked", "busy"))
         if "full" in text:
             why = "the disk is full (or the database reached its size limit)"
         elif "locked" in text or "busy" in text:
@@ -748,16 +750,14 @@ class EventLog:
                 for p in batch:
                     if p.session_id:              # not flush()'s marker
                         sessions.setdefault(p.session_id, []).append(p)
-                if len(sessions) < 2:
-                    self._failed(batch, exc)
-                    continue
                 failure = None
                 for group in sessions.values():
                     try:
+                        if len(sessions) < 2:
+                            raise exc               # this session's share failed already
                         await self._commit(group)
-                    except Exception as exc:
-                        self._failed(group, exc)
-                        failure = exc
+                    except Exception as err:
+                        failure = await self._one_by_one(group, err) or failure
                 # flush() waits for all of them: it hears of any failure.
                 for p in batch:
                     if not p.session_id and not p.future.done():
@@ -765,6 +765,23 @@ class EventLog:
                             p.future.set_result(p.event)
                         else:
                             p.future.set_exception(failure)
+
+    async def _one_by_one(self, group: list[_Pending], exc: Exception) -> Exception | None:
+        """A session's share of a batch failed: each of its events is tried
+        alone, in order, so only an event that cannot be written is lost
+        (its waiter hears why; a fragment is counted).  A store that refuses
+        everything (full, locked) is not asked once per event."""
+        if len(group) < 2 or getattr(exc, "whole_store", False):
+            self._failed(group, exc)
+            return exc
+        failure = None
+        for p in group:
+            try:
+                await self._commit([p])
+            except Exception as one:
+                self._failed([p], one)
+                failure = one
+        return failure
 
     async def _commit(self, batch: list[_Pending]) -> None:
         real = [p for p in batch if p.session_id]

@@ -552,7 +552,8 @@ def test_anthropic_request_carries_key_version_and_stream(llm, tmp_path):
     assert h["x-api-key"] == "key-123" and h["anthropic-version"] == "2023-06-01"
     assert llm.requests[0]["stream"] is True
     assert {t["name"] for t in llm.requests[0]["tools"]} == {
-        "bash", "read_file", "write_file", "edit_file", "record_note", "recall_notes"}
+        "bash", "bash_output", "bash_kill", "read_file", "write_file", "edit_file",
+        "record_note", "recall_notes"}
 
 
 def test_openai_request_asks_for_usage_and_sends_bearer(llm, tmp_path):
@@ -1844,6 +1845,37 @@ def test_a_batch_that_fails_is_retried_without_the_session_that_broke_it(tmp_pat
     assert lost == {"bad": 1}              # its merged delta: its run will say so
 
 
+def test_in_a_session_whose_share_fails_only_the_event_that_cannot_be_written_is_lost(
+        tmp_path, monkeypatch):
+    import agent_web as web
+    insert = web.Store._insert
+
+    def picky_insert(conn, rows):
+        if any("poison" in row[3] for row in rows):
+            raise sqlite3.OperationalError("this row cannot be written")
+        insert(conn, rows)
+    monkeypatch.setattr(web.Store, "_insert", staticmethod(picky_insert))
+
+    async def go():
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        await store.write(web.Store.create_session, "s", "auto")
+        log = web.EventLog(store, web.PushRegistry())
+        log.start()
+        results = await asyncio.gather(*(
+            log.emit("s", {"type": "error", "message": text, "retrying": False})
+            for text in ("one", "poison", "three")), return_exceptions=True)
+        await log.stop()
+        rows = await store.read(lambda conn: conn.execute(
+            "SELECT seq, data FROM events ORDER BY seq").fetchall())
+        store.close()
+        return results, [(seq, json.loads(d)["message"]) for seq, d in rows]
+    results, rows = arun(go())
+    assert isinstance(results[1], web.StoreUnavailable) and "cannot be written" in str(
+        results[1])
+    assert rows == [(1, "one"), (2, "three")]             # gapless, the rest kept
+
+
 def test_deleting_a_live_session_tells_its_watchers_and_closes_4004(server):
     """Its subscribers got nothing and waited for ever."""
     sid = server.chat("slow")["session_id"]
@@ -2384,7 +2416,7 @@ def test_the_server_runs_on_a_mini_agent_config_unchanged(tmp_path, llm):
         assert body["model"] == "MiniMax-M2.5"
         assert body["messages"][0] == {"role": "system", "content": "You are the CLI's own prompt."}
         assert {t["function"]["name"] for t in body["tools"]} == {
-            "bash", "read_file", "write_file", "edit_file"}
+            "bash", "bash_output", "bash_kill", "read_file", "write_file", "edit_file"}
         assert {k.lower(): v for k, v in headers.items()}["authorization"] == \
             "Bearer sk-from-the-file"
         assert of(h["events"], "done")[-1]["status"] == "max_steps"     # max_steps: 1
@@ -4140,12 +4172,13 @@ def test_page_shows_compaction_as_a_divider_and_the_context_meter(tmp_path, llm,
         page.wait_for_selector("details.compaction")
         sid = re.search(r"session=([\w-]+)", page.url).group(1)
         c = of(server.all_events(sid), "compaction")[0]
-        line = page.locator("details.compaction summary").inner_text()
+        line = page.locator("details.compaction summary").first.inner_text()
         assert line == (f"⟲ context compacted: {c['tokens_before']:,} → "
                         f"{c['tokens_after']:,} tokens")
-        assert not page.locator("details.compaction .body").is_visible()
-        page.click("details.compaction summary")
-        assert "SUMMARY: the user sent" in page.locator("details.compaction .body").inner_text()
+        assert not page.locator("details.compaction .body").first.is_visible()
+        page.locator("details.compaction summary").first.click()
+        assert "SUMMARY: the user sent" in page.locator("details.compaction .body"
+                                                        ).first.inner_text()
         # Everything the user saw is still there, above the divider too.
         assert page.locator(".user").count() == 3
         last = of(server.all_events(sid), "context")[-1]
@@ -4174,13 +4207,14 @@ def test_page_lists_tools_and_the_sessions_background_commands(tmp_path, llm, pa
         page = page_for(server)
         page.click("#tools-panel summary")
         tools = page.locator("#tools")
-        page.wait_for_selector("#tools .tool")
+        page.wait_for_selector("#tools .tool-name")
         text = tools.inner_text()
         assert "built-in" in text and "mcp:t" in text and "lookup" in text
         assert "MCP broken (stdio): failed — cannot start no-such-mcp-server" in text
-        assert "asks" in page.locator("#tools .tool", has_text="echo").first.get_attribute("class")
-        assert "asks" not in page.locator("#tools .tool", has_text="lookup").first.get_attribute(
+        assert "asks" in page.locator("#tools .tool-name", has_text="echo").first.get_attribute(
             "class")
+        assert "asks" not in page.locator("#tools .tool-name", has_text="lookup"
+                                          ).first.get_attribute("class")
         assert not page.locator("#background-panel").is_visible()
         send_in_page(page, "start it")
         page.wait_for_selector(".done")

@@ -622,7 +622,7 @@ async function showTools() {
     head.textContent = source === "built-in" ? t("src_builtin") : source === "skills" ? t("src_skills") : source;
     box.append(head);
     for (const tool of tools) {
-      const el = div(`tool${tool.asks_first ? " asks" : ""}`);
+      const el = div(`tool-name${tool.asks_first ? " asks" : ""}`);
       el.textContent = tool.name;
       el.title = tool.description + (tool.asks_first ? ` (${t("tool_asks")})` : "");
       box.append(el);
@@ -734,7 +734,10 @@ async function send(text) {
   if (data.session_id !== state.sessionId) {
     await openSession(data.session_id);
   }
-  setStatus("running");
+  // A fast run may have ended (its `done` pushed) before this answer came:
+  // only a run not seen to end is still running.
+  const ended = state.events.some((e) => e.type === "done" && e.seq > data.seq);
+  if (!ended) setStatus("running");
   refreshSessions();
   return true;
 }
