@@ -60,7 +60,6 @@ import codecs
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -79,6 +78,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpcore
 import httpx
+
+try:
+    import fcntl                      # POSIX: session notes lock their folder
+except ImportError:                   # pragma: no cover (Windows: one writer at a time)
+    fcntl = None
 
 log = logging.getLogger("agent_core")
 
@@ -2008,7 +2012,7 @@ class Notes:
     def _with_folder(self, work: Callable[[int], str], lock: bool) -> str:
         folder = os.open(self.workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if lock:
+            if lock and fcntl is not None:
                 deadline = time.monotonic() + NOTES_LOCK_WAIT
                 while True:
                     try:

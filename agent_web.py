@@ -126,6 +126,7 @@ DEFAULT_WORKSPACE = "workspace"
 MAX_BODY_BYTES = 1 << 20            # any HTTP body; more is 413
 BODY_TIMEOUT = 30.0                 # seconds for a whole body to arrive; slower is 408
 MAX_CONNECTIONS = 1_000             # python agent_web.py: uvicorn answers 503 past this
+                                    # (AGENT_WEB_MAX_CONNECTIONS)
 MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
@@ -2016,6 +2017,7 @@ def main(argv: list[str] | None = None) -> int:
 
     token = env.get("AGENT_WEB_TOKEN") or secrets.token_urlsafe(24)
     try:
+        max_connections = core.env_number(env, "AGENT_WEB_MAX_CONNECTIONS") or MAX_CONNECTIONS
         file = core.ConfigFile.find(args.config)
         cfg = core.config_from_env(args.provider, args.model, token_limit=args.token_limit,
                                    file=file)
@@ -2061,7 +2063,7 @@ def main(argv: list[str] | None = None) -> int:
     # server's time per pushed frame; see README, "Performance").
     config = uvicorn.Config(application, ws="wsproto", lifespan="on",
                             log_level=args.log_level, ws_max_size=MAX_WS_FRAME_BYTES,
-                            ws_per_message_deflate=False, limit_concurrency=MAX_CONNECTIONS,
+                            ws_per_message_deflate=False, limit_concurrency=max_connections,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE + 2)
     server = uvicorn.Server(config)
 

@@ -25,6 +25,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -384,9 +385,15 @@ def of(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["type"] == kind]
 
 
+# The programs under test get a home of their own: a developer's
+# ~/.mini-agent/config/config.yaml must not change what the tests see.
+TEST_HOME = Path(tempfile.mkdtemp(prefix="agent-web-test-home-"))
+
+
 def free_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ANTHROPIC_", "OPENAI_", "MINIMAX_", "AGENT_"))}
+    env["HOME"] = str(TEST_HOME)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -1934,6 +1941,30 @@ def test_a_trickling_server_meets_the_step_deadline(llm, tmp_path):
     assert events[-1]["status"] == "error" and time.monotonic() - started < 8
     assert "longer than 1 s (AGENT_STEP_TIMEOUT)" in of(events, "error")[-1]["message"]
     assert of(events, "delta")                                 # it did stream, slowly
+
+
+def test_connections_past_the_cap_get_503_and_the_rest_are_served(tmp_path, llm):
+    """AGENT_WEB_MAX_CONNECTIONS bounds what slow or idle clients can hold."""
+    server = ServerProcess(tmp_path, llm, extra_env={"AGENT_WEB_MAX_CONNECTIONS": "4"})
+    idle = []
+    try:
+        for _ in range(4):       # four requests that never finish their headers
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            idle.append(sock)
+        time.sleep(0.3)
+        refused = httpx.get(server.base + "/healthz", timeout=10)
+        assert refused.status_code == 503
+        for sock in idle:
+            sock.close()
+        deadline = time.time() + 10
+        while httpx.get(server.base + "/healthz", timeout=10).status_code != 200:
+            assert time.time() < deadline, "the cap never freed up"
+            time.sleep(0.1)
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
 
 
 def test_a_body_sent_a_byte_at_a_time_times_out_408(tmp_path, llm):
