@@ -1631,7 +1631,7 @@ class Toolbox:
 
     async def execute(self, name: str, args: dict, input_error: str | None = None,
                       on_output: Callable[[str], None] | None = None,
-                      owner: str = "") -> tuple[str, bool]:
+                      owner: str = "", extras: dict | None = None) -> tuple[str, bool]:
         """Run one tool call; returns (output, is_error).  Never raises ToolError.
 
         `on_output` gets a running command's output as it comes (bash only;
@@ -1652,7 +1652,10 @@ class Toolbox:
                 return storable(await self.bash(args, on_output)), False
             if name in ("bash_output", "bash_kill"):
                 return storable(await fn(args, owner)), False
-            return storable(await fn(args)), False
+            result = await fn(args)
+            if extras is not None and getattr(result, "diff", None):
+                extras["diff"] = storable(result.diff)   # for the page, not the model
+            return storable(str(result)), False
         except ToolError as exc:
             return f"Error: {storable(str(exc))}", True
         except Exception as exc:
@@ -1836,9 +1839,15 @@ class Toolbox:
         data = args["content"].encode("utf-8")      # before the file is emptied
 
         def write() -> str:
+            try:                                    # what was there, for the diff
+                with open(self.open_file(args["path"]), "rb") as f:
+                    before = f.read(DIFF_MAX_INPUT + 1)
+            except (FileNotFoundError, ToolError):
+                before = None
             with open(self.open_file(args["path"], write=True), "wb") as f:
                 f.write(data)
-            return f"Wrote {len(data)} bytes to {args['path']}"
+            return Changed(f"Wrote {len(data)} bytes to {args['path']}",
+                           unified_diff(args["path"], before, data))
 
         return await asyncio.to_thread(write)
 
@@ -1869,10 +1878,46 @@ class Toolbox:
                                 "and new_str has characters latin-1 cannot hold") from None
             with open(self.open_file(args["path"], write=True), "wb") as f:
                 f.write(new)
-            return f"Edited {args['path']}" + ("" if encoding == "utf-8"
-                                               else " (kept in its latin-1 encoding)")
+            return Changed(f"Edited {args['path']}" + ("" if encoding == "utf-8" else
+                                                       " (kept in its latin-1 encoding)"),
+                           unified_diff(args["path"], raw, new, encoding))
 
         return await asyncio.to_thread(edit)
+
+
+# A file tool's result carries a unified diff of what it changed: the page
+# shows it (the `diff` field of the tool_result); the model reads only the
+# short result.  Computed here, on the thread that has both versions, and
+# capped: a diff of a huge or binary file would be noise.
+DIFF_MAX_INPUT = 2_000_000        # bytes of a file version, past which no diff is made
+DIFF_MAX_CHARS = 40_000           # the diff itself, past which it is cut
+
+
+class Changed(str):
+    """A tool's text result that also carries a `diff` for the page."""
+
+    def __new__(cls, text: str, diff: str):
+        obj = super().__new__(cls, text)
+        obj.diff = diff
+        return obj
+
+
+def unified_diff(path: str, before: bytes | None, after: bytes, encoding: str = "utf-8") -> str:
+    import difflib
+    if len(after) > DIFF_MAX_INPUT or (before is not None and len(before) > DIFF_MAX_INPUT):
+        return ""
+    if b"\0" in after[:8000] or (before and b"\0" in before[:8000]):
+        return ""                                 # binary: no lines to compare
+    old = before.decode(encoding, "replace").splitlines(keepends=True) if before else []
+    new = after.decode(encoding, "replace").splitlines(keepends=True)
+    lines = difflib.unified_diff(old, new, "/dev/null" if before is None else f"a/{path}",
+                                 f"b/{path}", n=3)
+    text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+                   for line in lines)
+    if len(text) > DIFF_MAX_CHARS:
+        cut = text.count("\n", DIFF_MAX_CHARS)
+        text = text[:DIFF_MAX_CHARS].rsplit("\n", 1)[0] + f"\n… ({cut:,} more diff lines)\n"
+    return text
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> None:
@@ -3339,9 +3384,10 @@ class Agent:
         # The tool runs in a task of its own while this generator hands on
         # what it prints, as `tool_output` events, until it ends.
         live: asyncio.Queue[str] = asyncio.Queue()
+        extras: dict = {}                      # a file tool's `diff`
         work = asyncio.ensure_future(self._guard(
             self.toolbox.execute(name, args, input_error, on_output=live.put_nowait,
-                                 owner=self.owner)))
+                                 owner=self.owner, extras=extras)))
         try:
             while not (work.done() and live.empty()):
                 if live.empty():
@@ -3364,7 +3410,7 @@ class Agent:
         history.append({"role": "tool", "call_id": call["id"], "tool": name,
                         "output": output, "is_error": is_error})
         yield {"type": "tool_result", "call_id": call["id"], "tool": name, "output": output,
-               "is_error": is_error, "duration_ms": duration_ms}
+               "is_error": is_error, "duration_ms": duration_ms, **extras}
 
 
 # =============================================================================

@@ -1401,6 +1401,26 @@ def test_a_tool_that_raises_is_an_error_result_and_the_run_goes_on(llm, tmp_path
     assert "adir is a directory" in sent
 
 
+def test_file_tools_results_carry_a_unified_diff_for_the_page(llm, tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "bin.dat").write_bytes(b"\0\1\2")
+    llm.script += [Reply("Writing.", tools=[
+        ("write_file", json.dumps({"path": "a.py", "content": "x = 1\ny = 2\n"})),
+        ("edit_file", json.dumps({"path": "a.py", "old_str": "y = 2", "new_str": "y = 3"})),
+        ("write_file", json.dumps({"path": "bin.dat", "content": "text now"})),
+        ("write_file", json.dumps({"path": "big.txt", "content": "line\n" * 30000}))]),
+        Reply("Done.")]
+    events = arun(run_agent(cfg_for(llm), ws, "write"))
+    new, edit, binary, big = of(events, "tool_result")
+    assert new["diff"] == "--- /dev/null\n+++ b/a.py\n@@ -0,0 +1,2 @@\n+x = 1\n+y = 2\n"
+    assert edit["diff"] == ("--- a/a.py\n+++ b/a.py\n@@ -1,2 +1,2 @@\n x = 1\n-y = 2\n+y = 3\n")
+    assert "diff" not in binary                             # no lines to compare
+    assert len(big["diff"]) < core.DIFF_MAX_CHARS + 100 and "more diff lines" in big["diff"]
+    # The model reads the short result only.
+    assert "@@" not in json.dumps(llm.requests[-1]["messages"])
+
+
 def test_every_exception_of_any_tool_becomes_a_short_result(tmp_path):
     box = core.Toolbox(tmp_path)
     (tmp_path / "d").mkdir()
@@ -4257,6 +4277,26 @@ def test_page_lists_tools_and_the_sessions_background_commands(tmp_path, llm, pa
         page.wait_for_function("document.querySelector('#background-panel').hidden")
     finally:
         server.stop()
+
+
+def test_page_shows_what_a_file_tool_changed_as_a_coloured_diff(server, page_for, llm):
+    (server.workspace / "notes.txt").write_text("keep\nold line\n" + "same\n" * 60)
+    llm.script += [Reply("Editing.", tools=[
+        ("edit_file", json.dumps({"path": "notes.txt", "old_str": "old line",
+                                  "new_str": "<b>new</b> line"})),
+        ("write_file", json.dumps({"path": "long.txt",
+                                   "content": "".join(f"row {i}\n" for i in range(80))}))]),
+        Reply("Done.")]
+    page = page_for(server)
+    send_in_page(page, "edit it")
+    page.wait_for_selector(".done")
+    first, second = page.locator("details.diff").all()
+    assert first.get_attribute("open") is not None            # short: open
+    assert first.locator(".del").inner_text() == "-old line"
+    assert first.locator(".add").inner_text() == "+<b>new</b> line"     # text, not HTML
+    assert first.locator("summary").inner_text() == "changes: +1 −1 (9 lines)"
+    assert second.get_attribute("open") is None                # long: folded
+    assert second.locator(".add").count() == 80
 
 
 def test_page_sessions_switch_and_delete(server, page_for):

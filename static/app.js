@@ -40,6 +40,7 @@ const LABELS = {
     context: "context {tokens} / {limit}", context_title: "What the model reads each step, against the limit past which older turns are summarised ({how})",
     context_counted: "as the model server counted it", context_estimated: "estimated",
     context_none: "context not measured yet",
+    diff_head: "changes: +{added} −{removed} ({n} lines)",
     tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
     src_builtin: "built-in", src_skills: "skills", job_running: "running",
     job_exited: "exited ({code})", job_gone: "gone (the server restarted)",
@@ -70,6 +71,7 @@ const LABELS = {
     context: "上下文 {tokens} / {limit}", context_title: "模型每一步读取的内容，对比超过即总结旧轮次的上限（{how}）",
     context_counted: "由模型服务器计数", context_estimated: "估算",
     context_none: "上下文尚未测量",
+    diff_head: "改动：+{added} −{removed}（{n} 行）",
     tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
     src_builtin: "内置", src_skills: "技能", job_running: "运行中",
     job_exited: "已退出（{code}）", job_gone: "已消失（服务器已重启）",
@@ -231,6 +233,7 @@ class Transcript {
           });
           card.el.append(more);
         }
+        if (ev.diff) card.el.append(diffView(ev.diff));
         break;
       }
       case "error": {
@@ -363,6 +366,29 @@ class Transcript {
 }
 
 const fmt = (n) => Number(n || 0).toLocaleString("en-US");
+
+// What a file tool changed: a unified diff, each line coloured by its sign,
+// folded when long. Lines are text nodes: the file's content is never HTML.
+function diffView(diff) {
+  const lines = diff.replace(/\n$/, "").split("\n");
+  const added = lines.filter((l) => l.startsWith("+") && !l.startsWith("+++")).length;
+  const removed = lines.filter((l) => l.startsWith("-") && !l.startsWith("---")).length;
+  const box = document.createElement("details");
+  box.className = "diff";
+  box.open = lines.length <= FOLD_LINES * 2;
+  const head = document.createElement("summary");
+  head.textContent = t("diff_head", { added, removed, n: lines.length });
+  const pre = document.createElement("pre");
+  for (const line of lines) {
+    const span = document.createElement("span");
+    span.className = line.startsWith("@@") ? "hunk" : line.startsWith("+++") || line.startsWith("---") ? "file"
+      : line.startsWith("+") ? "add" : line.startsWith("-") ? "del" : "ctx";
+    span.textContent = line || " ";        // a block per line: no newline inside
+    pre.append(span);
+  }
+  box.append(head, pre);
+  return box;
+}
 
 // The context meter: the newest `context` event of the open session.
 function showContext(ev) {
