@@ -125,6 +125,7 @@ DEFAULT_WORKSPACE = "workspace"
 
 MAX_BODY_BYTES = 1 << 20            # any HTTP body; more is 413
 BODY_TIMEOUT = 30.0                 # seconds for a whole body to arrive; slower is 408
+MAX_TITLE_CHARS = 200               # a session's title, and a search's text
 MAX_CONNECTIONS = 1_000             # python agent_web.py: uvicorn answers 503 past this
                                     # (AGENT_WEB_MAX_CONNECTIONS)
 MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
@@ -596,6 +597,23 @@ class Store:
         rows = conn.execute(f"SELECT {Store.SESSION_COLUMNS} FROM sessions "
                             "ORDER BY updated_at DESC, id").fetchall()
         return [Store._session_row(r) for r in rows]
+
+    @staticmethod
+    def search_sessions(conn, text: str) -> list[dict]:
+        """Sessions whose title or any message holds `text` (case-blind for
+        ASCII), newest first."""
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = conn.execute(
+            f"SELECT {Store.SESSION_COLUMNS} FROM sessions WHERE title LIKE ? ESCAPE '\\' "
+            "OR id IN (SELECT session_id FROM events WHERE type = 'message' "
+            "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\') "
+            "ORDER BY updated_at DESC, id", (like, like)).fetchall()
+        return [Store._session_row(r) for r in rows]
+
+    @staticmethod
+    def set_title(conn, session_id: str, title: str) -> bool:
+        return conn.execute("UPDATE sessions SET title = ? WHERE id = ?",
+                            (title, session_id)).rowcount == 1
 
     @staticmethod
     def sessions_with_status(conn, statuses: tuple[str, ...]) -> list[dict]:
@@ -1353,6 +1371,38 @@ def server_port(scope: dict) -> int:
 Handler = Callable[["AgentWebApp", Request], Awaitable[Response]]
 
 
+def markdown_transcript(session: dict, events: list[dict]) -> str:
+    """A session as Markdown: what was said, each tool call with its result."""
+    def fence(text: str, lang: str = "") -> str:
+        ticks = "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+        return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
+    out = [f"# {session['title'] or 'Session'}", "",
+           f"Session `{session['session_id']}`, exported from Mini Agent Web.", ""]
+    for ev in events:
+        kind = ev["type"]
+        if kind == "message" and ev["role"] == "user":
+            out += ["## You", "", ev["content"], ""]
+        elif kind == "message" and ev.get("content"):
+            out += ["## Agent" + (" (cut off)" if ev.get("incomplete") else ""), "",
+                    ev["content"], ""]
+        elif kind == "tool_call":
+            args = (ev["input"].get("command", "") if ev["tool"] == "bash"
+                    else json.dumps(ev["input"], ensure_ascii=False, indent=2))
+            out += [f"**Tool `{ev['tool']}`**", "", fence(args, "bash" if ev["tool"] == "bash"
+                                                          else "json"), ""]
+        elif kind == "tool_result":
+            out += [f"Result ({'error' if ev['is_error'] else 'ok'}):", "",
+                    fence(ev["output"]), ""]
+        elif kind == "compaction":
+            out += [f"*Context compacted: {ev['tokens_before']:,} → {ev['tokens_after']:,} "
+                    "tokens.*", ""]
+        elif kind == "error" and not ev.get("retrying"):
+            out += [f"> Error: {ev['message']}", ""]
+        elif kind == "done" and ev["status"] != "done":
+            out += [f"*Run {ev['status']}: {ev['summary']}*", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
 class AgentWebApp:
     """The ASGI callable.  Holds every piece of state; nothing lives at module
     level, so two apps (two tests, two mounts) never share anything."""
@@ -1631,18 +1681,55 @@ class AgentWebApp:
         return json_response(202, {"session_id": session["session_id"], "call_id": call_id})
 
     async def list_sessions(self, req: Request) -> Response:
-        sessions = await self.store.read(Store.list_sessions)
+        """`?q=TEXT` keeps the sessions whose title or messages hold it."""
+        text = (req.query("q") or "").strip()
+        if len(text) > MAX_TITLE_CHARS:
+            raise HTTPError(400, "bad_query", f"q is longer than {MAX_TITLE_CHARS} characters")
+        sessions = await (self.store.read(Store.search_sessions, core.storable(text)) if text
+                          else self.store.read(Store.list_sessions))
         return json_response(200, {"sessions": sessions})
 
     async def patch_session(self, req: Request) -> Response:
+        """`{"approve_mode"}`, `{"title"}`, or both."""
         session = await self.session_or_404(req.params["id"])
         data = await req.json()
-        mode = data.get("approve_mode")
-        if mode not in core.APPROVAL_MODES:
+        if not {"approve_mode", "title"} & set(data):
+            raise HTTPError(400, "bad_field", "give approve_mode or title")
+        mode, title = data.get("approve_mode"), data.get("title")
+        if "approve_mode" in data and mode not in core.APPROVAL_MODES:
             raise HTTPError(400, "bad_field", f"approve_mode must be one of {core.APPROVAL_MODES}")
-        await self.store.write(Store.set_approve_mode, session["session_id"], mode)
-        self.runs.set_mode(session["session_id"], mode)
-        return json_response(200, {**session, "approve_mode": mode})
+        if "title" in data:
+            if not isinstance(title, str) or not title.strip():
+                raise HTTPError(400, "bad_field", "title must be a non-empty string")
+            if len(title) > MAX_TITLE_CHARS:
+                raise HTTPError(400, "bad_field",
+                                f"title is longer than {MAX_TITLE_CHARS} characters")
+            title = " ".join(core.storable(title).split())
+            await self.store.write(Store.set_title, session["session_id"], title)
+            session = {**session, "title": title}
+        if mode is not None:
+            await self.store.write(Store.set_approve_mode, session["session_id"], mode)
+            self.runs.set_mode(session["session_id"], mode)
+            session = {**session, "approve_mode": mode}
+        return json_response(200, session)
+
+    async def export_session(self, req: Request) -> Response:
+        """A download of the session: `?format=md` (a readable transcript) or
+        `json` (its stored events, the streamed fragments left out)."""
+        session = await self.session_or_404(req.params["id"])
+        kind = req.query("format", "md")
+        if kind not in ("md", "json"):
+            raise HTTPError(400, "bad_query", "format must be md or json")
+        events = await self.store.read(Store.conversation, session["session_id"])
+        name = re.sub(r"[^\w.-]+", "-", session["title"] or session["session_id"]).strip("-")
+        if kind == "json":
+            body = to_json({"session": session, "events": events}).encode()
+            ctype = "application/json"
+        else:
+            body = markdown_transcript(session, events).encode()
+            ctype = "text/markdown; charset=utf-8"
+        return Response(200, body, ctype, [
+            ("content-disposition", f'attachment; filename="{name[:60] or "session"}.{kind}"')])
 
     async def delete_session(self, req: Request) -> Response:
         session = await self.session_or_404(req.params["id"])
@@ -1891,6 +1978,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("GET", "/agent/sessions", AgentWebApp.list_sessions, True),
     ("PATCH", "/agent/sessions/{id}", AgentWebApp.patch_session, True),
     ("DELETE", "/agent/sessions/{id}", AgentWebApp.delete_session, True),
+    ("GET", "/agent/sessions/{id}/export", AgentWebApp.export_session, True),
     ("GET", "/agent/sessions/{id}/background", AgentWebApp.get_background, True),
 ]
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -4297,6 +4298,62 @@ def test_page_shows_what_a_file_tool_changed_as_a_coloured_diff(server, page_for
     assert first.locator("summary").inner_text() == "changes: +1 −1 (9 lines)"
     assert second.get_attribute("open") is None                # long: folded
     assert second.locator(".add").count() == 80
+
+
+def test_sessions_are_renamed_searched_and_exported(server, llm):
+    one = server.chat("say: the quick brown fox")["session_id"]
+    server.wait_status(one)
+    llm.script.append(Reply("Listing.", tools=[("bash", json.dumps({"command": "echo hi"}))]))
+    two = server.chat("list things")["session_id"]
+    server.wait_status(two)
+    r = server.http("PATCH", f"/agent/sessions/{two}", {"title": "  My  listing  "})
+    assert r.status_code == 200 and r.json()["title"] == "My listing"
+    assert server.http("PATCH", f"/agent/sessions/{two}", {"title": ""}).status_code == 400
+    assert server.http("PATCH", f"/agent/sessions/{two}", {"title": "x" * 201}).status_code == 400
+    assert server.http("PATCH", f"/agent/sessions/{two}", {}).status_code == 400
+
+    def found(q):
+        r = server.http("GET", "/agent/sessions?q=" + urllib.parse.quote(q))
+        assert r.status_code == 200
+        return [s["session_id"] for s in r.json()["sessions"]]
+    assert found("listing") == [two]                 # the new title
+    assert found("BROWN") == [one]                   # a message's text, any case
+    assert found("tool said") == [two]               # the agent's words too
+    assert found("100%_") == [] and set(found("")) == {one, two}
+    md = server.http("GET", f"/agent/sessions/{two}/export?format=md")
+    assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
+    assert md.headers["content-disposition"] == 'attachment; filename="My-listing.md"'
+    assert md.text.startswith("# My listing\n") and "## You\n\nlist things" in md.text
+    assert "**Tool `bash`**\n\n```bash\necho hi\n```" in md.text
+    js = server.http("GET", f"/agent/sessions/{two}/export?format=json")
+    doc = js.json()
+    assert doc["session"]["title"] == "My listing"
+    assert [e["type"] for e in doc["events"]][:2] == ["message", "message"]
+    assert not [e for e in doc["events"] if e["type"] in ("delta", "tool_output")]
+    assert server.http("GET", f"/agent/sessions/{two}/export?format=pdf").status_code == 400
+    assert server.http("GET", f"/agent/sessions/{two}/export", token=False).status_code == 401
+
+
+def test_page_renames_searches_and_offers_downloads(server, page_for):
+    page = page_for(server)
+    send_in_page(page, "say: alpha centauri")
+    page.wait_for_selector(".done")
+    page.click("#new-session")
+    send_in_page(page, "say: beta")
+    page.wait_for_selector(".done")
+    page.wait_for_function("document.querySelectorAll('#sessions li').length === 2")
+    page.locator("#sessions li.current button.rename").click()
+    page.fill("#sessions li.current .rename-field", "Renamed beta")
+    page.press("#sessions li.current .rename-field", "Enter")
+    page.wait_for_selector("#sessions li a:text('Renamed beta')")
+    page.fill("#session-search", "centauri")
+    page.wait_for_function("document.querySelectorAll('#sessions li').length === 1")
+    assert "alpha" in page.locator("#sessions li a").inner_text()
+    href = page.locator("#export-md").get_attribute("href")
+    assert page.locator("#export-md").is_visible() and href.endswith("/export?format=md")
+    with page.expect_download() as info:
+        page.click("#export-md")
+    assert info.value.suggested_filename == "Renamed-beta.md"
 
 
 def test_page_sessions_switch_and_delete(server, page_for):

@@ -41,6 +41,8 @@ const LABELS = {
     context_counted: "as the model server counted it", context_estimated: "estimated",
     context_none: "context not measured yet",
     diff_head: "changes: +{added} −{removed} ({n} lines)",
+    rename: "Rename", rename_prompt: "New name for this session", search: "Search sessions…",
+    export_md: "⬇ Markdown", export_json: "⬇ JSON", export_title: "Download this session",
     tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
     src_builtin: "built-in", src_skills: "skills", job_running: "running",
     job_exited: "exited ({code})", job_gone: "gone (the server restarted)",
@@ -72,6 +74,8 @@ const LABELS = {
     context_counted: "由模型服务器计数", context_estimated: "估算",
     context_none: "上下文尚未测量",
     diff_head: "改动：+{added} −{removed}（{n} 行）",
+    rename: "重命名", rename_prompt: "此会话的新名称", search: "搜索会话…",
+    export_md: "⬇ Markdown", export_json: "⬇ JSON", export_title: "下载此会话",
     tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
     src_builtin: "内置", src_skills: "技能", job_running: "运行中",
     job_exited: "已退出（{code}）", job_gone: "已消失（服务器已重启）",
@@ -476,6 +480,7 @@ async function openSession(sessionId, { push = true } = {}) {
   state.loaded = false;
   transcript.reset();
   showBackground();
+  showExport();
   $("load-earlier").hidden = true;
   const url = new URL(location.href);
   if (sessionId) url.searchParams.set("session", sessionId); else url.searchParams.delete("session");
@@ -528,8 +533,10 @@ async function loadEarlier() {
 }
 
 async function refreshSessions() {
+  const q = $("session-search").value.trim();
   let data;
-  try { data = await call("GET", "agent/sessions"); } catch { return; }
+  try { data = await call("GET", "agent/sessions" + (q ? `?q=${encodeURIComponent(q)}` : "")); } catch { return; }
+  if (q !== $("session-search").value.trim()) return;      // a newer search is on its way
   const list = $("sessions");
   list.replaceChildren();
   for (const s of data.sessions) {
@@ -549,10 +556,59 @@ async function refreshSessions() {
     del.title = t("delete");
     del.setAttribute("aria-label", `${t("delete")} ${s.title}`);
     del.addEventListener("click", () => deleteSession(s.session_id));
-    li.append(a, status, del);
+    const ren = document.createElement("button");
+    ren.type = "button";
+    ren.className = "rename";
+    ren.textContent = "✎";
+    ren.title = t("rename");
+    ren.setAttribute("aria-label", `${t("rename")} ${s.title}`);
+    ren.addEventListener("click", () => renameSession(li, a, s.session_id, s.title));
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    actions.append(ren, del);
+    li.append(a, status, actions);
     list.append(li);
   }
   highlightSession();
+}
+
+// Rename in place: the title becomes a field; Enter saves, Escape or
+// leaving it cancels.
+function renameSession(li, link, sessionId, title) {
+  const field = document.createElement("input");
+  field.className = "rename-field";
+  field.value = title || "";
+  field.maxLength = 200;
+  field.setAttribute("aria-label", t("rename_prompt"));
+  link.replaceWith(field);
+  field.focus();
+  field.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const name = field.value.trim();
+    if (save && name && name !== title) {
+      try { await call("PATCH", `agent/sessions/${encodeURIComponent(sessionId)}`, { title: name }); }
+      catch (err) { notice(err.message, "error"); }
+    }
+    refreshSessions();
+  };
+  field.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); finish(true); }
+    else if (e.key === "Escape") { e.preventDefault(); e.stopPropagation(); finish(false); }
+  });
+  field.addEventListener("blur", () => finish(false));
+}
+
+// The open session's downloads (the cookie signs them, as every request).
+function showExport() {
+  const sid = state.sessionId;
+  for (const [id, format] of [["export-md", "md"], ["export-json", "json"]]) {
+    const a = $(id);
+    a.hidden = !sid;
+    if (sid) a.href = api(`agent/sessions/${encodeURIComponent(sid)}/export?format=${format}`).href;
+  }
 }
 
 // On a narrow screen the sessions list is a drawer over the transcript: it
@@ -845,6 +901,11 @@ function wire() {
   });
   $("new-session").addEventListener("click", () => { openSession(null); closeDrawer(); input.focus(); });
   $("load-earlier").addEventListener("click", loadEarlier);
+  let searching = 0;
+  $("session-search").addEventListener("input", () => {
+    clearTimeout(searching);
+    searching = setTimeout(refreshSessions, 200);
+  });
   $("toggle-sidebar").addEventListener("click", () => $("sidebar").classList.toggle("hidden"));
   $("approve-mode").addEventListener("change", async (e) => {
     state.approveMode = e.target.value;
