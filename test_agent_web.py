@@ -4356,6 +4356,80 @@ def test_page_renames_searches_and_offers_downloads(server, page_for):
     assert info.value.suggested_filename == "Renamed-beta.md"
 
 
+def test_page_theme_follows_the_system_and_the_users_choice_is_remembered(server, page_for):
+    page = page_for(server)
+    bg = "getComputedStyle(document.body).backgroundColor"
+    page.emulate_media(color_scheme="dark")
+    assert page.evaluate(bg) == "rgb(22, 24, 28)"                 # the system's dark
+    page.emulate_media(color_scheme="light")
+    assert page.evaluate(bg) == "rgb(255, 255, 255)"
+    page.click("#theme")                                          # auto -> dark
+    assert page.evaluate(bg) == "rgb(22, 24, 28)"
+    page.emulate_media(color_scheme="dark")
+    page.click("#theme")                                          # dark -> light, system dark
+    assert page.evaluate(bg) == "rgb(255, 255, 255)"
+    page.reload()
+    page.wait_for_selector("#conn.live")
+    assert page.evaluate(bg) == "rgb(255, 255, 255)"              # remembered
+    page.click("#theme")                                          # light -> the system's
+    assert page.evaluate(bg) == "rgb(22, 24, 28)"
+
+
+def test_page_colours_code_without_markup_and_has_keyboard_shortcuts(server, page_for, llm):
+    llm.script.append(Reply("Here:\n\n```python\ndef f():\n    return '<img src=x "
+                            "onerror=alert(1)>'  # done\n```\n"))
+    page = page_for(server)
+    page.evaluate("window.copied = []; navigator.clipboard.writeText = async (t) => "
+                  "{ window.copied.push(t); }; 0")      # (a function would be called)
+    send_in_page(page, "code please")
+    page.wait_for_selector(".done")
+    code = page.locator(".codeblock code")
+    assert code.locator(".tok-keyword").all_inner_texts() == ["def", "return"]
+    assert code.locator(".tok-string").inner_text() == "'<img src=x onerror=alert(1)>'"
+    assert code.locator(".tok-comment").inner_text() == "# done"
+    assert page.locator(".codeblock img").count() == 0
+    page.locator("body").click()
+    page.keyboard.press("Control+Shift+Semicolon")
+    page.wait_for_function("window.copied.length === 1")
+    assert page.evaluate("window.copied[0]").startswith("def f():")
+    page.keyboard.press("Shift+Escape")
+    assert page.evaluate("document.activeElement.id") == "input"
+    page.locator("body").click()
+    page.keyboard.press("Control+Shift+KeyO")
+    page.wait_for_function("!location.search.includes('session=')")
+    send_in_page(page, "/help")
+    assert "Ctrl+Shift+O new session" in page.locator(".notice.info").last.inner_text()
+
+
+def test_page_tells_a_hidden_tab_that_a_run_ended_or_waits(server, page_for, llm):
+    page = page_for(server)
+    send_in_page(page, "say: first")          # the session exists: what follows is pushed
+    page.wait_for_selector(".done")
+    page.evaluate("""() => {
+        window.shown = [];
+        window.Notification = class { constructor(title, opts) { window.shown.push(opts.body); }
+            static requestPermission() { return Promise.resolve("granted"); } };
+        window.Notification.permission = "granted";
+        window.hiddenNow = false;
+        Object.defineProperty(document, "hidden", { get: () => window.hiddenNow });
+    }""")
+    assert page.locator("#notify").inner_text() == "🔕"          # off by default
+    page.click("#notify")
+    assert page.locator("#notify").get_attribute("aria-pressed") == "true"
+    send_in_page(page, "slow")                           # three seconds of streaming
+    page.evaluate("window.hiddenNow = true")             # the user switched tabs
+    page.wait_for_function("window.shown.length === 1")
+    assert page.evaluate("window.shown") == ["The run finished: done"]
+    assert page.title().startswith("● The run finished")
+    page.evaluate("window.hiddenNow = false; document.dispatchEvent(new Event('visibilitychange'))")
+    page.wait_for_function("!document.title.startsWith('●')")
+    page.click("#notify")                                         # off again: no notification
+    page.evaluate("window.hiddenNow = true")
+    send_in_page(page, "say: again")
+    page.wait_for_function("document.title.startsWith('●')")      # the title still flashes
+    assert page.evaluate("window.shown") == ["The run finished: done"]
+
+
 def test_page_sessions_switch_and_delete(server, page_for):
     page = page_for(server)
     send_in_page(page, "say: alpha")

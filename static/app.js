@@ -31,7 +31,7 @@ const LABELS = {
     untitled: "New session", delete: "Delete", confirm_delete: "Delete this session and its history?",
     busy: "A run is going in this session: wait for it or press Stop.",
     answered: "That request was already answered.",
-    help: "Enter sends · Shift+Enter new line · Esc stops a run\n/help this help · /clear new session · /history the conversation · /stats token usage and context",
+    help: "Enter sends · Shift+Enter new line · Esc stops a run\nCtrl+Shift+O new session · Shift+Esc focus the composer · Ctrl+Shift+; copy the last code block (⌘ for Ctrl on a Mac)\n/help this help · /clear new session · /history the conversation · /stats token usage and context",
     stats: "{runs} run(s) · {steps} step(s) · {inp} input / {out} output tokens (in the loaded events) · {context}",
     history_empty: "Nothing yet.", error_prefix: "Error",
     deleted_elsewhere: "That session was deleted (in another tab or by another client).",
@@ -41,7 +41,12 @@ const LABELS = {
     context_counted: "as the model server counted it", context_estimated: "estimated",
     context_none: "context not measured yet",
     diff_head: "changes: +{added} −{removed} ({n} lines)",
-    rename: "Rename", rename_prompt: "New name for this session", search: "Search sessions…",
+    rename: "Rename", rename_prompt: "New name for this session",
+    theme_auto: "Theme: as the system (click for dark)", theme_dark: "Theme: dark (click for light)",
+    theme_light: "Theme: light (click to follow the system)",
+    notify_on: "Desktop notifications on (click to turn off)", notify_off: "Desktop notifications off (click to turn on)",
+    notify_done: "The run finished: {status}", notify_waiting: "Waiting for your approval: {tool}",
+    copied_code: "Copied the last code block.", no_code: "No code block yet.", search: "Search sessions…",
     export_md: "⬇ Markdown", export_json: "⬇ JSON", export_title: "Download this session",
     tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
     src_builtin: "built-in", src_skills: "skills", job_running: "running",
@@ -64,7 +69,7 @@ const LABELS = {
     auth: "未登录：请打开服务器启动时打印的带 ?token=… 的链接。",
     untitled: "新会话", delete: "删除", confirm_delete: "删除此会话及其历史？",
     busy: "此会话正在运行：请等待或点击停止。", answered: "该请求已被回答。",
-    help: "Enter 发送 · Shift+Enter 换行 · Esc 停止\n/help 帮助 · /clear 新会话 · /history 对话记录 · /stats 用量与上下文",
+    help: "Enter 发送 · Shift+Enter 换行 · Esc 停止\nCtrl+Shift+O 新会话 · Shift+Esc 聚焦输入框 · Ctrl+Shift+; 复制最后一个代码块（Mac 上用 ⌘）\n/help 帮助 · /clear 新会话 · /history 对话记录 · /stats 用量与上下文",
     stats: "{runs} 次运行 · {steps} 步 · 输入 {inp} / 输出 {out} tokens（已加载的事件）· {context}",
     history_empty: "还没有内容。", error_prefix: "错误",
     deleted_elsewhere: "该会话已被删除（在另一个标签页或由另一个客户端）。",
@@ -74,7 +79,12 @@ const LABELS = {
     context_counted: "由模型服务器计数", context_estimated: "估算",
     context_none: "上下文尚未测量",
     diff_head: "改动：+{added} −{removed}（{n} 行）",
-    rename: "重命名", rename_prompt: "此会话的新名称", search: "搜索会话…",
+    rename: "重命名", rename_prompt: "此会话的新名称",
+    theme_auto: "主题：跟随系统（点击切换为深色）", theme_dark: "主题：深色（点击切换为浅色）",
+    theme_light: "主题：浅色（点击改为跟随系统）",
+    notify_on: "桌面通知已开启（点击关闭）", notify_off: "桌面通知已关闭（点击开启）",
+    notify_done: "运行结束：{status}", notify_waiting: "等待你的批准：{tool}",
+    copied_code: "已复制最后一个代码块。", no_code: "还没有代码块。", search: "搜索会话…",
     export_md: "⬇ Markdown", export_json: "⬇ JSON", export_title: "下载此会话",
     tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
     src_builtin: "内置", src_skills: "技能", job_running: "运行中",
@@ -756,9 +766,16 @@ function onEvent(ev) {
   const stick = nearBottom();
   transcript.apply(ev);
   if (ev.type === "message" && ev.role === "user") setStatus("running");
-  else if (ev.type === "approval_request") setStatus("awaiting_approval");
+  else if (ev.type === "approval_request") {
+    setStatus("awaiting_approval");
+    tellHidden(t("notify_waiting", { tool: ev.tool }));
+  }
   else if (ev.type === "approval") setStatus("running");
-  else if (ev.type === "done") { setStatus("idle"); refreshSessions(); }
+  else if (ev.type === "done") {
+    setStatus("idle");
+    refreshSessions();
+    tellHidden(t("notify_done", { status: ev.status }));
+  }
   else if (ev.type === "tool_result" || ev.type === "approval") updateApprovalBar();
   if (ev.type === "tool_result" && ev.tool.startsWith("bash")) showBackground();
   scrollToEnd(stick);
@@ -859,6 +876,56 @@ function slash(line) {
   } else notice(t("help"));
 }
 
+// ------------------------------------------------- theme and being told ---
+// The theme follows the system unless the user picked one (remembered).
+// When a run ends or waits for approval while the tab is hidden, the title
+// flashes until the tab is seen, and a desktop notification says so if the
+// user turned them on (silent: no sound).
+const THEMES = ["auto", "dark", "light"];
+function applyTheme(theme) {
+  if (theme === "auto") delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = theme;
+  $("theme").title = t(`theme_${theme}`);
+  $("theme").textContent = theme === "dark" ? "☾" : theme === "light" ? "☀" : "◐";
+}
+
+function notifyOn() { return localStorage.getItem("mini-agent-notify") === "on"; }
+function showNotify() {
+  const on = notifyOn();
+  $("notify").textContent = on ? "🔔" : "🔕";
+  $("notify").title = t(on ? "notify_on" : "notify_off");
+  $("notify").setAttribute("aria-pressed", String(on));
+}
+
+let flashing = 0;
+function tellHidden(text) {
+  if (!document.hidden) return;
+  if (!flashing) {
+    const plain = document.title;
+    let lit = false;
+    flashing = setInterval(() => { lit = !lit; document.title = lit ? `● ${text}` : plain; }, 1000);
+    document.title = `● ${text}`;
+    const stop = () => {
+      if (document.hidden) return;
+      clearInterval(flashing);
+      flashing = 0;
+      document.title = plain;
+      document.removeEventListener("visibilitychange", stop);
+    };
+    document.addEventListener("visibilitychange", stop);
+  }
+  if (notifyOn() && "Notification" in window && Notification.permission === "granted") {
+    new Notification("Mini Agent", { body: text, silent: true, tag: state.sessionId || "mini-agent" });
+  }
+}
+
+function copyLastCode() {
+  const blocks = $("events").querySelectorAll(".codeblock code");
+  if (!blocks.length) { notice(t("no_code")); return; }
+  navigator.clipboard.writeText(blocks[blocks.length - 1].textContent)
+    .then(() => notice(t("copied_code")), () => notice(t("no_code"), "error"));
+}
+
 // ----------------------------------------------------------------- helpers ---
 function nearBottom() {
   const box = $("transcript");
@@ -897,7 +964,28 @@ function wire() {
     }
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && state.status !== "idle") { e.preventDefault(); stop(); }
+    const mod = e.ctrlKey || e.metaKey;
+    if (e.key === "Escape" && e.shiftKey) { e.preventDefault(); input.focus(); }
+    else if (e.key === "Escape" && state.status !== "idle") { e.preventDefault(); stop(); }
+    else if (mod && e.shiftKey && e.code === "KeyO") {
+      e.preventDefault();
+      openSession(null);
+      input.focus();
+    } else if (mod && e.shiftKey && e.code === "Semicolon") { e.preventDefault(); copyLastCode(); }
+  });
+  $("theme").addEventListener("click", () => {
+    const now = localStorage.getItem("mini-agent-theme") || "auto";
+    const next = THEMES[(THEMES.indexOf(now) + 1) % THEMES.length];
+    localStorage.setItem("mini-agent-theme", next);
+    applyTheme(next);
+  });
+  $("notify").addEventListener("click", async () => {
+    if (notifyOn()) localStorage.setItem("mini-agent-notify", "off");
+    else {
+      const answer = "Notification" in window ? await Notification.requestPermission() : "denied";
+      localStorage.setItem("mini-agent-notify", answer === "granted" ? "on" : "off");
+    }
+    showNotify();
   });
   $("new-session").addEventListener("click", () => { openSession(null); closeDrawer(); input.focus(); });
   $("load-earlier").addEventListener("click", loadEarlier);
@@ -921,6 +1009,8 @@ function wire() {
 
 async function main() {
   applyLabels();
+  applyTheme(localStorage.getItem("mini-agent-theme") || "auto");
+  showNotify();
   wire();
   closeDrawer();
   try {

@@ -3,7 +3,7 @@
 // Model output is never given to innerHTML: every piece of text becomes a
 // Text node, so `<img onerror=...>` or `<script>` in an answer shows as those
 // characters and runs nothing.  Supported: paragraphs, fenced code blocks
-// (with a copy button), inline code, **bold**, *italics* / _italics_, bullet
+// (with a copy button and syntax colours), inline code, **bold**, *italics* / _italics_, bullet
 // and numbered lists, [links](https://...) (http, https and mailto only).
 
 export function renderMarkdown(text, labels = {}) {
@@ -61,7 +61,7 @@ function codeBlock(code, lang, labels) {
   const pre = document.createElement("pre");
   const el = document.createElement("code");
   if (lang) el.dataset.lang = lang;
-  el.textContent = code;
+  el.append(highlight(code, lang));
   pre.append(el);
   const copy = document.createElement("button");
   copy.type = "button";
@@ -78,6 +78,53 @@ function codeBlock(code, lang, labels) {
   });
   wrap.append(pre, copy);
   return wrap;
+}
+
+// Syntax colours for the common languages: the code is cut into tokens by
+// one regex per language, and each token becomes a <span class="tok-…">
+// holding a Text node (never markup).  Unknown languages stay plain.
+const WORDS = {
+  py: "and as assert async await break class continue def del elif else except False finally for from global if import in is lambda None nonlocal not or pass raise return True try while with yield match case self",
+  js: "async await break case catch class const continue default delete do else export extends false finally for function if import in instanceof let new null of return static super switch this throw true try typeof undefined var void while yield interface type enum implements",
+  sh: "if then else elif fi for while until do done case esac in function return export local echo cd exit set unset source",
+  go: "break case chan const continue default defer else fallthrough for func go goto if import interface map package range return select struct switch type var nil true false",
+  rs: "as async await break const continue crate else enum extern false fn for if impl in let loop match mod move mut pub ref return self Self static struct super trait true type unsafe use where while",
+  sql: "select from where insert into values update set delete create table drop alter index join left right inner outer on group by order having limit and or not null as distinct primary key",
+};
+const ALIASES = { python: "py", py: "py", javascript: "js", js: "js", ts: "js", typescript: "js",
+  jsx: "js", tsx: "js", json: "json", bash: "sh", sh: "sh", shell: "sh", zsh: "sh", console: "sh",
+  go: "go", golang: "go", rust: "rs", rs: "rs", sql: "sql", c: "js", cpp: "js", java: "js" };
+const COMMENT = { py: "#[^\n]*", sh: "#[^\n]*", sql: "--[^\n]*", js: "//[^\n]*|/\\*[\\s\\S]*?\\*/",
+  go: "//[^\n]*|/\\*[\\s\\S]*?\\*/", rs: "//[^\n]*|/\\*[\\s\\S]*?\\*/", json: "(?!)" };
+const TOKENS = {};
+
+function tokenizer(kind) {
+  if (!TOKENS[kind]) {
+    const words = (WORDS[kind] || "true false null").split(" ").join("|");
+    TOKENS[kind] = new RegExp(`(${COMMENT[kind]})|("(?:[^"\\\\\\n]|\\\\.)*"|'(?:[^'\\\\\\n]|\\\\.)*'|\`(?:[^\`\\\\]|\\\\.)*\`)`
+      + `|\\b(\\d[\\d_]*(?:\\.\\d+)?(?:e[+-]?\\d+)?|0x[\\da-f]+)\\b|\\b(${words})\\b`, kind === "sql" ? "gi" : "g");
+  }
+  return TOKENS[kind];
+}
+
+export function highlight(code, lang) {
+  const frag = document.createDocumentFragment();
+  const kind = ALIASES[(lang || "").toLowerCase()];
+  if (!kind || code.length > 100000) { frag.append(document.createTextNode(code)); return frag; }
+  const re = tokenizer(kind);
+  re.lastIndex = 0;
+  let at = 0, m;
+  while ((m = re.exec(code))) {
+    if (!m[0]) { re.lastIndex++; continue; }
+    if (m.index > at) frag.append(document.createTextNode(code.slice(at, m.index)));
+    const span = document.createElement("span");
+    span.className = m[1] ? "tok-comment" : m[2] ? "tok-string" : m[3] ? "tok-number" : "tok-keyword";
+    span.textContent = m[0];
+    frag.append(span);
+    at = m.index + m[0].length;
+  }
+  if (at < code.length) frag.append(document.createTextNode(code.slice(at)));
+  return frag;
 }
 
 // Inline spans: code first (nothing inside it is formatted), then links,
