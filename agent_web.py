@@ -435,6 +435,31 @@ class Store:
                      "VALUES (?, ?, ?, ?)", (session_id, approve_mode, now, now))
 
     @staticmethod
+    def fork_session(conn, source: str, new_id: str, before_seq: int, title: str) -> bool:
+        """A new session holding `source`'s events before `before_seq`, in
+        one transaction (their seqs stay as they were: 1..before_seq-1)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT approve_mode FROM sessions WHERE id = ?",
+                               (source,)).fetchone()
+            if row is None:
+                conn.execute("ROLLBACK")
+                return False
+            now = time.time()
+            conn.execute("INSERT INTO sessions (id, approve_mode, title, created_at, updated_at)"
+                         " VALUES (?, ?, ?, ?, ?)", (new_id, row[0], title, now, now))
+            conn.execute("INSERT INTO events (session_id, seq, type, data) "
+                         "SELECT ?, seq, type, json_set(data, '$.session_id', ?) FROM events "
+                         "WHERE session_id = ? AND seq < ? ORDER BY seq",
+                         (new_id, new_id, source, before_seq))
+            conn.execute("COMMIT")
+            return True
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
     def append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
         """Store events in one transaction; returns (seq, wire JSON) for each.
 
@@ -1713,6 +1738,28 @@ class AgentWebApp:
             session = {**session, "approve_mode": mode}
         return json_response(200, session)
 
+    async def fork_session(self, req: Request) -> Response:
+        """A new session holding this one's events before `before_seq` (the
+        original is untouched), ending with a `forked` event that says where
+        it came from: "edit and resend", "regenerate"."""
+        session = await self.session_or_404(req.params["id"])
+        data = await req.json()
+        before = data.get("before_seq")
+        if not isinstance(before, int) or isinstance(before, bool) or not (
+                1 <= before <= session["last_seq"] + 1):
+            raise HTTPError(400, "bad_field", "before_seq must be a seq of this session "
+                            f"(1 to {session['last_seq'] + 1})")
+        sid = core.new_id("s")
+        title = (session["title"] or "Session")[:MAX_TITLE_CHARS - 9] + " (edited)"
+        await self.events.flush()             # every event before it is stored
+        if not await self.store.write(Store.fork_session, session["session_id"], sid,
+                                      before, title):
+            raise HTTPError(404, "unknown_session", "no such session")
+        await self.events.emit(sid, {"type": "forked", "from_session": session["session_id"],
+                                     "before_seq": before, "from_title": session["title"]})
+        forked = await self.store.read(Store.get_session, sid)
+        return json_response(201, forked)
+
     async def export_session(self, req: Request) -> Response:
         """A download of the session: `?format=md` (a readable transcript) or
         `json` (its stored events, the streamed fragments left out)."""
@@ -1979,6 +2026,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("PATCH", "/agent/sessions/{id}", AgentWebApp.patch_session, True),
     ("DELETE", "/agent/sessions/{id}", AgentWebApp.delete_session, True),
     ("GET", "/agent/sessions/{id}/export", AgentWebApp.export_session, True),
+    ("POST", "/agent/sessions/{id}/fork", AgentWebApp.fork_session, True),
     ("GET", "/agent/sessions/{id}/background", AgentWebApp.get_background, True),
 ]
 

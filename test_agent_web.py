@@ -4430,6 +4430,65 @@ def test_page_tells_a_hidden_tab_that_a_run_ended_or_waits(server, page_for, llm
     assert page.evaluate("window.shown") == ["The run finished: done"]
 
 
+def test_a_session_forks_before_a_message_and_the_original_is_untouched(server, llm):
+    sid = server.chat("say: first")["session_id"]
+    server.wait_status(sid)
+    server.chat("say: second", sid)
+    server.wait_status(sid)
+    original = server.all_events(sid)
+    second = [e for e in original if e["type"] == "message" and e["role"] == "user"][1]
+    r = server.http("POST", f"/agent/sessions/{sid}/fork", {"before_seq": second["seq"]})
+    assert r.status_code == 201, r.text
+    fork = r.json()
+    assert fork["session_id"] != sid and fork["title"] == "say: first (edited)"
+    events = server.all_events(fork["session_id"])
+    copied, marker = events[:-1], events[-1]
+    assert [(e["seq"], e["type"], e.get("content")) for e in copied] == [
+        (e["seq"], e["type"], e.get("content")) for e in original if e["seq"] < second["seq"]]
+    assert {e["session_id"] for e in events} == {fork["session_id"]}
+    assert marker == {**marker, "type": "forked", "from_session": sid, "seq": second["seq"],
+                      "before_seq": second["seq"], "from_title": "say: first"}
+    assert server.all_events(sid) == original                     # untouched
+    server.chat("say: instead", fork["session_id"])              # the fork goes on
+    h = server.wait_status(fork["session_id"])
+    assert of(h["events"], "message")[-1]["content"] == "instead"
+    assert "first" in json.dumps(llm.requests[-1]["messages"])
+    assert "second" not in json.dumps(llm.requests[-1]["messages"])
+    for bad in (0, original[-1]["seq"] + 2, "3", True):
+        assert server.http("POST", f"/agent/sessions/{sid}/fork",
+                           {"before_seq": bad}).status_code == 400
+    assert server.http("POST", "/agent/sessions/s_nope/fork",
+                       {"before_seq": 1}).status_code == 404
+
+
+def test_page_edit_and_regenerate_fork_the_session(server, page_for):
+    page = page_for(server)
+    send_in_page(page, "say: one")
+    page.wait_for_selector(".done")
+    send_in_page(page, "say: two")
+    page.wait_for_selector(".done >> nth=1")
+    first_sid = re.search(r"session=([\w-]+)", page.url).group(1)
+    page.locator(".msg-actions .edit").nth(1).click()        # edit "say: two"
+    page.wait_for_selector(".forked")
+    assert re.search(r"session=([\w-]+)", page.url).group(1) != first_sid
+    assert page.input_value("#input") == "say: two"
+    assert page.locator(".user").count() == 1                # only what came before it
+    assert "Edited copy of say: one" in page.locator(".forked").inner_text()
+    page.fill("#input", "say: deux")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".done")
+    assert page.locator(".assistant").last.inner_text().strip() == "deux"
+    edited = page.evaluate("location.search")
+    page.locator(".msg-actions .regenerate").last.click()    # regenerate that answer
+    page.wait_for_function(f"location.search !== {json.dumps(edited)}")
+    page.wait_for_function("document.querySelectorAll('.done').length === 2 && "
+                           "document.querySelectorAll('.user').length === 2")
+    assert page.locator(".user").all_inner_texts() == ["say: one", "say: deux"]
+    assert page.locator(".forked").count() == 2               # its whole lineage
+    page.locator(".forked a").last.click()                    # back to where it came from
+    page.wait_for_function(f"location.search === {json.dumps(edited)}")
+
+
 def test_page_sessions_switch_and_delete(server, page_for):
     page = page_for(server)
     send_in_page(page, "say: alpha")

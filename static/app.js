@@ -42,6 +42,8 @@ const LABELS = {
     context_none: "context not measured yet",
     diff_head: "changes: +{added} −{removed} ({n} lines)",
     rename: "Rename", rename_prompt: "New name for this session",
+    edit: "edit", regenerate: "regenerate", forked_from: "⑂ Edited copy of ",
+    forked_at: " (the events before #{seq}; the original is unchanged)",
     theme_auto: "Theme: as the system (click for dark)", theme_dark: "Theme: dark (click for light)",
     theme_light: "Theme: light (click to follow the system)",
     notify_on: "Desktop notifications on (click to turn off)", notify_off: "Desktop notifications off (click to turn on)",
@@ -80,6 +82,8 @@ const LABELS = {
     context_none: "上下文尚未测量",
     diff_head: "改动：+{added} −{removed}（{n} 行）",
     rename: "重命名", rename_prompt: "此会话的新名称",
+    edit: "编辑", regenerate: "重新生成", forked_from: "⑂ 编辑的副本，来自 ",
+    forked_at: "（#{seq} 之前的事件；原会话不变）",
     theme_auto: "主题：跟随系统（点击切换为深色）", theme_dark: "主题：深色（点击切换为浅色）",
     theme_light: "主题：浅色（点击改为跟随系统）",
     notify_on: "桌面通知已开启（点击关闭）", notify_off: "桌面通知已关闭（点击开启）",
@@ -125,6 +129,7 @@ class Transcript {
 
   reset() {
     this.container.replaceChildren();
+    this.lastUser = null;
     showContext(null);
     this.blocks = new Map();      // message_id -> assistant block
     this.cards = new Map();       // call_id -> tool card
@@ -163,6 +168,9 @@ class Transcript {
           this.step = 0;
           const el = this.add(div("user"));
           el.textContent = ev.content;
+          el.dataset.seq = ev.seq;
+          this.lastUser = ev;
+          this.add(actionsRow(actionButton("edit", "✎", () => editMessage(ev))));
         } else {
           const block = this.block(ev.message_id);
           block.text = ev.content;
@@ -275,6 +283,8 @@ class Transcript {
           : inp || out ? "done_partly" : "done_unreported";
         el.textContent = t(line, { status: ev.status, steps: ev.steps, inp, out })
           + (ev.summary && ev.status !== "done" && !said ? ` — ${ev.summary}` : "");
+        const asked = this.lastUser;
+        if (asked) this.add(actionsRow(actionButton("regenerate", "↻", () => regenerate(asked))));
         this.flush();          // the run is over: show its final state now
         break;
       }
@@ -293,6 +303,16 @@ class Transcript {
         break;
       }
       case "context": showContext(ev); break;
+      case "forked": {
+        // Where this session came from: its events above are a copy.
+        const el = this.add(div("forked"));
+        const link = document.createElement("a");
+        link.href = `?session=${encodeURIComponent(ev.from_session)}`;
+        link.textContent = ev.from_title || ev.from_session;
+        link.addEventListener("click", (e) => { e.preventDefault(); openSession(ev.from_session); });
+        el.append(t("forked_from"), link, t("forked_at", { seq: ev.before_seq }));
+        break;
+      }
       default: break;   // an event type this page does not know yet: skip it
     }
   }
@@ -874,6 +894,47 @@ function slash(line) {
       inp: sum((e) => e.usage?.input_tokens), out: sum((e) => e.usage?.output_tokens),
       context: $("context").textContent }));
   } else notice(t("help"));
+}
+
+// ------------------------------------------------ edit and regenerate ---
+// Both fork the session (POST agent/sessions/{id}/fork): the new session
+// holds the events before the message, the original stays as it was.
+// "Edit" then puts the message in the composer; "regenerate" sends it again.
+function actionsRow(...buttons) {
+  const row = div("msg-actions");
+  row.append(...buttons);
+  return row;
+}
+
+function actionButton(kind, symbol, act) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = `action ${kind}`;
+  b.textContent = `${symbol} ${t(kind)}`;
+  b.addEventListener("click", act);
+  return b;
+}
+
+async function forkBefore(ev) {
+  if (!state.sessionId || state.status !== "idle") { notice(t("busy"), "error"); return null; }
+  try {
+    const forked = await call("POST", `agent/sessions/${encodeURIComponent(state.sessionId)}/fork`,
+      { before_seq: ev.seq });
+    await openSession(forked.session_id);
+    refreshSessions();
+    return forked;
+  } catch (err) { notice(err.message, "error"); return null; }
+}
+
+async function editMessage(ev) {
+  if (await forkBefore(ev)) {
+    $("input").value = ev.content;
+    $("input").focus();
+  }
+}
+
+async function regenerate(ev) {
+  if (await forkBefore(ev)) await send(ev.content);
 }
 
 // ------------------------------------------------- theme and being told ---
