@@ -1717,6 +1717,41 @@ class Toolbox:
         os.set_blocking(fd, True)
         return fd
 
+    def list_folder(self, path: str) -> list[dict]:
+        """A workspace folder's entries (name, type, size, modified), opened
+        as the file tools open files: no symlink is followed out of it."""
+        root, target = self.resolve(path or ".", write=True)
+        fd = self._folder_fd(root, target.relative_to(root).parts, path, False)
+        try:
+            out = []
+            with os.scandir(fd) as entries:
+                for e in entries:
+                    info = e.stat(follow_symlinks=False)
+                    kind = ("symlink" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False)
+                            else "file" if e.is_file(follow_symlinks=False) else "other")
+                    out.append({"name": e.name, "type": kind,
+                                "size": info.st_size if kind == "file" else None,
+                                "modified": info.st_mtime})
+            return sorted(out, key=lambda e: (e["type"] != "dir", e["name"].lower()))
+        finally:
+            os.close(fd)
+
+    def open_new_file(self, path: str) -> tuple[int, int, str, str]:
+        """For an upload: (folder fd, temp file fd, temp name, final name), the
+        temp file made beside the target, so a rename finishes the upload."""
+        root, target = self.resolve(path, write=True)
+        if target == root:
+            raise ToolError(f"{path!r} is the workspace folder itself, not a file")
+        folder = self._folder_fd(root, target.parent.relative_to(root).parts, path, True)
+        temp = f".{target.name}.{uuid.uuid4().hex[:8]}.upload"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=folder)
+        except BaseException:
+            os.close(folder)
+            raise
+        return folder, fd, temp, target.name
+
     def _folder_fd(self, root: Path, parts: tuple[str, ...], path: str, create: bool) -> int:
         fd = os.open(root, self._DIR_FLAGS)
         try:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
@@ -125,6 +126,9 @@ DEFAULT_WORKSPACE = "workspace"
 
 MAX_BODY_BYTES = 1 << 20            # any HTTP body; more is 413
 BODY_TIMEOUT = 30.0                 # seconds for a whole body to arrive; slower is 408
+MAX_UPLOAD_BYTES = 25 << 20         # PUT /agent/files/raw
+UPLOAD_TIMEOUT = 300                # seconds for a whole upload to arrive
+DOWNLOAD_PIECE = 256 << 10          # bytes read and sent at a time
 MAX_TITLE_CHARS = 200               # a session's title, and a search's text
 MAX_CONNECTIONS = 1_000             # python agent_web.py: uvicorn answers 503 past this
                                     # (AGENT_WEB_MAX_CONNECTIONS)
@@ -1155,6 +1159,9 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list = field(default_factory=list)
+    # A body sent piece by piece instead (a download), `length` bytes in all.
+    stream: Any = None
+    length: int = 0
 
 
 def json_response(status: int, obj: Any, headers: list | None = None) -> Response:
@@ -1168,12 +1175,19 @@ def error_response(err: HTTPError) -> Response:
 
 
 async def send_response(send, resp: Response) -> None:
+    length = resp.length if resp.stream is not None else len(resp.body)
     headers = [(b"content-type", resp.content_type.encode()),
-               (b"content-length", str(len(resp.body)).encode()), *SECURITY_HEADERS,
+               (b"content-length", str(length).encode()), *SECURITY_HEADERS,
                *[(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v)
                  for k, v in resp.headers]]
     await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-    await send({"type": "http.response.body", "body": resp.body})
+    if resp.stream is None:
+        await send({"type": "http.response.body", "body": resp.body})
+        return
+    async with contextlib.aclosing(resp.stream) as pieces:
+        async for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 class Request:
@@ -1760,6 +1774,105 @@ class AgentWebApp:
         forked = await self.store.read(Store.get_session, sid)
         return json_response(201, forked)
 
+    # -- workspace files: list, download, upload ---------------------------------
+    # The page's file panel.  Paths are the file tools' paths (relative to the
+    # workspace), and they are opened the way the file tools open them
+    # (Toolbox.resolve, folder descriptors walked down with O_NOFOLLOW), so
+    # nothing outside the workspace is listed, read or written, a symlink
+    # out included.  A download is read and sent a piece at a time; an
+    # upload (at most MAX_UPLOAD_BYTES) is written a piece at a time to a
+    # temporary file beside its target, which a rename puts in place once it
+    # is whole: never held in memory, never seen half written.  The disk
+    # work runs on threads.
+    def _file_error(self, exc: Exception, path: str) -> HTTPError:
+        if isinstance(exc, core.ToolError):
+            text = str(exc)
+            return HTTPError(403 if "outside the workspace" in text or "symbolic link" in text
+                             else 400, "bad_path", text)
+        if isinstance(exc, FileNotFoundError):
+            return HTTPError(404, "not_found", f"no such file or folder: {path}")
+        if isinstance(exc, (NotADirectoryError, IsADirectoryError)):
+            return HTTPError(400, "bad_path", f"{path}: {exc.strerror}")
+        if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+            return HTTPError(403, "bad_path", f"{path} is a symbolic link; refused")
+        raise exc
+
+    async def list_files(self, req: Request) -> Response:
+        path = req.query("path", "") or ""
+        try:
+            entries = await asyncio.to_thread(self.toolbox.list_folder, path)
+        except (core.ToolError, OSError) as exc:
+            raise self._file_error(exc, path) from None
+        return json_response(200, {"path": path, "entries": entries})
+
+    async def download_file(self, req: Request) -> Response:
+        path = req.query("path") or ""
+        try:
+            fd = await asyncio.to_thread(self.toolbox.open_file, path)
+        except (core.ToolError, OSError) as exc:
+            raise self._file_error(exc, path) from None
+        size = os.fstat(fd).st_size
+
+        async def pieces():
+            try:
+                left = size
+                while left > 0:
+                    piece = await asyncio.to_thread(os.read, fd, min(DOWNLOAD_PIECE, left))
+                    if not piece:
+                        break
+                    left -= len(piece)
+                    yield piece
+            finally:
+                os.close(fd)
+        name = urllib.parse.quote(Path(path).name)
+        return Response(200, b"", "application/octet-stream",
+                        [("content-disposition", f"attachment; filename*=UTF-8''{name}")],
+                        stream=pieces(), length=size)
+
+    async def upload_file(self, req: Request) -> Response:
+        path = req.query("path") or ""
+        length = req.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+            raise HTTPError(413, "too_large", f"an upload may be {MAX_UPLOAD_BYTES >> 20} MiB")
+        try:
+            folder, fd, temp, name = await asyncio.to_thread(self.toolbox.open_new_file, path)
+        except (core.ToolError, OSError) as exc:
+            raise self._file_error(exc, path) from None
+        size, done = 0, False
+        try:
+            deadline = time.monotonic() + UPLOAD_TIMEOUT
+            while True:
+                try:
+                    message = await asyncio.wait_for(req.receive(),
+                                                     max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise HTTPError(408, "body_timeout", "the upload did not arrive within "
+                                    f"{UPLOAD_TIMEOUT} s") from None
+                if message["type"] == "http.disconnect":
+                    raise HTTPError(400, "disconnected", "the client went away mid-upload")
+                piece = message.get("body", b"")
+                size += len(piece)
+                if size > MAX_UPLOAD_BYTES:
+                    raise HTTPError(413, "too_large",
+                                    f"an upload may be {MAX_UPLOAD_BYTES >> 20} MiB")
+                if piece:
+                    await asyncio.to_thread(os.write, fd, piece)
+                if not message.get("more_body", False):
+                    break
+            os.close(fd)
+            fd = -1
+            await asyncio.to_thread(os.replace, temp, name, src_dir_fd=folder,
+                                    dst_dir_fd=folder)
+            done = True
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not done:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=folder)
+            os.close(folder)
+        return json_response(201, {"path": path, "size": size})
+
     async def export_session(self, req: Request) -> Response:
         """A download of the session: `?format=md` (a readable transcript) or
         `json` (its stored events, the streamed fragments left out)."""
@@ -2027,6 +2140,9 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("DELETE", "/agent/sessions/{id}", AgentWebApp.delete_session, True),
     ("GET", "/agent/sessions/{id}/export", AgentWebApp.export_session, True),
     ("POST", "/agent/sessions/{id}/fork", AgentWebApp.fork_session, True),
+    ("GET", "/agent/files", AgentWebApp.list_files, True),
+    ("GET", "/agent/files/raw", AgentWebApp.download_file, True),
+    ("PUT", "/agent/files/raw", AgentWebApp.upload_file, True),
     ("GET", "/agent/sessions/{id}/background", AgentWebApp.get_background, True),
 ]
 

@@ -4489,6 +4489,86 @@ def test_page_edit_and_regenerate_fork_the_session(server, page_for):
     page.wait_for_function(f"location.search === {json.dumps(edited)}")
 
 
+def test_workspace_files_are_listed_downloaded_and_uploaded_inside_it_only(server, tmp_path):
+    ws = server.workspace
+    (ws / "src").mkdir(parents=True)
+    (ws / "src" / "app.py").write_text("print('hi')\n")
+    (ws / "big.bin").write_bytes(os.urandom(3 << 20))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("TOP-SECRET-CONTENT")
+    (ws / "link-out").symlink_to(outside)
+    (ws / "file-link").symlink_to(outside / "secret.txt")
+    r = server.http("GET", "/agent/files")
+    assert r.status_code == 200
+    entries = {e["name"]: e for e in r.json()["entries"]}
+    assert entries["src"]["type"] == "dir" and entries["big.bin"]["size"] == 3 << 20
+    assert entries["link-out"]["type"] == "symlink"
+    assert [e["name"] for e in server.http("GET", "/agent/files?path=src").json()["entries"]] \
+        == ["app.py"]
+    got = server.http("GET", "/agent/files/raw?path=big.bin")
+    assert got.status_code == 200 and got.content == (ws / "big.bin").read_bytes()
+    assert got.headers["content-disposition"] == "attachment; filename*=UTF-8''big.bin"
+    for bad in ("../outside/secret.txt", "link-out/secret.txt", "file-link", str(outside)):
+        r = server.http("GET", "/agent/files/raw?path=" + urllib.parse.quote(bad))
+        assert r.status_code in (403, 404) and b"TOP-SECRET" not in r.content, bad
+    assert server.http("GET", "/agent/files?path=link-out").status_code == 403
+    assert server.http("GET", "/agent/files?path=nope").status_code == 404
+    assert server.http("GET", "/agent/files/raw?path=src").status_code == 400
+    data = os.urandom(5 << 20)
+    r = server.http("PUT", "/agent/files/raw?path=up/loaded.bin", raw=data,
+                    headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201 and r.json()["size"] == len(data)
+    assert (ws / "up" / "loaded.bin").read_bytes() == data
+    assert server.http("PUT", "/agent/files/raw?path=link-out/x", raw=b"x").status_code == 403
+    assert not (outside / "x").exists()
+    too_big = server.http("PUT", "/agent/files/raw?path=huge.bin", raw=b"0" * ((25 << 20) + 1))
+    assert too_big.status_code == 413 and not (ws / "huge.bin").exists()
+    assert not [p for p in ws.rglob("*.upload")]               # no half-written leftovers
+    assert server.http("GET", "/agent/files", token=False).status_code == 401
+    assert server.http("PUT", "/agent/files/raw?path=a", raw=b"x",
+                       headers={"origin": "https://evil.example"}).status_code == 403
+
+
+def test_page_file_panel_browses_downloads_uploads_and_takes_drops(server, page_for, llm,
+                                                                    tmp_path):
+    ws = server.workspace
+    (ws / "docs").mkdir(parents=True, exist_ok=True)
+    (ws / "docs" / "readme.md").write_text("# hello\n")
+    llm.script += [Reply("Writing.", tools=[("write_file", json.dumps(
+        {"path": "docs/out.txt", "content": "made by the agent"}))]), Reply("Done.")]
+    page = page_for(server)
+    page.click("#files-panel summary")
+    page.wait_for_selector("#files li button:text('📁 docs')")
+    page.click("#files li button:text('📁 docs')")
+    page.wait_for_selector("#files li a:text('readme.md')")
+    assert page.locator("#files-path").inner_text() == "/docs"
+    with page.expect_download() as info:
+        page.click("#files li a:text('readme.md')")
+    assert Path(info.value.path()).read_text() == "# hello\n"
+    upload = tmp_path / "notes from me.txt"
+    upload.write_text("uploaded by the button")
+    page.set_input_files("#files-input", str(upload))
+    page.wait_for_selector("#files li a:text('notes from me.txt')")
+    assert (ws / "docs" / "notes from me.txt").read_text() == "uploaded by the button"
+    page.evaluate("""() => {
+        const data = new DataTransfer();
+        data.items.add(new File(["dropped on the composer"], "dropped.txt"));
+        const box = document.getElementById("composer");
+        box.dispatchEvent(new DragEvent("dragover", { dataTransfer: data, bubbles: true }));
+        box.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
+    }""")
+    page.wait_for_selector("#files li a:text('dropped.txt')")
+    assert (ws / "docs" / "dropped.txt").read_text() == "dropped on the composer"
+    send_in_page(page, "write a file")
+    page.wait_for_selector(".done")
+    link = page.locator(".tool .file-link")
+    assert link.inner_text() == "⬇ docs/out.txt"
+    with page.expect_download() as info:
+        link.click()
+    assert Path(info.value.path()).read_text() == "made by the agent"
+
+
 def test_page_sessions_switch_and_delete(server, page_for):
     page = page_for(server)
     send_in_page(page, "say: alpha")

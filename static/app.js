@@ -42,6 +42,8 @@ const LABELS = {
     context_none: "context not measured yet",
     diff_head: "changes: +{added} −{removed} ({n} lines)",
     rename: "Rename", rename_prompt: "New name for this session",
+    files: "Files", files_up: "↑ up", upload: "⬆ upload", uploaded: "Uploaded {name} ({size} bytes) to {path}",
+    open_file: "⬇ {path}",
     edit: "edit", regenerate: "regenerate", forked_from: "⑂ Edited copy of ",
     forked_at: " (the events before #{seq}; the original is unchanged)",
     theme_auto: "Theme: as the system (click for dark)", theme_dark: "Theme: dark (click for light)",
@@ -82,6 +84,8 @@ const LABELS = {
     context_none: "上下文尚未测量",
     diff_head: "改动：+{added} −{removed}（{n} 行）",
     rename: "重命名", rename_prompt: "此会话的新名称",
+    files: "文件", files_up: "↑ 上级", upload: "⬆ 上传", uploaded: "已上传 {name}（{size} 字节）到 {path}",
+    open_file: "⬇ {path}",
     edit: "编辑", regenerate: "重新生成", forked_from: "⑂ 编辑的副本，来自 ",
     forked_at: "（#{seq} 之前的事件；原会话不变）",
     theme_auto: "主题：跟随系统（点击切换为深色）", theme_dark: "主题：深色（点击切换为浅色）",
@@ -368,6 +372,14 @@ class Transcript {
     label.textContent = t("waiting");
     ask.append(label, ...approvalButtons(ev.call_id, ev.tool));
     el.append(head, args, ask);
+    if (["read_file", "write_file", "edit_file"].includes(ev.tool) && typeof ev.input?.path === "string") {
+      const link = document.createElement("a");      // the file it touched
+      link.className = "file-link";
+      link.href = fileUrl(ev.input.path);
+      link.download = ev.input.path.split("/").pop();
+      link.textContent = t("open_file", { path: ev.input.path });
+      head.append(link);
+    }
     const card = { el, meta, ask, decision };
     this.cards.set(ev.call_id, card);
     return card;
@@ -715,6 +727,60 @@ function subscribe() {
   state.ws.send(JSON.stringify({ type: "subscribe", session_id: state.sessionId, after: state.lastSeq }));
 }
 
+// ------------------------------------------------------------- files ---
+// The workspace, browsed (GET agent/files), downloaded (agent/files/raw) and
+// uploaded to (PUT agent/files/raw, by the button or by dropping files on
+// the composer).  Names are text; links are built with URL-encoded paths.
+const files = { path: "" };
+const fileUrl = (path) => api(`agent/files/raw?path=${encodeURIComponent(path)}`).href;
+
+async function showFiles(path = files.path) {
+  let data;
+  try { data = await call("GET", `agent/files?path=${encodeURIComponent(path)}`); }
+  catch (err) { notice(err.message, "error"); return; }
+  files.path = path;
+  $("files-path").textContent = `/${path}`;
+  $("files-up").hidden = !path;
+  $("files").replaceChildren(...data.entries.map((e) => {
+    const li = document.createElement("li");
+    const full = path ? `${path}/${e.name}` : e.name;
+    if (e.type === "dir") {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = `📁 ${e.name}`;
+      b.addEventListener("click", () => showFiles(full));
+      li.append(b);
+    } else if (e.type === "file") {
+      const a = document.createElement("a");
+      a.href = fileUrl(full);
+      a.download = e.name;
+      a.textContent = e.name;
+      const size = document.createElement("span");
+      size.className = "size";
+      size.textContent = fmt(e.size);
+      li.append(a, size);
+    } else {
+      li.textContent = `${e.name} (${e.type})`;
+    }
+    return li;
+  }));
+}
+
+async function upload(list) {
+  for (const file of list) {
+    const path = files.path ? `${files.path}/${file.name}` : file.name;
+    const r = await fetch(fileUrl(path), { method: "PUT", body: file,
+      headers: { "content-type": "application/octet-stream" }, credentials: "same-origin" });
+    if (r.ok) notice(t("uploaded", { name: file.name, size: fmt(file.size), path: `/${files.path}` }));
+    else {
+      let message = r.statusText;
+      try { message = (await r.json()).error.message; } catch { /* not JSON */ }
+      notice(`${t("error_prefix")}: ${message}`, "error");
+    }
+  }
+  showFiles();
+}
+
 // --------------------------------------------------- tools and background ---
 // What the model may use (GET agent/tools): by source, with each MCP
 // server's state; and the open session's background commands, with their
@@ -1050,6 +1116,22 @@ function wire() {
   });
   $("new-session").addEventListener("click", () => { openSession(null); closeDrawer(); input.focus(); });
   $("load-earlier").addEventListener("click", loadEarlier);
+  $("files-panel").addEventListener("toggle", () => { if ($("files-panel").open) showFiles(); });
+  $("files-up").addEventListener("click", () => showFiles(files.path.split("/").slice(0, -1).join("/")));
+  $("files-input").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
+  const composer = $("composer");
+  composer.addEventListener("dragover", (e) => {
+    if (![...e.dataTransfer.types].includes("Files")) return;
+    e.preventDefault();
+    composer.classList.add("dropping");
+  });
+  composer.addEventListener("dragleave", () => composer.classList.remove("dropping"));
+  composer.addEventListener("drop", (e) => {
+    if (!e.dataTransfer.files.length) return;
+    e.preventDefault();
+    composer.classList.remove("dropping");
+    upload([...e.dataTransfer.files]);
+  });
   let searching = 0;
   $("session-search").addEventListener("input", () => {
     clearTimeout(searching);
