@@ -3047,9 +3047,13 @@ class Agent:
                  max_steps: int = DEFAULT_MAX_STEPS, approval_mode: str = "auto",
                  approver: Approver | None = None, decisions: dict[str, str] | None = None,
                  asked: set[str] | None = None, allowed_tools: set[str] | None = None,
-                 measured: dict | None = None, owner: str = ""):
+                 measured: dict | None = None, owner: str = "",
+                 inbox: Callable[[], list[dict]] | None = None):
         self.llm, self.cfg, self.toolbox = llm, cfg, toolbox
         self.owner = owner       # whose background commands these are (a session)
+        # Messages the user sent while this runs (steering): `inbox()` hands
+        # over what came since, as user `message` events, read before each step.
+        self.inbox = inbox
         # The context: the provider's last count {"tokens", "entries"} (see
         # history_from_events), and the limit, lowered if a server says less.
         self.measured = measured or None
@@ -3110,6 +3114,11 @@ class Agent:
                                      "(max_steps); send a message to continue", steps, usage)
                     return
                 steps += 1
+                # What the user sent meanwhile joins the conversation here,
+                # after the tool results, before the model is asked again.
+                for ev in self.inbox() if self.inbox else ():
+                    history.append({"role": "user", "content": ev["content"]})
+                    yield ev
                 # 2. Room first, when this step's request would pass the limit.
                 if self.context_size(history)[0] > self.limit:
                     async for ev in self._make_room(history, usage):

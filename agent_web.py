@@ -938,7 +938,34 @@ class Run:
     approvals: dict[str, asyncio.Future] = field(default_factory=dict)
     # set while its end waits for a store that refused its events
     failed_store: "StoreUnavailable | None" = None
+    # queued messages the agent has not read yet (see "Queued messages")
+    inbox: list[dict] = field(default_factory=list)
 
+
+def user_message(text: str, queued_id: str | None = None) -> dict:
+    ev = {"type": "message", "role": "user", "content": text, "message_id": core.new_id("msg")}
+    if queued_id:
+        ev["queued_id"] = queued_id
+    return ev
+
+
+def pending_queue(events: list[dict]) -> list[dict]:
+    """The `queued` events no `message` (queued_id) delivered and no
+    `unqueued` took back, oldest first."""
+    gone = {e.get("queued_id") for e in events if e["type"] == "message"} | {
+        e["message_id"] for e in events if e["type"] == "unqueued"}
+    return [e for e in events if e["type"] == "queued" and e["message_id"] not in gone]
+
+
+# Queued messages (steering).  A message sent with `queue: true` while a run
+# goes is stored at once as a `queued` event (every tab shows it, and it
+# survives a reload and a restart) and put in the run's inbox.  The agent
+# takes its inbox at its next step, after the tool results (Agent.inbox):
+# each message is then stored as a user `message` with `queued_id`, where it
+# entered the conversation.  A run that ends first (done, error, max_steps)
+# starts the next run with what is still queued; after a Stop or a restart
+# it stays queued until the next message, which delivers it first, or until
+# the user drops it (an `unqueued` event).
 
 class RunManager:
     def __init__(self, events: EventLog, store: Store, llm, cfg: core.LLMConfig,
@@ -978,16 +1005,65 @@ class RunManager:
 
         measured: dict = {}
         history = core.history_from_events(prior, measured)
+        run.inbox = pending_queue(prior)
         run.agent = core.Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
                                approval_mode=approve_mode, approver=approver, asked=asked,
                                allowed_tools=allowed_tools_from(prior), measured=measured,
-                               owner=run.session_id)
+                               owner=run.session_id, inbox=lambda: self._take_inbox(run))
         for call_id in asked:       # answers may come before the agent gets there
             run.approvals[call_id] = asyncio.get_running_loop().create_future()
         run.task = asyncio.create_task(self._drive(run, history), name=f"run-{run.session_id}")
 
+    async def enqueue(self, sid: str, text: str) -> dict:
+        stored = await self.events.emit(sid, {"type": "queued", "content": text,
+                                              "message_id": core.new_id("q")})
+        run = self.runs.get(sid)
+        if run is not None:
+            run.inbox.append(stored)
+        else:                        # it ended meanwhile: the message starts the next
+            await self._start_queued(sid)
+        return stored
+
+    async def drop_queued(self, sid: str, message_id: str) -> bool:
+        run = self.runs.get(sid)
+        if run is not None:
+            if not any(q["message_id"] == message_id for q in run.inbox):
+                return False
+            run.inbox = [q for q in run.inbox if q["message_id"] != message_id]
+        else:
+            prior = await self.store.read(Store.conversation, sid)
+            if not any(q["message_id"] == message_id for q in pending_queue(prior)):
+                return False
+        await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
+        return True
+
+    @staticmethod
+    def _take_inbox(run: Run) -> list[dict]:
+        taken, run.inbox = run.inbox, []
+        return [user_message(q["content"], q["message_id"]) for q in taken]
+
+    async def _start_queued(self, sid: str) -> None:
+        """A run ended with messages still queued: they start the next one."""
+        prior = await self.store.read(Store.conversation, sid)
+        queued = pending_queue(prior)
+        if not queued or sid in self.runs:
+            return
+        session = await self.store.read(Store.get_session, sid)
+        if session is None:
+            return
+        run = self.reserve(sid)
+        try:
+            for q in queued:
+                await self.events.emit(sid, user_message(q["content"], q["message_id"]))
+            prior = await self.store.read(Store.conversation, sid)
+        except BaseException:
+            self.release(run)
+            raise
+        self.start(run, session["approve_mode"], prior)
+
     async def _drive(self, run: Run, history: list[dict]) -> None:
         sid = run.session_id
+        ended = None
         try:
             # aclosing: a run that stops here (the store failed) closes its
             # agent at once, killing a command it was running.
@@ -1003,6 +1079,7 @@ class RunManager:
                     if kind == "done":
                         # Free the slot first: a client that sees `done` may POST at once.
                         self.release(run)
+                        ended = ev["status"]
                     if kind == "compaction":
                         ev["through_seq"] = await self._through_seq(sid, ev.pop("keep_from"))
                     await self.events.emit(sid, ev)
@@ -1026,6 +1103,12 @@ class RunManager:
                 await self._end_when_storable(run, exc)
         finally:
             self.release(run)
+        if ended in ("done", "error", "max_steps") and run.inbox:
+            # Queued after the agent's last look: they start the next run.
+            try:
+                await self._start_queued(sid)
+            except (HTTPError, StoreUnavailable):
+                log.warning("the queued messages of %s wait for the next message", sid)
 
     async def _through_seq(self, sid: str, keep_from: dict) -> int:
         """The last seq a compaction's summary stands for: the one before the
@@ -1669,11 +1752,22 @@ class AgentWebApp:
             if mode is not None and mode != session["approve_mode"]:
                 await self.store.write(Store.set_approve_mode, session_id, mode)
             mode = mode or session["approve_mode"]
+        queue = data.get("queue", False)
+        if not isinstance(queue, bool):
+            raise HTTPError(400, "bad_field", "queue must be true or false")
+        if queue and session_id in self.runs.runs:
+            # Steering: stored at once, the running agent reads it at its next
+            # step (see "Queued messages" above RunManager).
+            stored = await self.runs.enqueue(session_id, text)
+            return json_response(202, {"session_id": session_id, "seq": stored["seq"],
+                                       "queued": True, "message_id": stored["message_id"]})
         run = self.runs.reserve(session_id)
         try:
-            stored = await self.events.emit(session_id, {"type": "message", "role": "user",
-                                                         "content": text,
-                                                         "message_id": core.new_id("msg")})
+            # Messages queued before (left by a Stop or a restart) come first.
+            prior = await self.store.read(Store.conversation, session_id)
+            for q in pending_queue(prior):
+                await self.events.emit(session_id, user_message(q["content"], q["message_id"]))
+            stored = await self.events.emit(session_id, user_message(text))
             if "seq" not in stored:
                 raise HTTPError(404, "unknown_session", "the session was deleted")
             prior = await self.store.read(Store.conversation, session_id)
@@ -1682,6 +1776,15 @@ class AgentWebApp:
             raise
         self.runs.start(run, mode, prior)
         return json_response(202, {"session_id": session_id, "seq": stored["seq"]})
+
+    async def drop_queued(self, req: Request) -> Response:
+        """Take back a queued message the agent has not read yet."""
+        session = await self.session_or_404(req.params["id"])
+        sid, mid = session["session_id"], req.params["message_id"]
+        if not await self.runs.drop_queued(sid, mid):
+            raise HTTPError(409, "not_queued", "that message is not waiting in the queue "
+                            "(the agent has read it, or it was dropped)")
+        return Response(204, b"", "text/plain")
 
     async def get_chat(self, req: Request) -> Response:
         session_id = check_session_id(req.query("session_id"))
@@ -2140,6 +2243,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
     ("DELETE", "/agent/sessions/{id}", AgentWebApp.delete_session, True),
     ("GET", "/agent/sessions/{id}/export", AgentWebApp.export_session, True),
     ("POST", "/agent/sessions/{id}/fork", AgentWebApp.fork_session, True),
+    ("DELETE", "/agent/sessions/{id}/queue/{message_id}", AgentWebApp.drop_queued, True),
     ("GET", "/agent/files", AgentWebApp.list_files, True),
     ("GET", "/agent/files/raw", AgentWebApp.download_file, True),
     ("PUT", "/agent/files/raw", AgentWebApp.upload_file, True),

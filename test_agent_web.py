@@ -4569,6 +4569,94 @@ def test_page_file_panel_browses_downloads_uploads_and_takes_drops(server, page_
     assert Path(info.value.path()).read_text() == "made by the agent"
 
 
+def test_a_message_queued_during_a_run_reaches_the_model_at_its_next_step(server, llm):
+    sid = server.chat("run: sleep 1; echo slept")["session_id"]
+    server.wait_event(sid, "tool_call")
+    assert server.http("POST", "/agent/chat", {"message": "say: too", "session_id": sid}
+                       ).status_code == 409                      # without queue: as before
+    r = server.http("POST", "/agent/chat", {"message": "say: also this", "session_id": sid,
+                                            "queue": True})
+    assert r.status_code == 202 and r.json()["queued"]
+    queued = server.wait_event(sid, "queued")                     # stored at once
+    assert queued["content"] == "say: also this"
+    h = server.wait_status(sid)
+    events = h["events"]
+    delivered = [e for e in events if e["type"] == "message" and e.get("queued_id")]
+    assert [e["queued_id"] for e in delivered] == [queued["message_id"]]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("tool_result") < events.index(delivered[0])   # after the results
+    assert len(of(events, "done")) == 1                           # the same run took it
+    assert of(events, "message")[-1]["content"] == "also this"
+    assert anthropic_problems(llm.requests[-1]) == []
+
+
+def test_queued_messages_start_the_next_run_or_wait_after_stop_and_restart(server, llm):
+    sid = server.chat("slow")["session_id"]
+    server.wait_event(sid, "delta")
+    server.chat("say: next one", sid, queue=True)                # the run ends first
+    deadline = time.time() + 20
+    while len(of(server.history(sid)["events"], "done")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    events = server.history(sid)["events"]
+    assert [e["status"] for e in of(events, "done")] == ["done", "done"]
+    assert of(events, "message")[-1]["content"] == "next one"
+    # Stop with a message queued: it stays queued, across a restart too.
+    server.chat("slow", sid)
+    server.wait_event(sid, "delta", count=len(of(events, "delta")) + 1)
+    kept = server.http("POST", "/agent/chat", {"message": "say: kept", "session_id": sid,
+                                               "queue": True}).json()
+    dropped = server.http("POST", "/agent/chat", {"message": "say: dropped",
+                                                  "session_id": sid, "queue": True}).json()
+    assert server.http("DELETE", f"/agent/sessions/{sid}/queue/{dropped['message_id']}"
+                       ).status_code == 204
+    assert server.http("DELETE", f"/agent/sessions/{sid}/queue/{dropped['message_id']}"
+                       ).status_code == 409
+    server.http("POST", "/agent/cancel", {"session_id": sid})
+    server.wait_status(sid)
+    server.stop()
+    server.start()
+    events = server.history(sid)["events"]
+    assert of(events, "done")[-1]["status"] == "cancelled"
+    assert not [e for e in events if e.get("queued_id") == kept["message_id"]]
+    server.chat("say: and now", sid)                              # delivers "kept" first
+    h = server.wait_status(sid)
+    users = [e["content"] for e in of(h["events"], "message") if e["role"] == "user"]
+    assert users[-2:] == ["say: kept", "say: and now"] and "say: dropped" not in users
+
+
+def test_page_queues_a_message_sent_during_a_run_and_stop_can_drop_it(server, page_for, llm):
+    llm.script += [Reply("Sleeping.", tools=[("bash", json.dumps({"command": "sleep 1.5"}))])]
+    page = page_for(server)
+    send_in_page(page, "nap")
+    page.wait_for_selector(".tool.running")
+    send_in_page(page, "say: steer")                    # Enter during the run: queued
+    page.wait_for_selector(".user.queued")
+    assert "queued" in page.locator(".user.queued").inner_text()
+    page.wait_for_selector(".done")
+    page.wait_for_selector(".user.queued", state="detached")
+    users = page.locator(".user:not(.queued)").all_inner_texts()
+    assert users == ["nap", "say: steer"]
+    assert page.locator(".assistant").last.inner_text().strip() == "steer"
+    # Stop keeps what is queued (the dialog's answer), ✕ drops one.
+    send_in_page(page, "slow")
+    page.wait_for_selector(".assistant.streaming")
+    send_in_page(page, "say: later")
+    send_in_page(page, "say: never")
+    page.wait_for_function("document.querySelectorAll('.user.queued').length === 2")
+    page.locator(".user.queued", has_text="say: never").locator("button.drop").click()
+    page.wait_for_function("document.querySelectorAll('.user.queued').length === 1")
+    page.click("#send")                                 # Stop; "keep them?" -> yes
+    page.wait_for_selector(".done.status-cancelled")
+    assert page.locator(".user.queued").inner_text().startswith("say: later")
+    page.reload()                                       # still queued after a reload
+    page.wait_for_selector(".user.queued")
+    send_in_page(page, "say: now")
+    page.wait_for_selector(".done >> nth=2")
+    page.wait_for_selector(".user.queued", state="detached")
+    users = page.locator(".user:not(.queued)").all_inner_texts()
+    assert users[-2:] == ["say: later", "say: now"] and "say: never" not in users
+
+
 def test_page_sessions_switch_and_delete(server, page_for):
     page = page_for(server)
     send_in_page(page, "say: alpha")

@@ -44,7 +44,8 @@ const LABELS = {
     rename: "Rename", rename_prompt: "New name for this session",
     files: "Files", files_up: "↑ up", upload: "⬆ upload", uploaded: "Uploaded {name} ({size} bytes) to {path}",
     open_file: "⬇ {path}",
-    edit: "edit", regenerate: "regenerate", forked_from: "⑂ Edited copy of ",
+    edit: "edit", regenerate: "regenerate", drop: "drop", queued_tag: "queued: read at the agent's next step",
+    keep_queued: "Keep the {n} queued message(s) for the next run? (Cancel drops them.)", forked_from: "⑂ Edited copy of ",
     forked_at: " (the events before #{seq}; the original is unchanged)",
     theme_auto: "Theme: as the system (click for dark)", theme_dark: "Theme: dark (click for light)",
     theme_light: "Theme: light (click to follow the system)",
@@ -86,7 +87,8 @@ const LABELS = {
     rename: "重命名", rename_prompt: "此会话的新名称",
     files: "文件", files_up: "↑ 上级", upload: "⬆ 上传", uploaded: "已上传 {name}（{size} 字节）到 {path}",
     open_file: "⬇ {path}",
-    edit: "编辑", regenerate: "重新生成", forked_from: "⑂ 编辑的副本，来自 ",
+    edit: "编辑", regenerate: "重新生成", drop: "撤回", queued_tag: "排队中：智能体下一步读取",
+    keep_queued: "保留 {n} 条排队消息到下一次运行吗？（取消则撤回。）", forked_from: "⑂ 编辑的副本，来自 ",
     forked_at: "（#{seq} 之前的事件；原会话不变）",
     theme_auto: "主题：跟随系统（点击切换为深色）", theme_dark: "主题：深色（点击切换为浅色）",
     theme_light: "主题：浅色（点击改为跟随系统）",
@@ -163,11 +165,43 @@ class Transcript {
     this.container = target;     // blocks and cards still point at the moved nodes
   }
 
-  add(node) { this.container.append(node); return node; }
+  add(node) {
+    // Queued messages stay last, below what the run is doing, until read.
+    const firstQueued = this.container.querySelector(":scope > .queued");
+    if (firstQueued && !node.classList?.contains("queued")) this.container.insertBefore(node, firstQueued);
+    else this.container.append(node);
+    return node;
+  }
+
+  lastItem() {
+    const items = this.container.querySelectorAll(":scope > :not(.queued)");
+    return items[items.length - 1] || null;
+  }
+
+  queued() { return [...this.container.querySelectorAll(":scope > .queued")].map((el) => el.dataset.queued); }
+
+  unqueue(id) { this.container.querySelector(`:scope > .queued[data-queued="${CSS.escape(id)}"]`)?.remove(); }
 
   apply(ev) {
     switch (ev.type) {
+      case "queued": {
+        const el = this.add(div("user queued"));
+        el.dataset.queued = ev.message_id;
+        const text = document.createElement("span");
+        text.textContent = ev.content;
+        const tag = document.createElement("span");
+        tag.className = "queued-tag";
+        tag.textContent = t("queued_tag");
+        const drop = actionButton("drop", "✕", async () => {
+          try { await call("DELETE", `agent/sessions/${encodeURIComponent(state.sessionId)}/queue/${encodeURIComponent(ev.message_id)}`); }
+          catch (err) { notice(err.message, "error"); }
+        });
+        el.append(text, tag, drop);
+        break;
+      }
+      case "unqueued": this.unqueue(ev.message_id); break;
       case "message":
+        if (ev.role === "user" && ev.queued_id) this.unqueue(ev.queued_id);
         if (ev.role === "user") {
           this.step = 0;
           const el = this.add(div("user"));
@@ -264,7 +298,7 @@ class Transcript {
       }
       case "error": {
         // Retries one after another share one line, showing the latest.
-        const last = this.container.lastElementChild;
+        const last = this.lastItem();
         const el = ev.retrying && last?.classList.contains("retry") ? last
           : this.add(div(`notice ${ev.retrying ? "retry" : "error"}`));
         el.textContent = (ev.retrying ? "↻ " : `${t("error_prefix")}: `) + ev.message;
@@ -277,7 +311,7 @@ class Transcript {
           if (!block.final) { block.final = true; block.incomplete = true; this.markDirty(block); }
         }
         // The summary of a failed run is the error just shown: not twice.
-        const last = this.container.lastElementChild;
+        const last = this.lastItem();
         const said = last?.classList.contains("error") && last.textContent.endsWith(ev.summary);
         const el = this.add(div(`done status-${ev.status}`));
         // usage.reported false: the server sent no counts (llama.cpp in a
@@ -908,6 +942,8 @@ function updateApprovalBar() {
 async function send(text) {
   const body = { message: text };
   if (state.sessionId) body.session_id = state.sessionId;
+  // While a run goes, a message is queued: the agent reads it at its next step.
+  if (state.sessionId && state.status !== "idle") body.queue = true;
   else body.approve_mode = $("approve-mode").value;
   let data;
   try {
@@ -916,6 +952,7 @@ async function send(text) {
     notice(err.status === 409 ? t("busy") : `${t("error_prefix")}: ${err.message}`, "error");
     return false;
   }
+  if (data.queued) return true;
   if (data.session_id !== state.sessionId) {
     await openSession(data.session_id);
   }
@@ -929,6 +966,14 @@ async function send(text) {
 
 async function stop() {
   if (!state.sessionId) return;
+  // Queued messages: kept for the next run, or dropped, as the user says.
+  const waiting = transcript.queued();
+  if (waiting.length && !window.confirm(t("keep_queued", { n: waiting.length }))) {
+    for (const id of waiting) {
+      try { await call("DELETE", `agent/sessions/${encodeURIComponent(state.sessionId)}/queue/${encodeURIComponent(id)}`); }
+      catch { /* read by the agent meanwhile */ }
+    }
+  }
   try { await call("POST", "agent/cancel", { session_id: state.sessionId }); }
   catch (err) { if (err.status !== 409) notice(err.message, "error"); }
 }
@@ -1077,8 +1122,9 @@ function wire() {
   const input = $("input");
   $("composer").addEventListener("submit", async (e) => {
     e.preventDefault();
-    if ($("send").dataset.mode === "stop") { stop(); return; }
     const text = input.value.trim();
+    // The Stop button stops; Enter with a message while a run goes queues it.
+    if ($("send").dataset.mode === "stop" && (e.submitter === $("send") || !text)) { stop(); return; }
     if (!text) return;
     if (text.startsWith("/")) { input.value = ""; slash(text); return; }
     input.value = "";
