@@ -66,7 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 try:
     import fcntl                      # POSIX: the one-server-per-database lock
@@ -1309,28 +1309,33 @@ class Request:
 
     async def body(self) -> bytes:
         length = self.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise HTTPError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
-        chunks, size = [], 0
-        # A body sent a byte a second would hold its connection (and a task)
-        # for ever: the whole body gets BODY_TIMEOUT.
-        deadline = time.monotonic() + self.body_timeout
+        return b"".join([piece async for piece in self.pieces(MAX_BODY_BYTES, self.body_timeout)])
+
+    async def pieces(self, limit: int, timeout: float) -> AsyncIterator[bytes]:
+        """The body as it arrives: at most `limit` bytes (413), all of it
+        within `timeout` s (408): a body sent a byte a second would hold its
+        connection, and a task, for ever."""
+        length = self.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise HTTPError(413, "too_large", f"body over {limit:,} bytes")
+        size, deadline = 0, time.monotonic() + timeout
         while True:
             try:
                 message = await asyncio.wait_for(self.receive(),
                                                  max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise HTTPError(408, "body_timeout", "the request body did not arrive within "
-                                f"{self.body_timeout:g} s") from None
+                                f"{timeout:g} s") from None
             if message["type"] == "http.disconnect":
                 raise HTTPError(400, "disconnected", "the client went away mid-body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise HTTPError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
-            chunks.append(chunk)
+            piece = message.get("body", b"")
+            size += len(piece)
+            if size > limit:
+                raise HTTPError(413, "too_large", f"body over {limit:,} bytes")
+            if piece:
+                yield piece
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return
 
     async def json(self) -> dict:
         ctype = self.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -1491,6 +1496,12 @@ def server_port(scope: dict) -> int:
 # =============================================================================
 
 Handler = Callable[["AgentWebApp", Request], Awaitable[Response]]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:                      # os.write may take only part of it
+        view = view[os.write(fd, view):]
 
 
 def markdown_transcript(session: dict, events: list[dict]) -> str:
@@ -1935,7 +1946,7 @@ class AgentWebApp:
     async def upload_file(self, req: Request) -> Response:
         path = req.query("path") or ""
         length = req.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+        if length.isdigit() and int(length) > MAX_UPLOAD_BYTES:     # before a file is made
             raise HTTPError(413, "too_large", f"an upload may be {MAX_UPLOAD_BYTES >> 20} MiB")
         try:
             folder, fd, temp, name = await asyncio.to_thread(self.toolbox.open_new_file, path)
@@ -1943,25 +1954,9 @@ class AgentWebApp:
             raise self._file_error(exc, path) from None
         size, done = 0, False
         try:
-            deadline = time.monotonic() + UPLOAD_TIMEOUT
-            while True:
-                try:
-                    message = await asyncio.wait_for(req.receive(),
-                                                     max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    raise HTTPError(408, "body_timeout", "the upload did not arrive within "
-                                    f"{UPLOAD_TIMEOUT} s") from None
-                if message["type"] == "http.disconnect":
-                    raise HTTPError(400, "disconnected", "the client went away mid-upload")
-                piece = message.get("body", b"")
+            async for piece in req.pieces(MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT):
+                await asyncio.to_thread(_write_all, fd, piece)
                 size += len(piece)
-                if size > MAX_UPLOAD_BYTES:
-                    raise HTTPError(413, "too_large",
-                                    f"an upload may be {MAX_UPLOAD_BYTES >> 20} MiB")
-                if piece:
-                    await asyncio.to_thread(os.write, fd, piece)
-                if not message.get("more_body", False):
-                    break
             os.close(fd)
             fd = -1
             await asyncio.to_thread(os.replace, temp, name, src_dir_fd=folder,
