@@ -3006,6 +3006,33 @@ def test_the_reference_memory_server_from_npm(tmp_path):
     assert not made[1] and not found[1] and "talks MCP over stdio" in found[0]
 
 
+def test_the_terminal_gets_all_of_it_config_mcp_skills_tools_and_stats(tmp_path, llm,
+                                                                        mcp_script):
+    """`python agent_core.py` on a Mini-Agent user's files: /tools lists the
+    MCP, skill and background tools, /stats the context."""
+    skills = make_skills(tmp_path)
+    conf = write_config(tmp_path / "conf", MINI_AGENT_YAML.replace(
+        "https://api.minimax.io", llm.url).replace("enable_note: true", "enable_note: false"))
+    (tmp_path / "conf" / "mcp.json").write_text(json.dumps({"mcpServers": {
+        "t": {"command": sys.executable, "args": [str(mcp_script)]}}}))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "agent_core.py"), "--config", str(conf), "--skills-dir",
+         str(skills), "-w", str(tmp_path / "ws"), "--approve", "auto"],
+        input="say: hello\n/tools\n/stats\n/exit\n", capture_output=True, text=True,
+        timeout=60, env=free_env())
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "Skills (" in out and "MCP t (stdio): 7 tool(s)" in out
+    assert re.search(r"^echo +mcp:t +asks first$", out, re.M)
+    assert re.search(r"^lookup +mcp:t *$", out, re.M)                 # read-only: no asking
+    assert re.search(r"^get_skill +skills", out, re.M) and re.search(r"^bash_output +built-in",
+                                                                    out, re.M)
+    assert "record_note" not in out                                  # enable_note: false
+    assert re.search(r"context [\d,]+ / 50,000 tokens", out)          # token_limit: 50000
+    assert llm.requests[0]["model"] == "MiniMax-M2.5"
+    assert "- `pdf`: Work with PDF files" in llm.requests[0]["system"]
+
+
 # =============================================================================
 # The store: one transaction per batch, seqs with no gaps, checkpoints aside
 # =============================================================================
