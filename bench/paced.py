@@ -1,0 +1,138 @@
+"""What a token costs at a real model's pace (issue 21).
+
+    python bench/paced.py [--seconds 4] [--rates 20,50,100] [--sessions 1,10,50,200]
+    python bench/paced.py --against ../before        # another checkout, in turn
+
+Each configuration: SESSIONS sessions at once, each streaming for SECONDS at
+RATE tokens a second (the fake LLM of the tests, in a process of its own,
+writes one SSE event per token and stamps the moment it writes it), one
+WebSocket subscriber per session.  Printed per row:
+
+- server CPU per token: the server process's CPU time (all its threads:
+  the loop, the SQLite writer, the executor) over the run, divided by the
+  tokens delivered to the subscribers;
+- added latency p50 / p99: token written by the fake LLM -> its frame at
+  the subscriber (both on this machine, one clock);
+- with --lag, the server's event-loop lag p99 (a 10 ms timer,
+  AGENT_WEB_LAG_PROBE); its 100 wake-ups a second then count in the CPU
+  figure, so CPU and lag are best read from two runs.
+
+The client (this process) reads 200 sessions x 100 tokens/s = 20,000 frames
+a second at the top row; where it cannot keep up, the latency is partly its
+own.  Runs start at random moments within 1 s, as users would.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import httpx  # noqa: E402
+import websockets  # noqa: E402
+from test_agent_web import TOKEN, FakeLLMProcess, ServerProcess  # noqa: E402
+
+SENT = re.compile(r"@(\d+\.\d+)")
+
+
+async def run(server: ServerProcess, sessions: int, rate: float, seconds: float) -> dict:
+    tokens = max(1, int(rate * seconds))
+    h = {"authorization": f"Bearer {TOKEN}"}
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(headers=h, timeout=120, limits=limits) as c:
+        sids = []
+        for _ in range(sessions):
+            r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
+            sids.append(r.json()["session_id"])
+        await asyncio.sleep(0.5 + sessions / 200)
+        socks = []
+        for sid in sids:
+            last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")
+                    ).json()["last_seq"]
+            ws = await websockets.connect(server.ws_url(), max_size=None, max_queue=None)
+            await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": last}))
+            await ws.recv()
+            socks.append(ws)
+        latencies: list[float] = []
+
+        async def watch(ws):
+            while True:
+                ev = json.loads(await ws.recv())
+                if ev.get("type") == "delta":
+                    now = time.time()
+                    latencies.extend((now - float(s)) * 1000 for s in SENT.findall(ev["content"]))
+                elif ev.get("type") == "done":
+                    return
+
+        async def start(sid):
+            await asyncio.sleep(random.uniform(0, 1.0))
+            await c.post(server.base + "/agent/chat",
+                         json={"session_id": sid, "message": f"stream {tokens} {rate}"})
+        before = (await c.get(server.base + "/agent/stats")).json()   # resets the lag probe
+        gc.collect()
+        gc.disable()
+        try:
+            watchers = [asyncio.ensure_future(watch(ws)) for ws in socks]
+            await asyncio.gather(*[start(sid) for sid in sids])
+            await asyncio.gather(*watchers)
+        finally:
+            gc.enable()
+        after = (await c.get(server.base + "/agent/stats")).json()
+    for ws in socks:
+        await ws.close()
+    data = sorted(latencies)
+
+    def pct(q):
+        return data[min(len(data) - 1, int(len(data) * q))] if data else float("nan")
+    cpu = after["process_seconds"] - before["process_seconds"]
+    return {"tokens": len(data), "cpu_ms_per_token": cpu * 1000 / max(1, len(data)),
+            "p50": pct(0.5), "p99": pct(0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rates", default="20,50,100")
+    ap.add_argument("--sessions", default="1,10,50,200")
+    ap.add_argument("--against", type=Path, help="another checkout, run in turn with this one")
+    ap.add_argument("--lag", action="store_true", help="run the server's loop-lag probe (it "
+                    "wakes the loop 100 times a second, which the CPU figure then includes)")
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    counts = [int(n) for n in args.sessions.split(",")]
+    codes = {"this": HERE.parent / "agent_web.py"}
+    if args.against:
+        codes["against"] = args.against.resolve() / "agent_web.py"
+    fake = FakeLLMProcess()
+    servers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for k, (name, script) in enumerate(codes.items()):
+                (Path(tmp) / name).mkdir()
+                servers[name] = ServerProcess(Path(tmp) / name, fake, script=script,
+                                              extra_env={"AGENT_WEB_LAG_PROBE": "1"} if args.lag else {})
+            print(f"{'tok/s':>6} {'sessions':>8} {'tokens':>7} {'CPU ms/token':>13} "
+                  f"{'p50 ms':>7} {'p99 ms':>7} {'lag p99':>8}  code", flush=True)
+            for rate in rates:
+                for n in counts:
+                    for name, server in servers.items():
+                        r = await run(server, n, rate, args.seconds)
+                        print(f"{rate:>6g} {n:>8} {r['tokens']:>7} {r['cpu_ms_per_token']:>13.3f}"
+                              f" {r['p50']:>7.2f} {r['p99']:>7.2f} {r['lag_p99']:>8.2f}  {name}",
+                              flush=True)
+        finally:
+            fake.close()
+            for server in servers.values():
+                server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
