@@ -640,6 +640,21 @@ class Store:
         return [Store._session_row(r) for r in rows]
 
     @staticmethod
+    def background_starts(conn, session_id: str) -> list[dict]:
+        """The session's background commands as its events name them, found
+        by SQLite (json_extract) rather than by decoding every event here: a
+        long session's page asks for this whenever it opens."""
+        rows = conn.execute(
+            "SELECT json_extract(r.data, '$.output'), json_extract(r.data, '$.ts'), "
+            "json_extract(c.data, '$.input.command') FROM events r JOIN events c "
+            "ON c.session_id = r.session_id AND c.type = 'tool_call' "
+            "AND json_extract(c.data, '$.call_id') = json_extract(r.data, '$.call_id') "
+            "WHERE r.session_id = ? AND r.type = 'tool_result' "
+            "AND json_extract(r.data, '$.output') LIKE 'Started in the background: bash_id %' "
+            "ORDER BY r.seq", (session_id,)).fetchall()
+        return [{"output": out, "ts": ts, "command": cmd or ""} for out, ts, cmd in rows]
+
+    @staticmethod
     def set_title(conn, session_id: str, title: str) -> bool:
         return conn.execute("UPDATE sessions SET title = ? WHERE id = ?",
                             (title, session_id)).rowcount == 1
@@ -2010,16 +2025,12 @@ class AgentWebApp:
         sid = session["session_id"]
         jobs = self.toolbox.jobs.of(sid)
         known = {j["bash_id"] for j in jobs}
-        calls = {}
-        for ev in await self.store.read(Store.conversation, sid):
-            if ev["type"] == "tool_call" and ev["tool"] == "bash":
-                calls[ev["call_id"]] = ev["input"].get("command", "")
-            elif ev["type"] == "tool_result" and ev["call_id"] in calls:
-                found = BACKGROUND_STARTED.match(ev["output"])
-                if found and found.group(1) not in known:
-                    jobs.append({"bash_id": found.group(1), "command": calls[ev["call_id"]],
-                                 "started": ev["ts"], "running": False, "exit_code": None,
-                                 "output_tail": "", "gone": True})
+        for started in await self.store.read(Store.background_starts, sid):
+            found = BACKGROUND_STARTED.match(started["output"])
+            if found and found.group(1) not in known:
+                jobs.append({"bash_id": found.group(1), "command": started["command"],
+                             "started": started["ts"], "running": False, "exit_code": None,
+                             "output_tail": "", "gone": True})
         return json_response(200, {"session_id": sid, "jobs": jobs})
 
     # -- WebSocket -----------------------------------------------------------------------
@@ -2335,6 +2346,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket.  IPPROTO_TCP is said outright: asyncio sets
+    TCP_NODELAY only on sockets whose proto says TCP, and an accepted socket
+    inherits proto 0 from a listener made without it.  Without NODELAY every
+    HTTP response (headers, then body: two writes) waited ~40 ms for the
+    client's delayed ACK (README, Performance)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn    # only the command line needs it: embedders bring their own server
 
@@ -2392,11 +2420,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # Bind the socket ourselves: port 0 then tells us the port it got.
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock = listening_socket(args.host, args.port)
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2

@@ -107,7 +107,7 @@ function t(key, vars = {}) {
   return text.replace(/\{(\w+)\}/g, (_, k) => String(vars[k] ?? ""));
 }
 
-const HISTORY_TAIL = 1000;          // events shown when a session opens
+const HISTORY_TAIL = 200;           // events shown when a session opens
 const FOLD_LINES = 20;              // tool output longer than this starts folded
 const $ = (id) => document.getElementById(id);
 const api = (path) => new URL(path, document.baseURI);
@@ -555,13 +555,13 @@ async function openSession(sessionId, { push = true } = {}) {
   state.lastSeq = 0;
   state.loaded = false;
   transcript.reset();
-  showBackground();
   showExport();
   $("load-earlier").hidden = true;
   const url = new URL(location.href);
   if (sessionId) url.searchParams.set("session", sessionId); else url.searchParams.delete("session");
   if (push && url.href !== location.href) history.pushState(null, "", url);
   if (!sessionId) {
+    showBackground();
     setStatus("idle");
     state.approveMode = state.config?.approve ?? "ask";
     $("approve-mode").value = state.approveMode;
@@ -590,6 +590,7 @@ async function openSession(sessionId, { push = true } = {}) {
   highlightSession();
   scrollToEnd(true);
   subscribe();
+  showBackground();          // after the history: it must not hold up the newest events
 }
 
 async function loadEarlier() {

@@ -1,0 +1,97 @@
+"""Opening a long session in the page, in Debian's Chromium (issue 21.4).
+
+    python bench/page_open.py [--events 10000] [--repeat 5] [--against DIR]
+
+A session of EVENTS events of realistic sizes (bench/resume.py's shapes) is
+written into a fresh database; the real server starts on it; a headless
+Chromium tab opens `/?session=…` and we time, with the page's own clock,
+navigation start -> the newest event drawn (its `done` line in the DOM),
+and count the long tasks (over 50 ms) the main thread ran meanwhile
+(PerformanceObserver).  --against runs another checkout's server in turn.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from resume import seed  # noqa: E402
+from test_agent_web import CHROMIUM, CHROMIUM_ARGS, ServerProcess  # noqa: E402
+
+DEBUG = False
+WATCH = """() => {
+  window.longTasks = [];
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) window.longTasks.push(e.duration);
+  }).observe({ type: "longtask", buffered: true });
+  // The page draws a session's events off the document, then puts them in
+  // at once: the first `done` line that appears marks all of them drawn.
+  new MutationObserver((_, obs) => {
+    if (document.querySelector("#events .done")) {
+      window.drawnAt = performance.now();
+      obs.disconnect();
+    }
+  }).observe(document, { childList: true, subtree: true });
+}"""
+
+
+def measure(page, url: str, events: int) -> tuple[float, int, float]:
+    page.goto("about:blank")
+    page.add_init_script(f"({WATCH})()")
+    page.goto(url)
+    # The newest event is the session's last `done`: its line is drawn once
+    # every event before it has been rendered.
+    page.wait_for_function("window.drawnAt !== undefined")
+    page.wait_for_timeout(200)                   # long tasks are reported a moment later
+    took = page.evaluate("window.drawnAt")
+    if DEBUG:
+        print(page.evaluate("""() => performance.getEntries().map(e =>
+            `${e.entryType} ${e.name.slice(-60)} start ${e.startTime.toFixed(0)} end ${(e.startTime + e.duration).toFixed(0)}`).join("\\n")"""))
+    tasks = page.evaluate("window.longTasks")
+    return took, len(tasks), max(tasks, default=0.0)
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--against", type=Path)
+    args = ap.parse_args()
+    codes = {"this": HERE.parent / "agent_web.py"}
+    if args.against:
+        codes["against"] = args.against.resolve() / "agent_web.py"
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        print(f"{'code':>8} {'to the newest event (ms)':>26} {'long tasks':>11} "
+              f"{'longest (ms)':>13}")
+        for name, script in codes.items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            sid = seed(folder / "agent.db", args.events)
+            server = ServerProcess(folder, None, script=script)
+            try:
+                context = browser.new_context(viewport={"width": 1200, "height": 800},
+                                              bypass_csp=True)   # for our evaluate() calls
+                page = context.new_page()
+                page.goto(server.url)                     # the cookie
+                page.wait_for_selector("#conn.live")
+                runs = [measure(page, f"{server.base}/?session={sid}", args.events)
+                        for _ in range(args.repeat + 1)][1:]      # the first warms the cache
+                context.close()
+            finally:
+                server.stop()
+            took = [r[0] for r in runs]
+            print(f"{name:>8} {statistics.median(took):>17.0f} (min {min(took):.0f})"
+                  f" {statistics.median(r[1] for r in runs):>11.0f}"
+                  f" {statistics.median(r[2] for r in runs):>13.0f}", flush=True)
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
