@@ -48,9 +48,15 @@ Long sessions
     `record_note` / `recall_notes` keep Mini-Agent's session notes in the
     workspace ("Session notes").
 
+Mini-Agent's extensions, each its own section below
+    Its `config.yaml` ("Mini-Agent's config files"), background commands
+    (`bash` with `run_in_background`, `bash_output`, `bash_kill`), MCP servers'
+    tools ("MCP client") and Claude Skills (`get_skill`).
+
 What this is not
     A sandbox.  `bash` runs real commands as the user running the server; the
-    file tools refuse paths outside the workspace, `bash` cannot be confined.
+    file tools refuse paths outside the workspace (read_file may also read
+    inside skill folders), `bash` cannot be confined.
 """
 from __future__ import annotations
 
@@ -58,6 +64,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import json
@@ -498,9 +505,9 @@ def history_from_events(events: list[dict], measure: dict | None = None) -> list
                or h["text"] or h["thinking"] or h["tool_calls"]]
     if measure is not None and last_measure is not None:
         tokens, entry = last_measure
-        at = next((i + 1 for i, h in enumerate(history) if h is entry), None)
-        if at is not None:
-            measure.update(tokens=tokens, entries=at)
+        entries = next((i + 1 for i, h in enumerate(history) if h is entry), None)
+        if entries is not None:
+            measure.update(tokens=tokens, entries=entries)
     return history
 
 
@@ -1198,7 +1205,7 @@ class DemoClient:
     async def stream(self, history: list[dict], tools: list[dict]) -> AsyncIterator[tuple]:
         last = history[-1] if history else {"role": "user", "content": ""}
         turn = Turn(usage={"input_tokens": 0, "output_tokens": 0})
-        if last["role"] == "user" and last["content"].startswith(SUMMARY_MARK):
+        if last["role"] == "user" and last["content"].startswith(SUMMARY_PROMPT):
             # A compaction's summary request: a summary, honestly mechanical.
             asked = re.findall(r"^## User\n(.*)$", last["content"], re.M)
             calls = len(re.findall(r"^-> calls ", last["content"], re.M))
@@ -1645,13 +1652,11 @@ class Toolbox:
         problem = validate_args(schema, args)
         if problem:
             return f"Error: {problem}", True
+        # Whose call this is, for the background commands (see there).
+        owner_token = TOOL_OWNER.set(owner)
         try:
-            if name == "bash" and args.get("run_in_background"):
-                return storable(await self.jobs.start(owner, args["command"])), False
             if name == "bash":
                 return storable(await self.bash(args, on_output)), False
-            if name in ("bash_output", "bash_kill"):
-                return storable(await fn(args, owner)), False
             result = await fn(args)
             if extras is not None and getattr(result, "diff", None):
                 extras["diff"] = storable(result.diff)   # for the page, not the model
@@ -1662,6 +1667,8 @@ class Toolbox:
             # The one place any tool's failure becomes an answer: the model
             # reads what went wrong and the run goes on, whatever the tool.
             return f"Error: {tool_failure(name, args, exc)}", True
+        finally:
+            TOOL_OWNER.reset(owner_token)
 
     # -- paths ---------------------------------------------------------------
     def resolve(self, path: str, write: bool = False) -> tuple[Path, Path]:
@@ -1776,13 +1783,10 @@ class Toolbox:
 
     # -- bash ----------------------------------------------------------------
     async def bash(self, args: dict, on_output: Callable[[str], None] | None = None) -> str:
+        if args.get("run_in_background"):
+            return await self.jobs.start(args["command"])
         timeout = min(max(int(args.get("timeout", BASH_TIMEOUT_DEFAULT)), 1), BASH_TIMEOUT_MAX)
-        # A new session makes the shell a process-group leader, so one killpg
-        # reaches every child it started, background ones included.
-        proc = await asyncio.create_subprocess_exec(
-            "/bin/bash", "-c", args["command"], cwd=self.workspace,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        proc = await _shell(args["command"], self.workspace)
         head, tail = bytearray(), bytearray()
         total = 0
         live = LIVE_OUTPUT_CHARS if on_output else 0     # characters still to show
@@ -1953,6 +1957,32 @@ def unified_diff(path: str, before: bytes | None, after: bytes, encoding: str = 
         cut = text.count("\n", DIFF_MAX_CHARS)
         text = text[:DIFF_MAX_CHARS].rsplit("\n", 1)[0] + f"\n… ({cut:,} more diff lines)\n"
     return text
+
+
+async def _shell(command: str, cwd: Path) -> asyncio.subprocess.Process:
+    """`bash -c command` in a session of its own: the shell leads a process
+    group, so one killpg reaches every child it started, background ones
+    included; stdout and stderr merged."""
+    return await asyncio.create_subprocess_exec(
+        "/bin/bash", "-c", command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True)
+
+
+async def end_process_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """TERM to a running process's group, KILL after `grace` s if it is
+    still there, then KILL to whatever of the group is left (a child that
+    ignored TERM).  One long gone is left alone: its group id may be reused."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+    except asyncio.TimeoutError:
+        _kill_group(proc.pid)
+        await proc.wait()
+    _kill_group(proc.pid)
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> None:
@@ -2171,6 +2201,10 @@ class Notes:
 
 BACKGROUND_BUFFER = 1 << 20
 BACKGROUND_KILL_GRACE = 5.0
+BACKGROUND_STARTED = "Started in the background: bash_id "   # a start's result begins so
+# Whose command a tool call is (a session): set by Toolbox.execute for the
+# task running the call, read here, so no tool's signature carries it.
+TOOL_OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("tool_owner", default="")
 BASH_OUTPUT_SCHEMA = {
     "description": "What a background command (bash with run_in_background) printed since "
                    "the last read, and whether it still runs.",
@@ -2215,15 +2249,12 @@ class BackgroundJobs:
         self.workspace = workspace
         self.jobs: dict[str, Job] = {}
 
-    async def start(self, owner: str, command: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            "/bin/bash", "-c", command, cwd=self.workspace, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True)
-        job = Job(new_id("bash"), owner, command, proc)
+    async def start(self, command: str) -> str:
+        proc = await _shell(command, self.workspace)
+        job = Job(new_id("bash"), TOOL_OWNER.get(), command, proc)
         job.reader = asyncio.ensure_future(self._read(job))
         self.jobs[job.bash_id] = job
-        return (f"Started in the background: bash_id {job.bash_id} (pid {proc.pid}). "
+        return (f"{BACKGROUND_STARTED}{job.bash_id} (pid {proc.pid}). "
                 "Read its output with bash_output, stop it with bash_kill.")
 
     async def _read(self, job: Job) -> None:
@@ -2237,15 +2268,15 @@ class BackgroundJobs:
             del job.tail[:-4000]
         await job.proc.wait()
 
-    def _job(self, bash_id: str, owner: str) -> Job:
+    def _job(self, bash_id: str) -> Job:
         job = self.jobs.get(bash_id)
-        if job is None or job.owner != owner:
+        if job is None or job.owner != TOOL_OWNER.get():
             raise ToolError(f"no background command {bash_id!r} in this session: it may have "
                             "ended with a restart of the server (nothing outlives it)")
         return job
 
-    async def output(self, args: dict, owner: str = "") -> str:
-        job = self._job(args["bash_id"], owner)
+    async def output(self, args: dict) -> str:
+        job = self._job(args["bash_id"])
         await asyncio.sleep(0)                       # let a pending read land
         text = job.unread.decode("utf-8", "replace")
         job.unread.clear()
@@ -2262,26 +2293,18 @@ class BackgroundJobs:
                 + (f"\n… ({dropped:,} bytes dropped before this read)" if dropped else "")
                 + (f"\n{text}" if text else "\n(no new output)"))
 
-    async def kill(self, args: dict, owner: str = "") -> str:
-        job = self._job(args["bash_id"], owner)
+    async def kill(self, args: dict) -> str:
+        job = self._job(args["bash_id"])
         if not job.running:
             return f"{job.bash_id} had already finished (exit code {job.proc.returncode})"
         await self._stop(job)
         return f"{job.bash_id} stopped (exit code {job.proc.returncode})"
 
     async def _stop(self, job: Job) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(job.proc.wait()), BACKGROUND_KILL_GRACE)
-        except asyncio.TimeoutError:
-            _kill_group(job.proc.pid)
-            await job.proc.wait()
+        await end_process_group(job.proc, BACKGROUND_KILL_GRACE)
         if job.reader:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(job.reader, 1)
-        # What the group left behind (a child that ignored TERM): gone too.
-        _kill_group(job.proc.pid)
 
     def of(self, owner: str) -> list[dict]:
         return [j.describe() for j in self.jobs.values() if j.owner == owner]
@@ -2320,7 +2343,7 @@ class BackgroundJobs:
 # died is started again at the next call.  Streamable HTTP POSTs each
 # message; the answer is JSON or an SSE stream; `Mcp-Session-Id` from the
 # initialize answer goes on every later request (a 404 then means the
-# session is gone: we initialize again once).  HTTP+SSE reads one GET
+# session is gone: that call fails, and the next one initializes again).  HTTP+SSE reads one GET
 # stream whose first event names the URL to POST to.
 #
 # Tools keep their MCP names; one that clashes with a tool already there is
@@ -2400,7 +2423,7 @@ class McpServer:
         self._ids = 0
         self._waiting: dict[int, asyncio.Future] = {}
         self._proc: asyncio.subprocess.Process | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()       # readers, answers; each leaves when done
         self._http: httpx.AsyncClient | None = None
         self._session_id: str | None = None
         self._post_url = ""                            # HTTP+SSE: where messages go
@@ -2413,6 +2436,7 @@ class McpServer:
         async with self._lock:
             if self.state == "ready":
                 return
+            await self.close()           # what a dead process or ended session left
             self.state, self.error = "starting", ""
             try:
                 await asyncio.wait_for(self._connect(), self.timeouts["connect_timeout"])
@@ -2453,20 +2477,19 @@ class McpServer:
                 break
         self.tools = tools
 
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._proc and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), 3)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                await self._proc.wait()
+        if self._proc is not None:
+            await end_process_group(self._proc, 3.0)
         self._proc = None
         if self._http is not None:
             if self._session_id:               # the spec: end the session with DELETE
@@ -2522,7 +2545,7 @@ class McpServer:
                 answer = ({"jsonrpc": "2.0", "id": m["id"], "result": {}} if m["method"] == "ping"
                           else {"jsonrpc": "2.0", "id": m["id"], "error": {
                               "code": -32601, "message": f"{m['method']} is not supported"}})
-                self._tasks.append(asyncio.ensure_future(self._send(answer)))
+                self._spawn(self._send(answer))
                 continue
             future = self._waiting.get(m.get("id"))
             if future is None or future.done():
@@ -2559,8 +2582,8 @@ class McpServer:
         except OSError as exc:
             raise McpError(f"cannot start {self.spec['command']}: {exc.strerror or exc}") \
                 from None
-        self._tasks += [asyncio.ensure_future(self._read_stdout(self._proc)),
-                        asyncio.ensure_future(self._read_stderr(self._proc))]
+        self._spawn(self._read_stdout(self._proc))
+        self._spawn(self._read_stderr(self._proc))
 
     async def _read_stdout(self, proc) -> None:
         while True:
@@ -2614,7 +2637,7 @@ class McpServer:
         if "id" not in message or "method" not in message:
             await response.aclose()              # a notification or an answer: 202
             return
-        self._tasks.append(asyncio.ensure_future(self._read_answer(response)))
+        self._spawn(self._read_answer(response))
 
     async def _read_answer(self, response: httpx.Response) -> None:
         try:
@@ -2648,8 +2671,7 @@ class McpServer:
                                 self._received(json.loads(data))
             self._fail_waiting(McpError("the server closed its event stream"))
 
-        task = asyncio.ensure_future(listen())
-        self._tasks.append(task)
+        task = self._spawn(listen())
         done, _ = await asyncio.wait({endpoint, task}, return_when=asyncio.FIRST_COMPLETED)
         if endpoint not in done:
             task.result()                            # raises what went wrong
@@ -2966,11 +2988,12 @@ def transcript(entries: list[dict]) -> str:
 
 
 def pieces_to_summarise(entries: list[dict], budget: int) -> list[list[dict]]:
-    """The part split so each summary request stays within `budget` tokens."""
+    """The part split so each summary request stays within `budget` tokens,
+    counted on the transcript it will send (tool results come clipped)."""
     pieces: list[list[dict]] = [[]]
     size = 0
     for h in entries:
-        t = min(entry_tokens(h), SUMMARY_RESULT_CHARS // 3 + 50)
+        t = estimate_tokens(transcript([h]))
         if pieces[-1] and size + t > budget:
             pieces.append([])
             size = 0
@@ -2997,13 +3020,14 @@ def users_words(entries: list[dict], budget: int) -> str:
                         for text in reversed(kept)))
 
 
-def shorten_tool_results(history: list[dict], target: int, tools: list[dict]) -> int:
+def shorten_tool_results(history: list[dict], target: int, size: Callable[[], int]) -> int:
     """Cut the largest tool results (in place, in the model's view only)
-    until the request fits in `target` tokens; returns how many were cut."""
+    until the request (`size()` tokens) fits in `target`; returns how many
+    were cut."""
     cut = 0
     for h in sorted((h for h in history if h["role"] == "tool"),
                     key=lambda h: len(h["output"]), reverse=True):
-        if request_tokens(history, tools) <= target or len(h["output"]) <= SHORT_RESULT_CHARS:
+        if size() <= target or len(h["output"]) <= SHORT_RESULT_CHARS:
             break
         was = len(h["output"])
         h["output"] = (clip_output(h["output"], SHORT_RESULT_CHARS // 2, SHORT_RESULT_CHARS // 2)
@@ -3250,7 +3274,6 @@ class Agent:
         """Bring the next request under the limit: compact, then if need be
         shorten the largest tool results.  `refused`: the server's "prompt is
         too long", which also teaches us its real limit."""
-        specs = self.toolbox.specs()
         if refused is not None:
             size = self.context_size(history)[0]
             told = refused.context_limit
@@ -3264,9 +3287,10 @@ class Agent:
             yield ev
         size = self.context_size(history)[0]
         if size > self.limit:
-            cut = shorten_tool_results(history, int(self.limit * 0.9), specs)
+            self.measured = None          # the outputs change: only an estimate holds
+            cut = shorten_tool_results(history, int(self.limit * 0.9),
+                                       lambda: self.context_size(history)[0])
             if cut:
-                self.measured = None
                 yield {"type": "error", "retrying": True, "message":
                        f"the conversation is still {size:,} tokens, over the limit of "
                        f"{self.limit:,}: the {cut} largest tool result(s) are shortened in "

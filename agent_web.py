@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -63,7 +64,6 @@ import traceback
 import urllib.parse
 import webbrowser
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -172,7 +172,7 @@ STATUS_AFTER = {"approval_request": "awaiting_approval", "approval": "running",
 # rebuild the conversation.
 STREAMED = frozenset({"delta", "tool_output"})
 # How a background command's start reads in its tool_result (agent_core's BackgroundJobs).
-BACKGROUND_STARTED = re.compile(r"Started in the background: bash_id (bash_\w+)")
+BACKGROUND_STARTED = re.compile(re.escape(core.BACKGROUND_STARTED) + r"(bash_\w+)")
 
 
 # =============================================================================
@@ -291,6 +291,11 @@ class DatabaseLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _like_escaped(text: str) -> str:
+    """`text` as a LIKE pattern that matches only itself (with ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class Store:
@@ -631,7 +636,7 @@ class Store:
     def search_sessions(conn, text: str) -> list[dict]:
         """Sessions whose title or any message holds `text` (case-blind for
         ASCII), newest first."""
-        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        like = f"%{_like_escaped(text)}%"
         rows = conn.execute(
             f"SELECT {Store.SESSION_COLUMNS} FROM sessions WHERE title LIKE ? ESCAPE '\\' "
             "OR id IN (SELECT session_id FROM events WHERE type = 'message' "
@@ -650,9 +655,21 @@ class Store:
             "ON c.session_id = r.session_id AND c.type = 'tool_call' "
             "AND json_extract(c.data, '$.call_id') = json_extract(r.data, '$.call_id') "
             "WHERE r.session_id = ? AND r.type = 'tool_result' "
-            "AND json_extract(r.data, '$.output') LIKE 'Started in the background: bash_id %' "
-            "ORDER BY r.seq", (session_id,)).fetchall()
+            "AND json_extract(r.data, '$.output') LIKE ? ESCAPE '\\' ORDER BY r.seq",
+            (session_id, _like_escaped(core.BACKGROUND_STARTED) + "%")).fetchall()
         return [{"output": out, "ts": ts, "command": cmd or ""} for out, ts, cmd in rows]
+
+    @staticmethod
+    def queue_events(conn, session_id: str) -> list[dict]:
+        """What `pending_queue` needs of a session, and no more: its `queued`
+        and `unqueued` events and the messages that delivered one (a POST
+        asks for this on every message; decoding the whole session each time
+        would cost a long session dearly)."""
+        rows = conn.execute(
+            "SELECT data FROM events WHERE session_id = ? AND (type IN ('queued', 'unqueued') "
+            "OR (type = 'message' AND json_extract(data, '$.queued_id') IS NOT NULL)) "
+            "ORDER BY seq", (session_id,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     @staticmethod
     def set_title(conn, session_id: str, title: str) -> bool:
@@ -1046,8 +1063,8 @@ class RunManager:
                 return False
             run.inbox = [q for q in run.inbox if q["message_id"] != message_id]
         else:
-            prior = await self.store.read(Store.conversation, sid)
-            if not any(q["message_id"] == message_id for q in pending_queue(prior)):
+            queued = pending_queue(await self.store.read(Store.queue_events, sid))
+            if not any(q["message_id"] == message_id for q in queued):
                 return False
         await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
         return True
@@ -1057,24 +1074,34 @@ class RunManager:
         taken, run.inbox = run.inbox, []
         return [user_message(q["content"], q["message_id"]) for q in taken]
 
-    async def _start_queued(self, sid: str) -> None:
-        """A run ended with messages still queued: they start the next one."""
-        prior = await self.store.read(Store.conversation, sid)
-        queued = pending_queue(prior)
-        if not queued or sid in self.runs:
-            return
-        session = await self.store.read(Store.get_session, sid)
-        if session is None:
-            return
-        run = self.reserve(sid)
+    async def begin(self, run: Run, mode: str, text: str | None = None) -> dict | None:
+        """Start a reserved run: the messages still queued (left by a Stop, a
+        restart, or a run that ended first) are delivered first, then
+        `text`.  Returns the last user message stored, or None (and frees the
+        slot) when there is nothing to send."""
+        sid, stored = run.session_id, None
         try:
-            for q in queued:
-                await self.events.emit(sid, user_message(q["content"], q["message_id"]))
-            prior = await self.store.read(Store.conversation, sid)
+            for q in pending_queue(await self.store.read(Store.queue_events, sid)):
+                stored = await self.events.emit(sid, user_message(q["content"], q["message_id"]))
+            if text is not None:
+                stored = await self.events.emit(sid, user_message(text))
+            if stored is not None and "seq" not in stored:
+                raise HTTPError(404, "unknown_session", "the session was deleted")
+            prior = await self.store.read(Store.conversation, sid) if stored else []
         except BaseException:
             self.release(run)
             raise
-        self.start(run, session["approve_mode"], prior)
+        if stored is None:
+            self.release(run)
+            return None
+        self.start(run, mode, prior)
+        return stored
+
+    async def _start_queued(self, sid: str) -> None:
+        """A run ended with messages still queued: they start the next one."""
+        session = await self.store.read(Store.get_session, sid)
+        if session is not None and sid not in self.runs:
+            await self.begin(self.reserve(sid), session["approve_mode"])
 
     async def _drive(self, run: Run, history: list[dict]) -> None:
         sid = run.session_id
@@ -1323,7 +1350,6 @@ class Request:
         return value
 
     async def body(self) -> bytes:
-        length = self.headers.get("content-length")
         return b"".join([piece async for piece in self.pieces(MAX_BODY_BYTES, self.body_timeout)])
 
     async def pieces(self, limit: int, timeout: float) -> AsyncIterator[bytes]:
@@ -1787,20 +1813,7 @@ class AgentWebApp:
             stored = await self.runs.enqueue(session_id, text)
             return json_response(202, {"session_id": session_id, "seq": stored["seq"],
                                        "queued": True, "message_id": stored["message_id"]})
-        run = self.runs.reserve(session_id)
-        try:
-            # Messages queued before (left by a Stop or a restart) come first.
-            prior = await self.store.read(Store.conversation, session_id)
-            for q in pending_queue(prior):
-                await self.events.emit(session_id, user_message(q["content"], q["message_id"]))
-            stored = await self.events.emit(session_id, user_message(text))
-            if "seq" not in stored:
-                raise HTTPError(404, "unknown_session", "the session was deleted")
-            prior = await self.store.read(Store.conversation, session_id)
-        except BaseException:
-            self.runs.release(run)
-            raise
-        self.runs.start(run, mode, prior)
+        stored = await self.runs.begin(self.runs.reserve(session_id), mode, text)
         return json_response(202, {"session_id": session_id, "seq": stored["seq"]})
 
     async def drop_queued(self, req: Request) -> Response:
@@ -2298,7 +2311,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                approve: str | None = None, max_steps: int = core.DEFAULT_MAX_STEPS,
                queue_size: int | None = None, body_timeout: float | None = None,
                tools: dict[str, bool] | None = None, mcp_config: str | Path | None = None,
-               skills_dir: str | Path | None = None) -> AgentWebApp:
+               skills_dir: str | Path | None = None, config: core.ConfigFile | None = None
+               ) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
     approve = approve or os.environ.get("AGENT_APPROVE", "ask")
@@ -2321,8 +2335,9 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         or SUBSCRIBER_QUEUE_SIZE,
         body_timeout=body_timeout or core.env_number(os.environ, "AGENT_WEB_BODY_TIMEOUT",
                                                      float) or BODY_TIMEOUT,
-        tools=tools, mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None),
-        skills=core.Skills.locate(str(skills_dir) if skills_dir else None))
+        tools=tools if tools is not None else config.toolbox_options() if config else None,
+        mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None, file=config),
+        skills=core.Skills.locate(str(skills_dir) if skills_dir else None, file=config))
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
@@ -2407,9 +2422,8 @@ def main(argv: list[str] | None = None) -> int:
                      or core.DEFAULT_MAX_STEPS)
         application = create_app(db_path=args.db, workspace=args.workspace, token=token,
                                  llm_config=cfg, approve=args.approve, max_steps=max_steps,
-                                 tools=file.toolbox_options() if file else None)
-        application.mcp_servers = core.mcp_servers(args.mcp_config, env, file)
-        application.skills = core.Skills.locate(args.skills_dir, env, file)
+                                 mcp_config=args.mcp_config, skills_dir=args.skills_dir,
+                                 config=file)
     except ValueError as exc:                      # a malformed AGENT_* setting
         p.error(str(exc))
 

@@ -14,6 +14,7 @@ Sections: the fake LLM → helpers → agent core (issue 2) → server (issue 3)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -1834,38 +1835,56 @@ def test_a_full_disk_is_reported_and_the_server_carries_on(tmp_path, llm):
     assert of(final, "message")[-1]["content"] == "back"
 
 
-def test_a_batch_that_fails_is_retried_without_the_session_that_broke_it(tmp_path, monkeypatch):
-    """One commit carries every session's pending events: an event that
-    cannot be written must cost only its own session."""
+def refuse_rows(monkeypatch, refused, message: str) -> None:
+    """The store's INSERT fails, as SQLite would, for a batch holding a row
+    (session_id, seq, type, data) that `refused` picks."""
     import agent_web as web
     insert = web.Store._insert
 
     def picky_insert(conn, rows):
-        if any(row[0] == "bad" for row in rows):
-            raise sqlite3.OperationalError("no such thing as a bad row")
+        if any(refused(row) for row in rows):
+            raise sqlite3.OperationalError(message)
         insert(conn, rows)
     monkeypatch.setattr(web.Store, "_insert", staticmethod(picky_insert))
 
-    async def go():
-        store = web.Store(tmp_path / "a.db")
-        await store.open()
-        for sid in ("good", "bad"):
-            await store.write(web.Store.create_session, sid, "auto")
-        log = web.EventLog(store, web.PushRegistry())
-        log.start()
-        for n in range(3):           # queued together: one batch
-            log.emit_nowait("good", {"type": "delta", "message_id": "g", "channel": "text",
-                                     "content": f"g{n}"})
-            log.emit_nowait("bad", {"type": "delta", "message_id": "b", "channel": "text",
-                                    "content": f"b{n}"})
-        results = await asyncio.gather(
-            log.emit("good", {"type": "error", "message": "good", "retrying": False}),
-            log.emit("bad", {"type": "error", "message": "bad", "retrying": False}),
-            return_exceptions=True)
+
+@contextlib.asynccontextmanager
+async def event_log(db: Path, *sessions: str):
+    """A store with these sessions and its EventLog, running; both closed after."""
+    import agent_web as web
+    store = web.Store(db)
+    await store.open()
+    for sid in sessions:
+        await store.write(web.Store.create_session, sid, "auto")
+    log = web.EventLog(store, web.PushRegistry())
+    log.start()
+    try:
+        yield store, log
+    finally:
         await log.stop()
-        rows = await store.read(lambda conn: conn.execute(
-            "SELECT session_id, seq, type FROM events ORDER BY session_id, seq").fetchall())
         store.close()
+
+
+def test_a_batch_that_fails_is_retried_without_the_session_that_broke_it(tmp_path, monkeypatch):
+    """One commit carries every session's pending events: an event that
+    cannot be written must cost only its own session."""
+    import agent_web as web
+    refuse_rows(monkeypatch, lambda row: row[0] == "bad", "no such thing as a bad row")
+
+    async def go():
+        async with event_log(tmp_path / "a.db", "good", "bad") as (store, log):
+            for n in range(3):           # queued together: one batch
+                log.emit_nowait("good", {"type": "delta", "message_id": "g", "channel": "text",
+                                         "content": f"g{n}"})
+                log.emit_nowait("bad", {"type": "delta", "message_id": "b", "channel": "text",
+                                        "content": f"b{n}"})
+            results = await asyncio.gather(
+                log.emit("good", {"type": "error", "message": "good", "retrying": False}),
+                log.emit("bad", {"type": "error", "message": "bad", "retrying": False}),
+                return_exceptions=True)
+            await log.flush()
+            rows = await store.read(lambda conn: conn.execute(
+                "SELECT session_id, seq, type FROM events ORDER BY session_id, seq").fetchall())
         return results, rows, log.lost
     (good, bad), rows, lost = arun(go())
     assert good["seq"] == 2 and isinstance(bad, web.StoreUnavailable)
@@ -1876,27 +1895,15 @@ def test_a_batch_that_fails_is_retried_without_the_session_that_broke_it(tmp_pat
 def test_in_a_session_whose_share_fails_only_the_event_that_cannot_be_written_is_lost(
         tmp_path, monkeypatch):
     import agent_web as web
-    insert = web.Store._insert
-
-    def picky_insert(conn, rows):
-        if any("poison" in row[3] for row in rows):
-            raise sqlite3.OperationalError("this row cannot be written")
-        insert(conn, rows)
-    monkeypatch.setattr(web.Store, "_insert", staticmethod(picky_insert))
+    refuse_rows(monkeypatch, lambda row: "poison" in row[3], "this row cannot be written")
 
     async def go():
-        store = web.Store(tmp_path / "a.db")
-        await store.open()
-        await store.write(web.Store.create_session, "s", "auto")
-        log = web.EventLog(store, web.PushRegistry())
-        log.start()
-        results = await asyncio.gather(*(
-            log.emit("s", {"type": "error", "message": text, "retrying": False})
-            for text in ("one", "poison", "three")), return_exceptions=True)
-        await log.stop()
-        rows = await store.read(lambda conn: conn.execute(
-            "SELECT seq, data FROM events ORDER BY seq").fetchall())
-        store.close()
+        async with event_log(tmp_path / "a.db", "s") as (store, log):
+            results = await asyncio.gather(*(
+                log.emit("s", {"type": "error", "message": text, "retrying": False})
+                for text in ("one", "poison", "three")), return_exceptions=True)
+            rows = await store.read(lambda conn: conn.execute(
+                "SELECT seq, data FROM events ORDER BY seq").fetchall())
         return results, [(seq, json.loads(d)["message"]) for seq, d in rows]
     results, rows = arun(go())
     assert isinstance(results[1], web.StoreUnavailable) and "cannot be written" in str(
@@ -3224,18 +3231,12 @@ def test_pending_fragments_are_joined_once_not_added_piece_by_piece(tmp_path):
             return str.__add__(other, self)
 
     async def go():
-        store = web.Store(tmp_path / "a.db")
-        await store.open()
-        await store.write(web.Store.create_session, "s", "auto")
-        log = web.EventLog(store, web.PushRegistry())
-        log.start()
-        for i in range(20_000):
-            log.emit_nowait("s", {"type": "delta", "message_id": "m", "channel": "text",
-                                  "content": Piece(f"{i % 10}")})
-        await log.flush()
-        rows = await store.read(web.Store.history, "s", 0, 100)
-        await log.stop()
-        store.close()
+        async with event_log(tmp_path / "a.db", "s") as (store, log):
+            for i in range(20_000):
+                log.emit_nowait("s", {"type": "delta", "message_id": "m", "channel": "text",
+                                      "content": Piece(f"{i % 10}")})
+            await log.flush()
+            rows = await store.read(web.Store.history, "s", 0, 100)
         return [json.loads(r)["content"] for r in rows[1]]
 
     stored = arun(go())

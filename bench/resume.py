@@ -6,7 +6,7 @@ The session is written straight into a fresh database (user message, two
 deltas, assistant message, tool call, tool result, done: realistic sizes),
 then the real server starts on it and we time:
   - GET /agent/chat for all events (two pages of 5,000, the route's maximum)
-    and GET ?tail=1000 (what the page asks for first): time and bytes;
+    and GET ?tail=200 (what the page asks for first): time and bytes;
   - subscribe with after=0 until the last replayed event has arrived, i.e.
     until the client is live.
 """
@@ -82,7 +82,7 @@ def main() -> None:
                         after += len(r.json()["events"])
                     full.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    r = c.get(server.base + f"/agent/chat?session_id={sid}&tail=1000")
+                    r = c.get(server.base + f"/agent/chat?session_id={sid}&tail=200")
                     tail.append(time.perf_counter() - t0)
                     tail_size = len(r.content)
                     ws.append(asyncio.run(replay(server.ws_url(), sid, args.events)))
@@ -91,7 +91,7 @@ def main() -> None:
     ms = lambda xs: f"{statistics.median(xs) * 1000:8.1f} ms"  # noqa: E731
     print(f"Resume a session of {args.events:,} events (median of {args.repeat})")
     print(f"  GET /agent/chat, all events (2 pages)  {ms(full)}   {size / 1e6:.2f} MB")
-    print(f"  GET /agent/chat?tail=1000 (page load)  {ms(tail)}   {tail_size / 1e6:.2f} MB")
+    print(f"  GET /agent/chat?tail=200 (page load)   {ms(tail)}   {tail_size / 1e6:.2f} MB")
     print(f"  subscribe after=0 until live           {ms(ws)}   {args.events:,} frames")
 
 
