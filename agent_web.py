@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import hmac
 import ipaddress
 import json
@@ -201,6 +202,14 @@ class HTTPError(Exception):
 # third copies the WAL back into the database file, beside the writer (see
 # checkpoints).
 
+def schema(store: str) -> str:
+    """schema.sql's part for a store: "sqlite" (above the `-- @postgresql`
+    line) or "postgresql" (below it)."""
+    lines = SCHEMA_PATH.read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if line.startswith("-- @postgresql"))
+    return "".join(lines[:cut] if store == "sqlite" else lines[cut + 1:])
+
+
 def _chunks(seq: list, size: int):
     """`seq` in slices of `size`: one SQL statement takes only so many values."""
     return (seq[k:k + size] for k in range(0, len(seq), size))
@@ -268,8 +277,9 @@ class DatabaseLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        if self.fd is not None or self.db_path == ":memory:" or fcntl is None:
-            return                   # held already; nothing shared; not POSIX
+        if (self.fd is not None or self.db_path == ":memory:" or fcntl is None
+                or is_postgres(self.db_path)):
+            return            # held already; nothing shared; not POSIX; many workers
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -320,7 +330,7 @@ class Store:
                                    factory=_Connection)
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 5000")
-            conn.executescript(SCHEMA_PATH.read_text())
+            conn.executescript(schema("sqlite"))
             # No checkpoint inside a commit: SQLite's own runs in the commit
             # that takes the WAL past 1,000 pages, copies the WAL into the
             # database and syncs the disk, which made that commit (and the
@@ -484,9 +494,10 @@ class Store:
             return Store._append(conn, items)
 
     @staticmethod
-    def _append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
-        # Each session's events in their order (seq is per session; the
-        # order between sessions means nothing), and what they do to it.
+    def _effects(items: list[tuple[str, dict]]) -> tuple[dict, list, list]:
+        """What a batch does: each session's events in their order (seq is
+        per session; the order between sessions means nothing), the changes
+        to session rows, and the sessions whose run ends here."""
         by_session: dict[str, list[int]] = {}
         for i, (session_id, _) in enumerate(items):
             by_session.setdefault(session_id, []).append(i)
@@ -511,6 +522,11 @@ class Store:
                     ended.append(session_id)
             if touched:
                 changes.append((session_id, status, title))
+        return by_session, changes, ended
+
+    @staticmethod
+    def _append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
+        by_session, changes, ended = Store._effects(items)
         # As few sqlite3 calls as possible: each one lets go of the GIL and
         # must win it back from the busy event-loop thread (~0.1 ms each
         # under load).  The usual commit, streamed text of sessions this
@@ -657,7 +673,9 @@ class Store:
             "WHERE r.session_id = ? AND r.type = 'tool_result' "
             "AND json_extract(r.data, '$.output') LIKE ? ESCAPE '\\' ORDER BY r.seq",
             (session_id, _like_escaped(core.BACKGROUND_STARTED) + "%")).fetchall()
-        return [{"output": out, "ts": ts, "command": cmd or ""} for out, ts, cmd in rows]
+        # float(): PostgreSQL's JSON path gives text
+        return [{"output": out, "ts": ts if ts is None else float(ts), "command": cmd or ""}
+                for out, ts, cmd in rows]
 
     @staticmethod
     def queue_events(conn, session_id: str) -> list[dict]:
@@ -741,6 +759,17 @@ class Store:
 # in between do not matter: order is per session).
 # So deltas reach the store and the browsers within one commit time (well under the 50 ms the contract allows), and a model that
 # streams faster than SQLite commits makes bigger deltas, not a longer queue.
+#
+# Pacing.  A model streams 20-100 tokens a second; committing each token
+# alone costs a transaction, a hand-off to the writer thread and back, and a
+# frame: ~0.7 ms of CPU a token, whatever the token (bench/paced.py).  So
+# streamed fragments wait for the next commit slot, at most COALESCE_S after
+# the last commit began: the first token after a pause goes at once, and
+# the rest of a stream goes in commits at most COALESCE_S apart, each
+# carrying every session's tokens so far (a session's tokens joined into one
+# delta).  The window is below a 60 Hz frame, so the reader cannot see it.
+# Events a run waits on (`emit`: messages, tool calls, status) never wait
+# for the slot; they take the fragments queued before them along.
 
 @dataclass
 class _Pending:
@@ -752,12 +781,19 @@ class _Pending:
     more: list[str] | None = None
 
 
+COALESCE_S = 0.0        # AGENT_WEB_COALESCE_MS: off (see Performance in README)
+
+
 class EventLog:
-    def __init__(self, store: Store, registry: "PushRegistry"):
+    def __init__(self, store: Store, registry: "PushRegistry",
+                 coalesce: float = COALESCE_S):
         self.store, self.registry = store, registry
         self._pending: list[_Pending] = []
         self._last: dict[str, _Pending] = {}    # session -> its last item in _pending
         self._wake = asyncio.Event()
+        self.coalesce = coalesce
+        self._slot = 0.0                         # loop time the next commit may begin
+        self._timer: asyncio.TimerHandle | None = None  # wakes the writer at _slot
         self._task: asyncio.Task | None = None
         self.commits = 0
         self.lost: dict[str, int] = {}          # session -> streamed fragments not stored
@@ -805,7 +841,16 @@ class EventLog:
     def _queue(self, item: _Pending) -> None:
         self._pending.append(item)
         self._last[item.session_id] = item
-        self._wake.set()
+        if item.future is not None or self._wake.is_set():
+            self._wake.set()
+            return
+        if self._timer is None:                 # a fragment: wait for the slot
+            loop = asyncio.get_running_loop()
+            delay = self._slot - loop.time()
+            if delay <= 0:
+                self._wake.set()
+            else:
+                self._timer = loop.call_at(self._slot, self._wake.set)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -816,6 +861,10 @@ class EventLog:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._slot = asyncio.get_running_loop().time() + self.coalesce
             batch, self._pending = self._pending, []
             self._last.clear()
             for p in batch:
@@ -902,6 +951,7 @@ class EventLog:
 
 OVERFLOWED = None     # the item a writer finds on its queue after an overflow
 DELETED = object()    # ... and after its session was deleted
+WAKE = object()       # ... and when another worker stored events: read them
 
 
 class Subscriber:
@@ -933,9 +983,20 @@ class PushRegistry:
                 del self._subs[sub.session_id]
 
     def publish(self, session_id: str, seq: int, text: str) -> None:
+        self._put(session_id, (seq, text))
+
+    def wake(self, session_id: str) -> None:
+        """Events of the session were stored elsewhere (another worker): each
+        subscriber reads them from the store, after the last it sent."""
+        self._put(session_id, WAKE)
+
+    def listened(self) -> set[str]:
+        return set(self._subs)
+
+    def _put(self, session_id: str, item) -> None:
         for sub in list(self._subs.get(session_id, ())):
             try:
-                sub.queue.put_nowait((seq, text))
+                sub.queue.put_nowait(item)
             except asyncio.QueueFull:
                 self.unsubscribe(sub)
                 sub.overflowed = True
@@ -999,12 +1060,34 @@ def pending_queue(events: list[dict]) -> list[dict]:
 # it stays queued until the next message, which delivers it first, or until
 # the user drops it (an `unqueued` event).
 
+class Owners:
+    """Which process runs which session.  With SQLite there is one process,
+    and its `RunManager.runs` is the whole truth: every run is ours, and
+    nothing is forwarded.  With PostgreSQL (see "Many workers") the claim is
+    a row, and a run's cancel or approve may arrive at another worker."""
+
+    async def claim(self, session_id: str) -> bool:
+        return True                     # `reserve` already refused a second run
+
+    def released(self, session_id: str) -> None:
+        pass
+
+    async def forward(self, session_id: str, op: dict) -> bool:
+        """Hand `op` to the worker whose run it is; False: no run anywhere."""
+        return False
+
+    async def orphans(self, store: Store) -> list[dict]:
+        """Sessions left running or waiting by a process that is gone."""
+        return await store.read(Store.sessions_with_status, ("running", "awaiting_approval"))
+
+
 class RunManager:
     def __init__(self, events: EventLog, store: Store, llm, cfg: core.LLMConfig,
-                 toolbox: core.Toolbox, max_steps: int):
+                 toolbox: core.Toolbox, max_steps: int, owners: Owners | None = None):
         self.events, self.store = events, store
         self.llm, self.cfg, self.toolbox, self.max_steps = llm, cfg, toolbox, max_steps
         self.runs: dict[str, Run] = {}
+        self.owners = owners or Owners()
 
     def reserve(self, session_id: str) -> Run:
         """Claim the session's run slot.  Synchronous on purpose: there is no
@@ -1022,6 +1105,7 @@ class RunManager:
     def release(self, run: Run) -> None:
         if self.runs.get(run.session_id) is run:
             del self.runs[run.session_id]
+            self.owners.released(run.session_id)
 
     def start(self, run: Run, approve_mode: str, prior: list[dict], asked: set[str] = frozenset()
               ) -> None:
@@ -1046,14 +1130,18 @@ class RunManager:
             run.approvals[call_id] = asyncio.get_running_loop().create_future()
         run.task = asyncio.create_task(self._drive(run, history), name=f"run-{run.session_id}")
 
+    async def running(self, sid: str) -> bool:
+        """A run goes in the session, here or on another worker."""
+        return sid in self.runs or await self.owners.forward(sid, {"op": "ping"})
+
     async def enqueue(self, sid: str, text: str) -> dict:
         stored = await self.events.emit(sid, {"type": "queued", "content": text,
                                               "message_id": core.new_id("q")})
         run = self.runs.get(sid)
         if run is not None:
             run.inbox.append(stored)
-        else:                        # it ended meanwhile: the message starts the next
-            await self._start_queued(sid)
+        elif not await self.owners.forward(sid, {"op": "queued", "event": stored}):
+            await self._start_queued(sid)    # it ended meanwhile: the message starts the next
         return stored
 
     async def drop_queued(self, sid: str, message_id: str) -> bool:
@@ -1066,6 +1154,7 @@ class RunManager:
             queued = pending_queue(await self.store.read(Store.queue_events, sid))
             if not any(q["message_id"] == message_id for q in queued):
                 return False
+            await self.owners.forward(sid, {"op": "unqueued", "message_id": message_id})
         await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
         return True
 
@@ -1080,6 +1169,10 @@ class RunManager:
         `text`.  Returns the last user message stored, or None (and frees the
         slot) when there is nothing to send."""
         sid, stored = run.session_id, None
+        if not await self.owners.claim(sid):
+            self.release(run)
+            raise HTTPError(409, "run_in_progress", "a run is already going in this session "
+                            "(on another worker); wait for its done or cancel it")
         try:
             for q in pending_queue(await self.store.read(Store.queue_events, sid)):
                 stored = await self.events.emit(sid, user_message(q["content"], q["message_id"]))
@@ -1208,24 +1301,52 @@ class RunManager:
             run.failed_store = None
             self.release(run)
 
-    def cancel(self, session_id: str) -> None:
+    async def cancel(self, session_id: str) -> None:
         run = self.runs.get(session_id)
+        if run is None and await self.owners.forward(session_id, {"op": "cancel"}):
+            return
         if run is None or run.agent is None:
             raise HTTPError(409, "not_running", "nothing is running in this session")
         run.agent.cancel("cancelled")
 
-    def approve(self, session_id: str, call_id: str, decision: str) -> None:
+    async def approve(self, session_id: str, call_id: str, decision: str) -> None:
         run = self.runs.get(session_id)
+        if run is None and await self.owners.forward(
+                session_id, {"op": "approve", "call_id": call_id, "decision": decision}):
+            return
         future = run.approvals.get(call_id) if run else None
         if future is None or future.done():
             raise HTTPError(409, "not_waiting", "nothing waits for an answer on this call "
                             "(answered already, or no such request)")
         future.set_result(decision)
 
-    def set_mode(self, session_id: str, mode: str) -> None:
+    async def set_mode(self, session_id: str, mode: str) -> None:
         run = self.runs.get(session_id)
         if run and run.agent:
             run.agent.approval_mode = mode
+        elif run is None:
+            await self.owners.forward(session_id, {"op": "mode", "mode": mode})
+
+    async def control(self, session_id: str, op: dict) -> None:
+        """An op another worker forwarded to the run it found ours."""
+        try:
+            if op["op"] == "cancel":
+                await self.cancel(session_id)
+            elif op["op"] == "approve":
+                await self.approve(session_id, op["call_id"], op["decision"])
+            elif op["op"] == "mode":
+                await self.set_mode(session_id, op["mode"])
+            elif op["op"] == "queued":
+                run = self.runs.get(session_id)
+                if run is not None:
+                    run.inbox.append(op["event"])
+                else:
+                    await self._start_queued(session_id)
+            elif op["op"] == "unqueued" and session_id in self.runs:
+                run = self.runs[session_id]
+                run.inbox = [q for q in run.inbox if q["message_id"] != op["message_id"]]
+        except HTTPError:
+            pass          # answered or ended meanwhile, as it could be on one worker
 
     async def recover(self) -> None:
         """At start-up: runs the last process left behind.
@@ -1234,9 +1355,10 @@ class RunManager:
         one saying so, then `done` with `interrupted`.  `awaiting_approval` ones
         lost nothing (the run was only waiting), so they are resumed, still
         waiting for the same answer."""
-        for s in await self.store.read(Store.sessions_with_status,
-                                       ("running", "awaiting_approval")):
+        for s in await self.owners.orphans(self.store):
             sid = s["session_id"]
+            if sid in self.runs or not await self.owners.claim(sid):
+                continue                      # ours, or another worker took it first
             prior = await self.store.read(Store.conversation, sid)
             if s["status"] == "awaiting_approval":
                 answered = {e["call_id"] for e in prior if e["type"] == "approval"}
@@ -1272,6 +1394,417 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
     tools = {e["call_id"]: e["tool"] for e in events if e["type"] == "approval_request"}
     return {tools[e["call_id"]] for e in events
             if e["type"] == "approval" and e.get("always") and e["call_id"] in tools}
+
+
+# =============================================================================
+# Many workers: PostgreSQL
+# =============================================================================
+#
+# SQLite is one process's store (see DatabaseLock).  With
+# AGENT_WEB_DB=postgresql://... any number of workers, on any number of
+# machines, share one database, and any of them serves any request:
+#
+#   browser --ws--> worker B                       worker A <-- POST /agent/chat
+#                      ^  LISTEN agent_web            |  the run: claims its row in
+#                      |  (a notice: "A stored        |  `runs`, stores each batch
+#                      |   events of session S")      |  and NOTIFYs in the same
+#                      +------ PostgreSQL <-----------+  transaction
+#
+# - Events.  A commit locks its sessions' rows (in id order, so two workers
+#   never deadlock), numbers the events on from the session's newest seq
+#   and NOTIFYs `agent_web` with the session ids; PostgreSQL delivers a
+#   notice only once its transaction commits.  A worker with subscribers on
+#   one of them puts WAKE on their queues, and each reads what it has not
+#   sent from the table (Connection._replay): a notice carries no event,
+#   so a lost one costs latency, never an event.  (Notices are lost when
+#   the listening connection drops; on reconnecting, and at every renewal
+#   anyway, every subscriber is woken.)  The worker that stored a batch
+#   publishes it to its own subscribers directly, as with SQLite.
+# - Runs.  The row in `runs` is the claim: a second run of a session on any
+#   worker finds it and gets 409.  It goes in the transaction that stores
+#   the run's `done`.  Cancel, approve, a queued message and a mode change
+#   that reach another worker are NOTIFYed on `agent_web_control` to the
+#   owner, which applies them as if they came to it (RunManager.control).
+# - Workers die.  Each renews its row in `workers` every LEASE_S / 4; its lease
+#   is LEASE_S on the database's clock.  Every worker, as often, drops
+#   the claims of workers whose lease ran out and recovers their sessions
+#   as a restart does (RunManager.recover): the first to claim one writes
+#   its `interrupted` end, tool calls closed.  A run whose worker is alive
+#   is never taken; a worker that finds its own lease lapsed (it lost the
+#   database for LEASE_S) stops its runs, since others may have ended them.
+#
+# Queries: Store's, run by psycopg's connection on Store's threads (one
+# writer, READERS readers per worker), through `_pg_sql`, which spells the
+# few SQLite words they use the PostgreSQL way.  Those that differ more
+# (numbering events, fork, delete) are PgStore's own.  The listener is
+# psycopg's AsyncConnection on the event loop.
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+LEASE_S = 10.0           # AGENT_WEB_LEASE: a worker not heard of for this long is dead;
+                         # it renews (and sweeps) four times as often
+PG_READERS = 4           # reader threads (and connections) per worker
+NOTIFY_IDS = 300         # session ids per notice (a payload holds < 8,000 bytes)
+
+
+def is_postgres(db: str | Path) -> bool:
+    return str(db).startswith(POSTGRES_SCHEMES)
+
+
+def db_label(db: str | Path) -> str:
+    """The database as start-up prints it: a DSN without its password."""
+    if is_postgres(db):
+        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(db))
+    return str(Path(db).resolve())
+
+
+def psycopg_module():
+    try:
+        import psycopg
+    except ImportError:
+        raise ValueError("a postgresql:// database needs psycopg 3: "
+                         "pip install -r requirements-postgres.txt") from None
+    return psycopg
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_sql(sql: str) -> str:
+    """A Store query in PostgreSQL's words: `?` -> `%s` (and a literal % -> %%),
+    json_extract(x, '$.a.b') -> (x::jsonb #>> '{a,b}'), LIKE -> ILIKE (SQLite's
+    LIKE ignores ASCII case), BEGIN IMMEDIATE -> BEGIN (row locks do its job),
+    and BEGIN (a read) -> one snapshot for all its statements."""
+    if sql == "BEGIN":
+        return "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+    sql = sql.replace("%", "%%").replace("BEGIN IMMEDIATE", "BEGIN").replace(" LIKE ", " ILIKE ")
+    sql = re.sub(r"json_extract\(([\w.]+), '\$\.([\w.]+)'\)",
+                 lambda m: f"({m[1]}::jsonb #>> '{{{m[2].replace('.', ',')}}}')", sql)
+    return sql.replace("?", "%s")
+
+
+class _PgConnection:
+    """A psycopg connection that takes Store's queries (see `_pg_sql`)."""
+
+    def __init__(self, raw, worker_id: str):
+        self.raw, self.worker_id = raw, worker_id
+        self.last_seq: dict[str, int] = {}        # Store.delete_session's; unused here
+
+    def execute(self, sql: str, params=()):
+        return self.raw.execute(_pg_sql(sql), params)
+
+    def pg(self, sql: str, params=()):
+        """A query already in PostgreSQL's words."""
+        return self.raw.execute(sql, params)
+
+    def many(self, sql: str, rows: list) -> None:
+        with self.raw.cursor() as cur:
+            cur.executemany(sql, rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != 0         # 0: IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class PgStore(Store):
+    def __init__(self, dsn: str, worker_id: str):
+        super().__init__(dsn)
+        self.psycopg = psycopg_module()
+        self.worker_id = worker_id
+        self._reader = ThreadPoolExecutor(PG_READERS, thread_name_prefix="agent-web-pg-read")
+        self._opened: list[_PgConnection] = []     # every thread's, closed by close()
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.raw.broken:    # a lost connection is opened anew
+            conn = _PgConnection(self.psycopg.connect(self.path, autocommit=True),
+                                 self.worker_id)
+            self._local.conn = conn
+            self._opened.append(conn)
+        return conn
+
+    def _write_and_checkpoint(self, conn, fn: Callable, *args) -> Any:
+        return fn(conn, *args)                  # PostgreSQL checkpoints on its own
+
+    async def write(self, fn: Callable, *args) -> Any:
+        try:
+            return await self._run("write", self.OWN.get(fn, fn), *args)
+        except self.psycopg.OperationalError as exc:   # down, unreachable, disk full
+            raise StoreUnavailable(exc) from exc
+
+    def read(self, fn: Callable, *args) -> Awaitable:
+        return self._reads(self.OWN.get(fn, fn), *args)
+
+    async def _reads(self, fn: Callable, *args) -> Any:
+        try:
+            return await self._run("read", fn, *args)
+        except self.psycopg.OperationalError as exc:
+            raise StoreUnavailable(exc) from exc
+
+    async def open(self) -> None:
+        await self.write(PgStore.create_tables)
+
+    def close(self) -> None:
+        for pool in (self._reader, self._writer, self._checkpointer):
+            pool.shutdown(wait=True)
+        for conn in self._opened:
+            conn.close()
+
+    @staticmethod
+    def create_tables(conn) -> None:
+        # One worker at a time: CREATE ... IF NOT EXISTS races with itself.
+        conn.pg("BEGIN")
+        conn.pg("SELECT pg_advisory_xact_lock(7402)")
+        conn.pg(schema("postgresql"))
+        conn.pg("COMMIT")
+
+    @staticmethod
+    def _notify(conn, kind: str, ids: list[str]) -> None:
+        for chunk in _chunks(ids, NOTIFY_IDS):
+            conn.pg("SELECT pg_notify('agent_web', %s)",
+                    (" ".join([conn.worker_id, kind, *chunk]),))
+
+    @staticmethod
+    def append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
+        by_session, changes, ended = Store._effects(items)
+        results: list[tuple[int, str] | None] = [None] * len(items)
+        conn.pg("BEGIN")
+        try:
+            # Locked, a session's newest seq is ours to number on from, and a
+            # second worker's commit to it waits for ours: no gap, no clash.
+            live = [r[0] for r in conn.pg("SELECT id FROM sessions WHERE id = ANY(%s) "
+                                          "ORDER BY id FOR UPDATE", (sorted(by_session),))]
+            last_seq = dict.fromkeys(live, 0)
+            last_seq.update(conn.pg("SELECT session_id, max(seq) FROM events WHERE "
+                                    "session_id = ANY(%s) GROUP BY session_id", (live,)))
+            now = time.time()
+            conn.many("UPDATE sessions SET updated_at = %s, status = COALESCE(%s, status), "
+                      "title = CASE WHEN title = '' THEN %s ELSE title END WHERE id = %s",
+                      [(now, status, title, sid) for sid, status, title in changes
+                       if sid in last_seq])
+            conn.many("INSERT INTO events (session_id, seq, type, data) VALUES (%s, %s, %s, %s)",
+                      Store._rows(items, by_session, last_seq, results))
+            if ended:
+                conn.pg("DELETE FROM runs WHERE session_id = ANY(%s)", (ended,))
+            PgStore._notify(conn, "events", live)
+            conn.pg("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.pg("ROLLBACK")
+            raise
+        return results
+
+    @staticmethod
+    def fork_session(conn, source: str, new_id: str, before_seq: int, title: str) -> bool:
+        conn.pg("BEGIN")
+        try:
+            row = conn.pg("SELECT approve_mode FROM sessions WHERE id = %s", (source,)).fetchone()
+            if row is None:
+                conn.pg("ROLLBACK")
+                return False
+            now = time.time()
+            conn.pg("INSERT INTO sessions (id, approve_mode, title, created_at, updated_at) "
+                    "VALUES (%s, %s, %s, %s, %s)", (new_id, row[0], title, now, now))
+            conn.pg("INSERT INTO events (session_id, seq, type, data) SELECT %s, seq, type, "
+                    "jsonb_set(data::jsonb, '{session_id}', to_jsonb(%s::text))::text "
+                    "FROM events WHERE session_id = %s AND seq < %s",
+                    (new_id, new_id, source, before_seq))
+            conn.pg("COMMIT")
+            return True
+        except BaseException:
+            if conn.in_transaction:
+                conn.pg("ROLLBACK")
+            raise
+
+    @staticmethod
+    def delete_session(conn, session_id: str) -> bool:
+        conn.pg("BEGIN")
+        try:
+            gone = conn.pg("DELETE FROM sessions WHERE id = %s", (session_id,)).rowcount
+            PgStore._notify(conn, "deleted", [session_id])       # events go by cascade
+            conn.pg("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.pg("ROLLBACK")
+            raise
+        return gone == 1
+
+    # -- workers and their runs (see the top of this section) -------------------
+    @staticmethod
+    def renew(conn, worker_id: str, lease: float) -> bool:
+        """Extend our lease; False if it had run out (others may have ended
+        our runs) or our row is gone.  Either way the row is made anew."""
+        alive = conn.pg("UPDATE workers SET lease_until = now() + %s * interval '1 second' "
+                        "WHERE id = %s AND lease_until > now()", (lease, worker_id)).rowcount
+        if not alive:
+            conn.pg("INSERT INTO workers (id, lease_until) VALUES (%s, now() + %s * interval "
+                    "'1 second') ON CONFLICT (id) DO UPDATE SET lease_until = "
+                    "excluded.lease_until", (worker_id, lease))
+        return alive == 1
+
+    @staticmethod
+    def claim(conn, session_id: str, worker_id: str) -> bool:
+        return conn.pg("INSERT INTO runs (session_id, owner) SELECT %s, %s WHERE EXISTS "
+                       "(SELECT 1 FROM sessions WHERE id = %s) ON CONFLICT DO NOTHING",
+                       (session_id, worker_id, session_id)).rowcount == 1
+
+    @staticmethod
+    def unclaim(conn, session_id: str | None, worker_id: str) -> None:
+        """Give back one claim of ours, or (None) all of them."""
+        if session_id is None:
+            conn.pg("DELETE FROM runs WHERE owner = %s", (worker_id,))
+        else:
+            conn.pg("DELETE FROM runs WHERE session_id = %s AND owner = %s",
+                    (session_id, worker_id))
+
+    @staticmethod
+    def owner(conn, session_id: str) -> str | None:
+        row = conn.pg("SELECT owner FROM runs WHERE session_id = %s", (session_id,)).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def control(conn, payload: str) -> None:
+        conn.pg("SELECT pg_notify('agent_web_control', %s)", (payload,))
+
+    @staticmethod
+    def orphans(conn) -> list[dict]:
+        """Drop the claims of dead workers; the sessions running or waiting
+        that nobody claims."""
+        conn.pg("DELETE FROM runs WHERE owner NOT IN "
+                "(SELECT id FROM workers WHERE lease_until > now())")
+        conn.pg("DELETE FROM workers WHERE lease_until < now() - interval '1 day'")
+        rows = conn.execute(f"SELECT {Store.SESSION_COLUMNS} FROM sessions WHERE status IN "
+                            "('running', 'awaiting_approval') AND id NOT IN "
+                            "(SELECT session_id FROM runs)").fetchall()
+        return [Store._session_row(r) for r in rows]
+
+    @staticmethod
+    def leave(conn, worker_id: str) -> None:
+        conn.pg("DELETE FROM runs WHERE owner = %s", (worker_id,))
+        conn.pg("DELETE FROM workers WHERE id = %s", (worker_id,))
+
+    OWN: dict[Callable, Callable] = {}      # Store's query -> the one PostgreSQL runs
+
+
+PgStore.OWN.update({Store.append: PgStore.append, Store.fork_session: PgStore.fork_session,
+                    Store.delete_session: PgStore.delete_session,
+                    Store.checkpoint: lambda conn: None})
+
+
+class Workers(Owners):
+    """This worker among the others: its lease, its claims, the notices."""
+
+    def __init__(self, store: PgStore, registry: PushRegistry, lease: float = LEASE_S):
+        self.store, self.registry = store, registry
+        self.me = store.worker_id
+        self.lease = lease
+        self.runs: RunManager | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, runs: RunManager) -> None:
+        self.runs = runs
+        await self.store.write(PgStore.renew, self.me, self.lease)
+        self._spawn(self._listen(), "agent-web-pg-listen")
+        self._spawn(self._keep_alive(), "agent-web-pg-lease")
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.store.write(PgStore.leave, self.me)  # others resume our waiting runs
+        except StoreUnavailable:
+            pass                                  # our lease runs out instead
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- Owners -------------------------------------------------------------------
+    async def claim(self, session_id: str) -> bool:
+        return await self.store.write(PgStore.claim, session_id, self.me)
+
+    def released(self, session_id: str) -> None:
+        # Mostly gone already, with the run's `done`; not if it ended before
+        # storing anything.
+        async def unclaim():
+            try:
+                await self.store.write(PgStore.unclaim, session_id, self.me)
+            except StoreUnavailable:
+                pass                              # it goes with our lease
+        self._spawn(unclaim(), f"agent-web-unclaim-{session_id}")
+
+    async def forward(self, session_id: str, op: dict) -> bool:
+        owner = await self.store.read(PgStore.owner, session_id)
+        if owner is None or owner == self.me:
+            return False
+        if op["op"] != "ping":
+            await self.store.write(PgStore.control, to_json(
+                {"to": owner, "session_id": session_id, **op}))
+        return True
+
+    async def orphans(self, store: Store) -> list[dict]:
+        return await self.store.write(PgStore.orphans)
+
+    # -- the two loops --------------------------------------------------------------
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 4)
+            try:
+                if not await self.store.write(PgStore.renew, self.me, self.lease):
+                    self._lapsed()
+                await self.runs.recover()
+            except Exception as exc:          # the database is away: try again
+                log.warning("worker %s: cannot renew its lease: %s", self.me, exc)
+            for session_id in self.registry.listened():
+                self.registry.wake(session_id)          # any notice lost meanwhile
+
+    def _lapsed(self) -> None:
+        """Our lease ran out before we renewed it: other workers may have
+        ended our runs as interrupted, so ours must not write on."""
+        log.error("worker %s lost its lease: its runs stop", self.me)
+        for run in list(self.runs.runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+            self.runs.runs.pop(run.session_id, None)
+
+    async def _listen(self) -> None:
+        psycopg = self.store.psycopg
+        delay = 0.2
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.store.path, autocommit=True) as conn:
+                    await conn.execute("LISTEN agent_web")
+                    await conn.execute("LISTEN agent_web_control")
+                    delay = 0.2
+                    for session_id in self.registry.listened():
+                        self.registry.wake(session_id)  # what came while we were away
+                    async for notice in conn.notifies():
+                        self._heard(notice.channel, notice.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("worker %s: notices: %s; listening again", self.me, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.lease / 4)
+
+    def _heard(self, channel: str, payload: str) -> None:
+        if channel == "agent_web":
+            worker, kind, *ids = payload.split(" ")
+            if worker == self.me:
+                return                     # published to our subscribers already
+            for session_id in ids:
+                if kind == "deleted":
+                    self.registry.end(session_id)
+                else:
+                    self.registry.wake(session_id)
+        elif channel == "agent_web_control":
+            op = json.loads(payload)
+            if op.pop("to") == self.me:
+                self._spawn(self.runs.control(op.pop("session_id"), op),
+                            "agent-web-control")
 
 
 # =============================================================================
@@ -1587,8 +2120,11 @@ class AgentWebApp:
                  queue_size: int, body_timeout: float = BODY_TIMEOUT,
                  tools: dict[str, bool] | None = None,
                  mcp_servers: list[core.McpServer] | None = None,
-                 skills: core.Skills | None = None):
+                 skills: core.Skills | None = None, coalesce: float = COALESCE_S,
+                 lease: float = LEASE_S):
         self.db_path, self.workspace = db_path, workspace
+        self.lease = lease                    # PostgreSQL: a worker's lease, seconds
+        self.coalesce = coalesce              # EventLog's pacing window, seconds
         self.tool_options = tools or {}       # Toolbox(**): config.yaml's tools.enable_*
         self.mcp_servers = mcp_servers or []
         self.skills = skills or core.Skills(None)
@@ -1600,6 +2136,9 @@ class AgentWebApp:
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self.db_lock = DatabaseLock(db_path)
+        # a name for this process among the workers of one PostgreSQL database
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.workers: Workers | None = None
         # set by start():
         self.store: Store
         self.registry: PushRegistry
@@ -1625,10 +2164,13 @@ class AgentWebApp:
                 self.token = self.guard.token = secrets.token_urlsafe(24)
             self.db_lock.acquire()            # before anything is written
             Path(self.workspace).mkdir(parents=True, exist_ok=True)
-            self.store = Store(self.db_path)
+            self.store = (PgStore(self.db_path, self.worker_id) if is_postgres(self.db_path)
+                          else Store(self.db_path))
             await self.store.open()
             self.registry = PushRegistry(self.queue_size)
-            self.events = EventLog(self.store, self.registry)
+            self.workers = (Workers(self.store, self.registry, self.lease)
+                            if isinstance(self.store, PgStore) else None)
+            self.events = EventLog(self.store, self.registry, self.coalesce)
             self.events.start()
             self.http = core.make_http_client(self.llm_config)
             self.toolbox = core.Toolbox(self.workspace, **self.tool_options)
@@ -1639,7 +2181,9 @@ class AgentWebApp:
             await core.start_mcp(self.mcp_servers, self.toolbox)
             self.runs = RunManager(self.events, self.store,
                                    core.make_llm(self.llm_config, self.http), self.llm_config,
-                                   self.toolbox, self.max_steps)
+                                   self.toolbox, self.max_steps, self.workers)
+            if self.workers:
+                await self.workers.start(self.runs)   # our lease before any claim
             await self.runs.recover()
             if os.environ.get("AGENT_WEB_LAG_PROBE"):      # bench/ only: see LagProbe
                 self.lag_probe = LagProbe()
@@ -1656,6 +2200,8 @@ class AgentWebApp:
         await self.toolbox.jobs.end()             # no background command outlives us
         await asyncio.gather(*(server.close() for server in self.mcp_servers))
         await self.events.stop()
+        if self.workers:
+            await self.workers.stop()
         await self.http.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
         self.db_lock.release()
@@ -1807,7 +2353,7 @@ class AgentWebApp:
         queue = data.get("queue", False)
         if not isinstance(queue, bool):
             raise HTTPError(400, "bad_field", "queue must be true or false")
-        if queue and session_id in self.runs.runs:
+        if queue and await self.runs.running(session_id):
             # Steering: stored at once, the running agent reads it at its next
             # step (see "Queued messages" above RunManager).
             stored = await self.runs.enqueue(session_id, text)
@@ -1848,7 +2394,7 @@ class AgentWebApp:
     async def post_cancel(self, req: Request) -> Response:
         data = await req.json()
         session = await self.session_or_404(data.get("session_id"))
-        self.runs.cancel(session["session_id"])
+        await self.runs.cancel(session["session_id"])
         return json_response(202, {"session_id": session["session_id"]})
 
     async def post_approve(self, req: Request) -> Response:
@@ -1858,7 +2404,7 @@ class AgentWebApp:
         decision = data.get("decision")
         if decision not in DECISIONS:
             raise HTTPError(400, "bad_field", "decision must be allow, deny or allow_always")
-        self.runs.approve(session["session_id"], call_id, decision)
+        await self.runs.approve(session["session_id"], call_id, decision)
         return json_response(202, {"session_id": session["session_id"], "call_id": call_id})
 
     async def list_sessions(self, req: Request) -> Response:
@@ -1890,7 +2436,7 @@ class AgentWebApp:
             session = {**session, "title": title}
         if mode is not None:
             await self.store.write(Store.set_approve_mode, session["session_id"], mode)
-            self.runs.set_mode(session["session_id"], mode)
+            await self.runs.set_mode(session["session_id"], mode)
             session = {**session, "approve_mode": mode}
         return json_response(200, session)
 
@@ -2165,16 +2711,8 @@ class Connection:
     async def _pump(self, sub: Subscriber, session_id: str, after: int, rows: list[str]) -> None:
         """2. replay the store after `after` ... 3. then drain the queue,
         skipping whatever the replay already sent."""
-        last = after
         try:
-            while rows:
-                for text in rows:
-                    await self.send_text(text)
-                last += len(rows)    # seq has no gaps: the rows were after+1 .. last
-                if len(rows) < REPLAY_CHUNK:
-                    break
-                _, rows = await self.app.store.read(Store.history, session_id, last,
-                                                    REPLAY_CHUNK)
+            last = await self._replay(session_id, after, rows)
             while True:
                 item = await sub.queue.get()
                 if item is OVERFLOWED:
@@ -2184,6 +2722,11 @@ class Connection:
                     await self.control({"type": "session_deleted", "session_id": session_id})
                     await self.close(CLOSE_SESSION_DELETED, "the session was deleted")
                     return
+                if item is WAKE or item[0] > last + 1:
+                    # Stored by another worker, or after events that were
+                    # (their notice comes later): the store has them all.
+                    last = await self._replay(session_id, last)
+                    continue
                 seq, text = item
                 if seq > last:
                     await self.send_text(text)
@@ -2195,9 +2738,22 @@ class Connection:
         finally:
             self.app.registry.unsubscribe(sub)
 
+    async def _replay(self, session_id: str, last: int, rows: list[str] | None = None) -> int:
+        """Send the stored events after `last`; returns the new last seq."""
+        while True:
+            if rows is None:
+                _, rows = await self.app.store.read(Store.history, session_id, last,
+                                                    REPLAY_CHUNK)
+            for text in rows:
+                await self.send_text(text)
+            last += len(rows)        # seq has no gaps: the rows were last+1 ..
+            if len(rows) < REPLAY_CHUNK:
+                return last
+            rows = None
+
     async def on_cancel(self, frame: dict) -> None:
         session_id = self._target(frame)
-        self.app.runs.cancel(session_id)
+        await self.app.runs.cancel(session_id)
 
     async def on_approve(self, frame: dict) -> None:
         session_id = self._target(frame)
@@ -2205,7 +2761,7 @@ class Connection:
         if not isinstance(call_id, str) or decision not in DECISIONS:
             raise HTTPError(400, "bad_field", "approve needs call_id and a decision of "
                             "allow, deny or allow_always")
-        self.app.runs.approve(session_id, call_id, decision)
+        await self.app.runs.approve(session_id, call_id, decision)
 
     async def on_ping(self, frame: dict) -> None:
         await self.control({"type": "pong"})
@@ -2311,10 +2867,13 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                approve: str | None = None, max_steps: int = core.DEFAULT_MAX_STEPS,
                queue_size: int | None = None, body_timeout: float | None = None,
                tools: dict[str, bool] | None = None, mcp_config: str | Path | None = None,
-               skills_dir: str | Path | None = None, config: core.ConfigFile | None = None
-               ) -> AgentWebApp:
+               skills_dir: str | Path | None = None, config: core.ConfigFile | None = None,
+               coalesce_ms: float | None = None, lease: float | None = None) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
+    db_path = db_path or os.environ.get("AGENT_WEB_DB", DEFAULT_DB)
+    if is_postgres(db_path):
+        psycopg_module()                  # a usage error now, not at the first request
     approve = approve or os.environ.get("AGENT_APPROVE", "ask")
     if approve not in core.APPROVAL_MODES:
         raise ValueError(f"approve (AGENT_APPROVE) must be one of {core.APPROVAL_MODES}, "
@@ -2322,7 +2881,7 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
     if llm_config is None and (provider or model):
         llm_config = core.config_from_env(provider, model)
     return AgentWebApp(
-        db_path=db_path or os.environ.get("AGENT_WEB_DB", DEFAULT_DB),
+        db_path=db_path,
         workspace=workspace or os.environ.get("AGENT_WORKSPACE", DEFAULT_WORKSPACE),
         token=token or os.environ.get("AGENT_WEB_TOKEN") or None,
         llm_config=llm_config,
@@ -2337,7 +2896,11 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                                                      float) or BODY_TIMEOUT,
         tools=tools if tools is not None else config.toolbox_options() if config else None,
         mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None, file=config),
-        skills=core.Skills.locate(str(skills_dir) if skills_dir else None, file=config))
+        skills=core.Skills.locate(str(skills_dir) if skills_dir else None, file=config),
+        coalesce=(coalesce_ms if coalesce_ms is not None
+                  else core.env_number(os.environ, "AGENT_WEB_COALESCE_MS", float)
+                  if os.environ.get("AGENT_WEB_COALESCE_MS") else COALESCE_S * 1000) / 1000,
+        lease=lease or core.env_number(os.environ, "AGENT_WEB_LEASE", float) or LEASE_S)
 
 
 # `uvicorn agent_web:app --ws wsproto`: configured from the environment, opens
@@ -2472,7 +3035,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{len(mcp.tools)} tool(s)" if mcp.state == "ready"
                     else f"{mcp.state}: {mcp.error}"), flush=True)
             print(f"Mini Agent Web · model {cfg.label} · workspace "
-                  f"{Path(args.workspace).resolve()} · db {Path(args.db).resolve()}", flush=True)
+                  f"{Path(args.workspace).resolve()} · db {db_label(args.db)}", flush=True)
             if cfg.provider == "demo":
                 print("Offline demo model (no API key set): set ANTHROPIC_API_KEY, "
                       "OPENAI_API_KEY or MINIMAX_API_KEY for a real one.", flush=True)

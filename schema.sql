@@ -35,3 +35,45 @@ CREATE TABLE IF NOT EXISTS events (
     data        TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
+
+-- ===========================================================================
+-- @postgresql — the same tables for PostgreSQL (agent_web.py reads the part
+-- of this file above this line for SQLite, the part below for PostgreSQL).
+-- Column for column as above; what differs is spelled in a comment.  Two
+-- more tables hold what one process used to keep in memory: which worker is
+-- alive (`workers`, a lease it renews) and which worker runs which session
+-- (`runs`).  See "Many workers: PostgreSQL" in agent_web.py.
+-- ===========================================================================
+
+CREATE TABLE IF NOT EXISTS sessions (
+    id            TEXT PRIMARY KEY,
+    title         TEXT NOT NULL DEFAULT '',
+    status        TEXT NOT NULL DEFAULT 'idle',
+    approve_mode  TEXT NOT NULL DEFAULT 'ask',
+    created_at    DOUBLE PRECISION NOT NULL,   -- SQLite's REAL is 8 bytes; PG's is 4
+    updated_at    DOUBLE PRECISION NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS sessions_by_update ON sessions (updated_at DESC);
+
+CREATE TABLE IF NOT EXISTS events (
+    session_id  TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq         BIGINT NOT NULL,
+    type        TEXT NOT NULL,
+    data        TEXT NOT NULL,                 -- TEXT, not jsonb: sent byte for byte
+    PRIMARY KEY (session_id, seq)
+);
+
+-- A worker is alive while its lease is in the future; it renews it every
+-- few seconds.  Time is the database's clock, the one all workers share.
+CREATE TABLE IF NOT EXISTS workers (
+    id           TEXT PRIMARY KEY,
+    lease_until  TIMESTAMPTZ NOT NULL
+);
+
+-- At most one run per session, anywhere: the row is the claim.  It goes in
+-- the transaction that stores the run's `done`.
+CREATE TABLE IF NOT EXISTS runs (
+    session_id  TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+    owner       TEXT NOT NULL
+);

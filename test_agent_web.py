@@ -406,8 +406,8 @@ class ServerProcess:
 
     def __init__(self, tmp: Path, llm: FakeLLM | None, protocol: str = "anthropic",
                  approve: str = "auto", extra_env: dict | None = None, args: list[str] = (),
-                 script: Path = HERE / "agent_web.py"):
-        self.tmp, self.db, self.script = tmp, tmp / "agent.db", script
+                 script: Path = HERE / "agent_web.py", db: str | None = None):
+        self.tmp, self.db, self.script = tmp, db or tmp / "agent.db", script
         self.workspace = tmp / "ws"
         env = free_env(AGENT_WEB_TOKEN=TOKEN, AGENT_RETRY_BASE_DELAY="0.05",
                        AGENT_LLM_READ_TIMEOUT="5", PYTHONUNBUFFERED="1")
@@ -508,10 +508,93 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/agent/ws?token={TOKEN}"
 
+    @property
+    def on_postgres(self) -> bool:
+        return str(self.db).startswith("postgresql://")
+
+    def sql(self, query: str, params=()) -> list:
+        """One statement on the server's database, SQLite or PostgreSQL
+        (in SQLite's words: the server's own translation is used)."""
+        import agent_web as web
+        if web.is_postgres(self.db):
+            import psycopg
+            with psycopg.connect(self.db, autocommit=True) as conn:
+                cur = conn.execute(web._pg_sql(query), params)
+                return cur.fetchall() if cur.description else []
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            return conn.execute(query, params).fetchall()
+
+    def store(self):
+        """The server's store, opened beside it (close() it)."""
+        import agent_web as web
+        return (web.PgStore(self.db, "test") if web.is_postgres(self.db)
+                else web.Store(self.db))
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster: Debian's binaries (apt-get install
+    postgresql), initdb in a temporary folder, run as `postgres` when we are
+    root (PostgreSQL refuses root), on a free loopback port.  `database()`
+    makes a new empty database and returns its DSN."""
+
+    def __init__(self):
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        bindir = found[-1].parent if found else None
+        if bindir is None:
+            pytest.fail("PostgreSQL is missing: apt-get install postgresql (see .ci/run)")
+        self.dir = Path(tempfile.mkdtemp(prefix="agent-web-pg-"))
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        data = self.dir / "data"
+        subprocess.run([*self.as_user, str(bindir / "initdb"), "-D", str(data), "-U",
+                        "postgres", "--auth=trust", "-E", "UTF8"], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.pg_ctl = [*self.as_user, str(bindir / "pg_ctl"), "-D", str(data)]
+        # fsync off: a test cluster is thrown away, and fsync is what costs
+        subprocess.run([*self.pg_ctl, "-l", str(self.dir / "log"), "-w", "start", "-o",
+                        f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off -c max_connections=300"],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.count = 0
+
+    def dsn(self, name: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def database(self) -> str:
+        import psycopg
+        self.count += 1
+        name = f"t{self.count}_{os.getpid()}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def close(self):
+        subprocess.run([*self.pg_ctl, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.close()
+
+
+# The contract tests run on both stores: @both_stores before a test that
+# takes `server` runs it once on SQLite and once on PostgreSQL.
+both_stores = pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+
 
 @pytest.fixture
-def server(tmp_path, llm):
-    s = ServerProcess(tmp_path, llm)
+def server(request, tmp_path, llm):
+    db = None
+    if getattr(request, "param", "sqlite") == "postgresql":
+        db = request.getfixturevalue("postgres").database()
+    s = ServerProcess(tmp_path, llm, db=db)
     yield s
     s.stop()
 
@@ -1463,6 +1546,7 @@ def test_edit_file_keeps_line_ends_and_a_latin1_file_byte_for_byte(tmp_path):
     assert (tmp_path / "latin.txt").read_bytes() == "café = 2\nnaïve\n".encode("latin-1")
 
 
+@both_stores
 def test_a_session_left_with_an_unanswered_call_takes_its_next_message(server, llm):
     """The stored log of a run cut between a tool call and its result (what
     an internal error left before), then a new message: the request is one
@@ -1470,13 +1554,12 @@ def test_a_session_left_with_an_unanswered_call_takes_its_next_message(server, l
     sid = server.chat("run: sleep 5")["session_id"]
     server.wait_event(sid, "tool_call")
     server.kill()                               # the call never gets its result
-    conn = sqlite3.connect(server.db)
-    conn.execute("DELETE FROM events WHERE session_id = ? AND type IN ('tool_result', "
-                 "'tool_output', 'done')", (sid,))
+    server.sql("DELETE FROM events WHERE session_id = ? AND type IN ('tool_result', "
+               "'tool_output', 'done')", (sid,))
     # As an internal error left it: the run over, the call never answered.
-    conn.execute("UPDATE sessions SET status = 'idle' WHERE id = ?", (sid,))
-    conn.commit()
-    conn.close()
+    server.sql("UPDATE sessions SET status = 'idle' WHERE id = ?", (sid,))
+    if server.on_postgres:
+        server.sql("DELETE FROM runs WHERE session_id = ?", (sid,))     # the claim too
     server.start()
     server.chat("say: again", sid)
     server.wait_status(sid)
@@ -1653,6 +1736,7 @@ def test_uvicorn_workers_on_sqlite_fail_at_once(tmp_path):
     assert time.time() - started < 50
 
 
+@both_stores
 def test_a_lone_surrogate_from_anyone_is_stored_and_costs_no_other_session(server, llm):
     """`{"message": "bad \\ud800"}` is valid JSON but not storable UTF-8: it
     answered 500 and its batch took down another session's run."""
@@ -1911,6 +1995,7 @@ def test_in_a_session_whose_share_fails_only_the_event_that_cannot_be_written_is
     assert rows == [(1, "one"), (2, "three")]             # gapless, the rest kept
 
 
+@both_stores
 def test_deleting_a_live_session_tells_its_watchers_and_closes_4004(server):
     """Its subscribers got nothing and waited for ever."""
     sid = server.chat("slow")["session_id"]
@@ -3477,6 +3562,7 @@ def test_the_wal_stays_small_while_writes_never_stop(tmp_path, monkeypatch):
 # The server (issue 3): real uvicorn + wsproto, real WebSocket clients
 # =============================================================================
 
+@both_stores
 def test_a_message_streams_over_the_websocket_and_matches_the_store(server):
     sid = server.chat("run: echo hello-web")["session_id"]
     events = arun(ws_collect(server.ws_url(), sid))
@@ -3489,6 +3575,7 @@ def test_a_message_streams_over_the_websocket_and_matches_the_store(server):
     assert stored["title"] == "run: echo hello-web"
 
 
+@both_stores
 def test_a_commands_output_is_stored_and_pushed_as_it_comes(server):
     """`tool_output` events take the same path as deltas: stored, pushed in
     order, merged while a commit is in flight; the conversation sent back to
@@ -3503,12 +3590,13 @@ def test_a_commands_output_is_stored_and_pushed_as_it_comes(server):
     assert all(e["call_id"] == result["call_id"] for e in live)
     assert server.history(sid)["events"] == events
     import agent_web as web
-    store = web.Store(server.db)
+    store = server.store()
     kinds = {e["type"] for e in arun(store.read(web.Store.conversation, sid))}
     store.close()
     assert "tool_result" in kinds and not kinds & {"tool_output", "delta"}
 
 
+@both_stores
 def test_post_answers_202_with_session_and_seq(server):
     r = server.http("POST", "/agent/chat", {"message": "hi"})
     assert r.status_code == 202
@@ -3516,6 +3604,7 @@ def test_post_answers_202_with_session_and_seq(server):
     assert body["seq"] == 1 and body["session_id"].startswith("s_")
 
 
+@both_stores
 def test_two_subscribers_receive_identical_streams(server):
     sid = server.chat("slow one")["session_id"]
 
@@ -3526,6 +3615,7 @@ def test_two_subscribers_receive_identical_streams(server):
     assert a == b and a[-1]["type"] == "done"
 
 
+@both_stores
 def test_subscribe_mid_run_joins_store_and_live_with_no_gap(server):
     sid = server.chat("slow answer")["session_id"]
     server.wait_event(sid, "delta", count=5)
@@ -3535,6 +3625,7 @@ def test_subscribe_mid_run_joins_store_and_live_with_no_gap(server):
     assert of(events, "message")[-1]["content"].endswith(text)
 
 
+@both_stores
 def test_random_drops_and_resubscribes_join_to_exactly_the_stored_log(server):
     """20 trials: while a run streams fast (300 deltas at 1,000 a second), a
     client drops its socket at random moments (a clean close or an abrupt
@@ -3581,6 +3672,7 @@ def test_random_drops_and_resubscribes_join_to_exactly_the_stored_log(server):
     assert total_drops >= 20                        # the drops really happened
 
 
+@both_stores
 def test_a_run_completes_with_no_socket_connected(server):
     sid = server.chat("run: echo nobody-watching")["session_id"]
     h = server.wait_status(sid)
@@ -3588,12 +3680,14 @@ def test_a_run_completes_with_no_socket_connected(server):
     assert "nobody-watching" in of(h["events"], "tool_result")[0]["output"]
 
 
+@both_stores
 def test_second_post_during_a_run_gets_409(server):
     sid = server.chat("slow")["session_id"]
     r = server.http("POST", "/agent/chat", {"session_id": sid, "message": "again"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "run_in_progress"
 
 
+@both_stores
 def test_racing_posts_to_one_session_start_exactly_one_run(server):
     sid = server.chat("say: first")["session_id"]
     server.wait_status(sid)
@@ -3609,6 +3703,7 @@ def test_racing_posts_to_one_session_start_exactly_one_run(server):
     assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
 
 
+@both_stores
 def test_cancel_mid_stream_by_post(server):
     sid = server.chat("slow talker")["session_id"]
     server.wait_event(sid, "delta", count=3)
@@ -3619,6 +3714,7 @@ def test_cancel_mid_stream_by_post(server):
     assert of(h["events"], "message")[-1]["incomplete"] is True
 
 
+@both_stores
 def test_cancel_mid_tool_by_websocket_frame(server):
     sid = server.chat("run: sleep 30")["session_id"]
     server.wait_event(sid, "tool_call")
@@ -3637,6 +3733,7 @@ def test_cancel_mid_tool_by_websocket_frame(server):
     assert of(server.history(sid)["events"], "tool_result")[0]["is_error"]
 
 
+@both_stores
 def test_cancel_with_nothing_running_is_409(server):
     sid = server.chat("say: quick")["session_id"]
     server.wait_status(sid)
@@ -3753,6 +3850,7 @@ def test_ctrl_c_ends_running_runs_as_interrupted(tmp_path, llm):
     assert db.execute("SELECT status FROM sessions").fetchone()[0] == "idle"
 
 
+@both_stores
 def test_sessions_list_newest_first_and_delete(server):
     a = server.chat("say: first")["session_id"]
     server.wait_status(a)
@@ -3767,6 +3865,7 @@ def test_sessions_list_newest_first_and_delete(server):
     assert server.http("DELETE", f"/agent/sessions/{a}").status_code == 404
 
 
+@both_stores
 def test_history_paging_after_and_limit(server):
     sid = server.chat("slow, so every word is an event")["session_id"]
     h = server.wait_status(sid)
@@ -4351,6 +4450,7 @@ def test_page_shows_what_a_file_tool_changed_as_a_coloured_diff(server, page_for
     assert second.locator(".add").count() == 80
 
 
+@both_stores
 def test_sessions_are_renamed_searched_and_exported(server, llm):
     one = server.chat("say: the quick brown fox")["session_id"]
     server.wait_status(one)
@@ -4481,6 +4581,7 @@ def test_page_tells_a_hidden_tab_that_a_run_ended_or_waits(server, page_for, llm
     assert page.evaluate("window.shown") == ["The run finished: done"]
 
 
+@both_stores
 def test_a_session_forks_before_a_message_and_the_original_is_untouched(server, llm):
     sid = server.chat("say: first")["session_id"]
     server.wait_status(sid)
@@ -4620,6 +4721,7 @@ def test_page_file_panel_browses_downloads_uploads_and_takes_drops(server, page_
     assert Path(info.value.path()).read_text() == "made by the agent"
 
 
+@both_stores
 def test_a_message_queued_during_a_run_reaches_the_model_at_its_next_step(server, llm):
     sid = server.chat("run: sleep 1; echo slept")["session_id"]
     server.wait_event(sid, "tool_call")
@@ -4641,6 +4743,7 @@ def test_a_message_queued_during_a_run_reaches_the_model_at_its_next_step(server
     assert anthropic_problems(llm.requests[-1]) == []
 
 
+@both_stores
 def test_queued_messages_start_the_next_run_or_wait_after_stop_and_restart(server, llm):
     sid = server.chat("slow")["session_id"]
     server.wait_event(sid, "delta")
@@ -5249,6 +5352,7 @@ def test_vanishing_and_churning_clients_leak_nothing(server):
     assert after["rss_kb"] - base["rss_kb"] < 20_000, (base, after)   # a bound, not a timing
 
 
+@both_stores
 def test_failing_llm_never_leaves_a_session_running(server, llm):
     llm.script += [Reply(status=500)] * 5
     sid = server.chat("hi")["session_id"]
@@ -5284,6 +5388,7 @@ def test_hanging_bash_times_out_and_the_run_ends(server, llm):
     assert result["is_error"] and "timed out" in result["output"].lower()
 
 
+@both_stores
 def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
     target = server.chat("say: the contested session")["session_id"]
     server.wait_status(target)
@@ -5308,3 +5413,143 @@ def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
         assert of(events, "tool_result")[0]["output"].strip() == f"session-{i}"
     h = server.wait_status(target)
     assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
+
+
+# =============================================================================
+# Many workers on one PostgreSQL database (issue 22)
+# =============================================================================
+
+WORKER_ENV = {"AGENT_WEB_LEASE": "2"}     # a dead worker is found within ~2.5 s
+
+
+async def ws_frames(url: str, frames: list[dict]) -> None:
+    async with websockets.connect(url) as ws:
+        for frame in frames:
+            await ws.send(json.dumps(frame))
+        await asyncio.sleep(0.3)
+
+
+def test_three_workers_share_streams_runs_and_the_dead_ones_runs(tmp_path, llm, postgres):
+    """Three servers on one database, each on its own port (as on three
+    machines): a run started on one is pushed to subscribers on all three
+    exactly as stored; a second run anywhere is 409; a cancel sent to
+    another worker stops it; the sessions list is the same everywhere; a
+    worker killed mid-run has its run ended `interrupted` by another, its
+    tool call closed, and the others' live runs are never touched."""
+    dsn = postgres.database()
+    for i in range(3):
+        (tmp_path / f"w{i}").mkdir()
+    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, extra_env=WORKER_ENV) for i in range(3)]
+    try:
+        # 1. streams: started on w0, watched from all three
+        sid = w[0].chat("say: ready")["session_id"]
+        w[0].wait_status(sid)
+        last = w[0].history(sid)["last_seq"]
+
+        async def watch_all():
+            watchers = [asyncio.ensure_future(ws_collect(x.ws_url(), sid, after=last))
+                        for x in w]
+            await asyncio.sleep(0.5)              # all three subscribed
+            r = await asyncio.to_thread(w[0].http, "POST", "/agent/chat",
+                                        {"session_id": sid, "message": "stream 120 200"})
+            assert r.status_code == 202, r.text
+            r2 = await asyncio.to_thread(w[2].http, "POST", "/agent/chat",
+                                         {"session_id": sid, "message": "say: no"})
+            assert r2.status_code == 409 and r2.json()["error"]["code"] == "run_in_progress"
+            return await asyncio.gather(*watchers)
+        streams = arun(watch_all())
+        stored = w[1].history(sid, after=last)["events"]
+        assert of(stored, "done") and all(s == stored for s in streams)
+        assert [e["seq"] for e in stored] == list(range(last + 1, last + 1 + len(stored)))
+
+        # 2. a cancel through another worker stops the run
+        sid2 = w[0].chat("run: sleep 30")["session_id"]
+        w[1].wait_event(sid2, "tool_call")
+        arun(ws_frames(w[2].ws_url(), [{"type": "cancel", "session_id": sid2}]))
+        assert w[1].wait_status(sid2, timeout=10)["events"][-1]["status"] == "cancelled"
+        r = w[1].http("POST", "/agent/cancel", {"session_id": sid2})
+        assert r.status_code == 409                           # nothing runs there now
+
+        # 3. a worker killed mid-run: another ends its run; a live one is left alone
+        alive = w[0].chat("run: sleep 6; echo survived")["session_id"]
+        doomed = w[1].chat("run: sleep 30")["session_id"]
+        w[2].wait_event(doomed, "tool_call")
+        w[2].wait_event(alive, "tool_call")
+        w[1].kill()
+        h = w[2].wait_status(doomed, timeout=15)
+        assert h["events"][-1]["status"] == "interrupted"
+        result = of(h["events"], "tool_result")[-1]
+        assert result["is_error"] and result["call_id"] == of(h["events"], "tool_call")[-1]["call_id"]
+        h = w[0].wait_status(alive, timeout=20)
+        assert h["events"][-1]["status"] == "done"
+        assert "survived" in of(h["events"], "tool_result")[-1]["output"]
+
+        # 4. the sessions list is the same from every live worker
+        w[1].start()
+        lists = [x.http("GET", "/agent/sessions").json() for x in w]
+        assert lists[0] == lists[1] == lists[2] and len(lists[0]["sessions"]) == 4
+    finally:
+        for x in w:
+            x.stop()
+
+
+def test_uvicorn_with_three_workers_serves_one_postgres_database(tmp_path, llm, postgres):
+    """`uvicorn agent_web:app --workers 3`, as the README says to run it:
+    streams on several connections (landing on whichever worker accepts
+    them) equal the store, every worker lists the same sessions, and a
+    worker SIGKILLed mid-run has its run ended `interrupted` by another."""
+    import psycopg
+    dsn = postgres.database()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = free_env(AGENT_WEB_DB=dsn, AGENT_WEB_TOKEN=TOKEN, AGENT_WORKSPACE=tmp_path / "ws",
+                   AGENT_APPROVE="auto", ANTHROPIC_API_KEY="key-123",
+                   ANTHROPIC_BASE_URL=llm.url, **WORKER_ENV)
+    log = open(tmp_path / "uvicorn.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "agent_web:app", "--app-dir",
+                             str(HERE), "--ws", "wsproto", "--workers", "3", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT)
+    s = ServerProcess.__new__(ServerProcess)        # its HTTP and WebSocket helpers only
+    s.port, s.base, s.db = port, f"http://127.0.0.1:{port}", dsn
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if s.http("GET", "/healthz").status_code == 200:
+                    break
+            time.sleep(0.1)
+        time.sleep(1.0)                             # all three up, not just the first
+        sid = s.chat("say: ready")["session_id"]
+        last = s.wait_status(sid)["last_seq"]
+
+        async def watch():
+            watchers = [asyncio.ensure_future(ws_collect(s.ws_url(), sid, after=last))
+                        for _ in range(6)]
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(s.chat, "stream 100 200", sid)
+            return await asyncio.gather(*watchers)
+        streams = arun(watch())
+        stored = s.history(sid, after=last)["events"]
+        assert of(stored, "done") and all(x == stored for x in streams)
+
+        lists = [s.http("GET", "/agent/sessions").json() for _ in range(9)]
+        assert all(x == lists[0] for x in lists)
+
+        doomed = s.chat("run: sleep 30")["session_id"]
+        s.wait_event(doomed, "tool_call")
+        with psycopg.connect(dsn) as conn:
+            owner = conn.execute("SELECT owner FROM runs WHERE session_id = %s",
+                                 (doomed,)).fetchone()[0]
+        os.kill(int(owner.split(":")[1]), signal.SIGKILL)
+        h = s.wait_status(doomed, timeout=20)
+        assert h["events"][-1]["status"] == "interrupted"
+        assert of(h["events"], "tool_result")[-1]["is_error"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -2,6 +2,7 @@
 
     python bench/paced.py [--seconds 4] [--rates 20,50,100] [--sessions 1,10,50,200]
     python bench/paced.py --against ../before        # another checkout, in turn
+    python bench/paced.py --windows 0,12              # this code, per pacing window
 
 Each configuration: SESSIONS sessions at once, each streaming for SECONDS at
 RATE tokens a second (the fake LLM of the tests, in a process of its own,
@@ -103,22 +104,29 @@ async def main() -> None:
     ap.add_argument("--rates", default="20,50,100")
     ap.add_argument("--sessions", default="1,10,50,200")
     ap.add_argument("--against", type=Path, help="another checkout, run in turn with this one")
+    ap.add_argument("--windows", help="pacing windows in ms (AGENT_WEB_COALESCE_MS) to run "
+                    "this checkout with, in turn; default: its own default")
     ap.add_argument("--lag", action="store_true", help="run the server's loop-lag probe (it "
                     "wakes the loop 100 times a second, which the CPU figure then includes)")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     counts = [int(n) for n in args.sessions.split(",")]
-    codes = {"this": HERE.parent / "agent_web.py"}
+    lag = {"AGENT_WEB_LAG_PROBE": "1"} if args.lag else {}
+    codes = {"this": (HERE.parent / "agent_web.py", lag)}
+    if args.windows:
+        codes = {f"this@{w}ms": (HERE.parent / "agent_web.py",
+                                 {**lag, "AGENT_WEB_COALESCE_MS": w})
+                 for w in args.windows.split(",")}
     if args.against:
-        codes["against"] = args.against.resolve() / "agent_web.py"
+        codes["against"] = (args.against.resolve() / "agent_web.py", lag)
     fake = FakeLLMProcess()
     servers = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for k, (name, script) in enumerate(codes.items()):
+            for name, (script, env) in codes.items():
                 (Path(tmp) / name).mkdir()
                 servers[name] = ServerProcess(Path(tmp) / name, fake, script=script,
-                                              extra_env={"AGENT_WEB_LAG_PROBE": "1"} if args.lag else {})
+                                              extra_env=env)
             print(f"{'tok/s':>6} {'sessions':>8} {'tokens':>7} {'CPU ms/token':>13} "
                   f"{'p50 ms':>7} {'p99 ms':>7} {'lag p99':>8}  code", flush=True)
             for rate in rates:
