@@ -259,6 +259,11 @@ class DatabaseInUse(HTTPError):
         super().__init__(503, "database_in_use", message)
 
 
+class DatabaseUnreachable(DatabaseInUse):
+    """The PostgreSQL database named cannot be reached at start-up: told in
+    one line, as above."""
+
+
 class DatabaseLock:
     """One server process per SQLite database.
 
@@ -1466,6 +1471,17 @@ def psycopg_module():
     return psycopg
 
 
+def reach_postgres(dsn: str) -> None:
+    """DatabaseUnreachable unless the database answers (main's check, so a
+    wrong DSN is one line before uvicorn starts, not a failed start-up)."""
+    psycopg = psycopg_module()
+    try:
+        psycopg.connect(dsn, connect_timeout=10).close()
+    except psycopg.Error as exc:
+        raise DatabaseUnreachable(f"cannot reach the database {db_label(dsn)}: "
+                                  f"{str(exc).splitlines()[0]}") from None
+
+
 @functools.lru_cache(maxsize=256)
 def _pg_sql(sql: str) -> str:
     """A Store query in PostgreSQL's words: `?` -> `%s` (and a literal % -> %%),
@@ -1542,7 +1558,12 @@ class PgStore(Store):
             raise StoreUnavailable(exc) from exc
 
     async def open(self) -> None:
-        await self.write(PgStore.create_tables)
+        try:
+            await self.write(PgStore.create_tables)
+        except StoreUnavailable as exc:
+            raise DatabaseUnreachable(
+                f"cannot reach the database {db_label(self.path)}: "
+                f"{str(exc.__cause__).splitlines()[0]}") from None
 
     def close(self) -> None:
         for pool in (self._reader, self._writer, self._checkpointer):
@@ -2992,7 +3013,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         application.db_lock.acquire()     # held by this process until it exits
-    except DatabaseInUse as exc:
+        if is_postgres(args.db):
+            reach_postgres(args.db)
+    except DatabaseInUse as exc:          # and DatabaseUnreachable
         print(f"agent_web: {exc}", file=sys.stderr)
         return 2
 

@@ -5553,3 +5553,66 @@ def test_uvicorn_with_three_workers_serves_one_postgres_database(tmp_path, llm, 
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_a_postgres_dsn_without_psycopg_or_a_server_is_one_clear_line(tmp_path):
+    """Without psycopg the DSN is a usage error naming what to install; with
+    it, a database that does not answer is one line (its password hidden),
+    not a traceback."""
+    (tmp_path / "psycopg").mkdir()
+    (tmp_path / "psycopg" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    cmd = [sys.executable, str(HERE / "agent_web.py"), "--port", "0", "--no-browser", "--db",
+           "postgresql://agent:s3cret@127.0.0.1:1/agent"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                       env=free_env(PYTHONPATH=tmp_path))
+    assert r.returncode == 2 and "pip install -r requirements-postgres.txt" in r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                       env=free_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "s3cret" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "agent_web: cannot reach the database postgresql://agent:***@127.0.0.1:1/agent: ")
+
+
+def test_approve_queue_and_a_waiting_run_reach_their_owner_from_another_worker(
+        tmp_path, llm, postgres):
+    """Two workers in ask mode: an approval sent to the worker that does not
+    run the session reaches the run; so does a queued message; and a run
+    left waiting for approval by a worker that stops is resumed, still
+    waiting, by the other (as one server's restart resumes it)."""
+    dsn = postgres.database()
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, approve="ask", extra_env=WORKER_ENV)
+         for i in range(2)]
+    try:
+        sid = w[0].chat("run: echo approved-elsewhere")["session_id"]
+        req = w[1].wait_event(sid, "approval_request")
+        assert approve(w[1], sid, req["call_id"]).status_code == 202
+        h = w[1].wait_status(sid)
+        assert of(h["events"], "tool_result")[0]["output"].strip() == "approved-elsewhere"
+
+        w[0].chat("run: sleep 1; echo slept", sid, approve_mode="auto")
+        w[1].wait_event(sid, "tool_call", count=2)
+        r = w[1].http("POST", "/agent/chat", {"message": "say: also this", "session_id": sid,
+                                              "queue": True})
+        assert r.status_code == 202 and r.json()["queued"]
+        h = w[0].wait_status(sid)
+        delivered = [e for e in h["events"] if e["type"] == "message" and e.get("queued_id")]
+        assert [e["queued_id"] for e in delivered] == [r.json()["message_id"]]
+        assert len(of(h["events"], "done")) == 2          # the running one took it
+
+        waiting = w[0].chat("run: echo resumed", approve_mode="ask")["session_id"]
+        req = w[1].wait_event(waiting, "approval_request")
+        w[0].stop()                                       # a clean stop leaves it waiting
+        deadline = time.time() + 10                       # until the other's sweep adopts it
+        while (r := approve(w[1], waiting, req["call_id"])).status_code == 409:
+            assert time.time() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 202
+        h = w[1].wait_status(waiting)
+        assert of(h["events"], "tool_result")[0]["output"].strip() == "resumed"
+        assert "interrupted" not in [e["status"] for e in of(h["events"], "done")]
+    finally:
+        for x in w:
+            x.stop()
