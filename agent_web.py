@@ -721,6 +721,15 @@ class Store:
         return session, [r[0] for r in rows]
 
     @staticmethod
+    def events_after(conn, session_id: str, after: int, limit: int) -> list[str]:
+        """The wire JSON of up to `limit` events after `after`: one statement
+        (a subscriber catching up asks for this whenever another worker
+        stored events)."""
+        return [r[0] for r in conn.execute(
+            "SELECT data FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (session_id, after, limit))]
+
+    @staticmethod
     def output_so_far(conn, session_id: str) -> dict[str, str]:
         """call id -> what its command printed live (its `tool_output`s)."""
         printed: dict[str, list[str]] = {}
@@ -1589,26 +1598,30 @@ class PgStore(Store):
     def append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
         by_session, changes, ended = Store._effects(items)
         results: list[tuple[int, str] | None] = [None] * len(items)
-        conn.pg("BEGIN")
         try:
-            # Locked, a session's newest seq is ours to number on from, and a
-            # second worker's commit to it waits for ours: no gap, no clash.
-            live = [r[0] for r in conn.pg("SELECT id FROM sessions WHERE id = ANY(%s) "
-                                          "ORDER BY id FOR UPDATE", (sorted(by_session),))]
-            last_seq = dict.fromkeys(live, 0)
-            last_seq.update(conn.pg("SELECT session_id, max(seq) FROM events WHERE "
-                                    "session_id = ANY(%s) GROUP BY session_id", (live,)))
-            now = time.time()
-            conn.many("UPDATE sessions SET updated_at = %s, status = COALESCE(%s, status), "
-                      "title = CASE WHEN title = '' THEN %s ELSE title END WHERE id = %s",
-                      [(now, status, title, sid) for sid, status, title in changes
-                       if sid in last_seq])
-            conn.many("INSERT INTO events (session_id, seq, type, data) VALUES (%s, %s, %s, %s)",
-                      Store._rows(items, by_session, last_seq, results))
-            if ended:
-                conn.pg("DELETE FROM runs WHERE session_id = ANY(%s)", (ended,))
-            PgStore._notify(conn, "events", live)
-            conn.pg("COMMIT")
+            # Two round trips to the database (a pipeline sends statements
+            # without waiting for each answer): the locking read, whose
+            # answer numbers the events, then everything else and COMMIT.
+            with conn.raw.pipeline():
+                conn.pg("BEGIN")
+                # Locked, a session's newest seq is ours to number on from,
+                # and a second worker's commit to it waits for ours: no gap,
+                # no clash.
+                last_seq = dict(conn.pg(f"SELECT id, {Store.LAST_SEQ} FROM sessions WHERE id "
+                                        "= ANY(%s) ORDER BY id FOR UPDATE",
+                                        (sorted(by_session),)).fetchall())
+                now = time.time()
+                conn.many("UPDATE sessions SET updated_at = %s, status = COALESCE(%s, status), "
+                          "title = CASE WHEN title = '' THEN %s ELSE title END WHERE id = %s",
+                          [(now, status, title, sid) for sid, status, title in changes
+                           if sid in last_seq])
+                conn.many("INSERT INTO events (session_id, seq, type, data) "
+                          "VALUES (%s, %s, %s, %s)",
+                          Store._rows(items, by_session, last_seq, results))
+                if ended:
+                    conn.pg("DELETE FROM runs WHERE session_id = ANY(%s)", (ended,))
+                PgStore._notify(conn, "events", list(last_seq))
+                conn.pg("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.pg("ROLLBACK")
@@ -2763,8 +2776,8 @@ class Connection:
         """Send the stored events after `last`; returns the new last seq."""
         while True:
             if rows is None:
-                _, rows = await self.app.store.read(Store.history, session_id, last,
-                                                    REPLAY_CHUNK)
+                rows = await self.app.store.read(Store.events_after, session_id, last,
+                                                 REPLAY_CHUNK)
             for text in rows:
                 await self.send_text(text)
             last += len(rows)        # seq has no gaps: the rows were last+1 ..
