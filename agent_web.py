@@ -261,7 +261,10 @@ class DatabaseInUse(HTTPError):
 
 class DatabaseUnreachable(DatabaseInUse):
     """The PostgreSQL database named cannot be reached at start-up: told in
-    one line, as above."""
+    one line, as above (a mounted app's request: 503 database_unreachable)."""
+
+    def __init__(self, message: str):
+        HTTPError.__init__(self, 503, "database_unreachable", message)
 
 
 class DatabaseLock:

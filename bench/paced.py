@@ -3,6 +3,7 @@
     python bench/paced.py [--seconds 4] [--rates 20,50,100] [--sessions 1,10,50,200]
     python bench/paced.py --against ../before        # another checkout, in turn
     python bench/paced.py --windows 0,12              # this code, per pacing window
+    python bench/paced.py --pin                       # the server alone on CPU 1
 
 Each configuration: SESSIONS sessions at once, each streaming for SECONDS at
 RATE tokens a second (the fake LLM of the tests, in a process of its own,
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import random
 import re
 import sys
@@ -98,6 +100,13 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float)
             "p50": pct(0.5), "p99": pct(0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
 
 
+def pin(pid: int, cpus: list[int]) -> None:
+    """Every thread of a process onto `cpus` (threads it starts later
+    inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -106,6 +115,9 @@ async def main() -> None:
     ap.add_argument("--against", type=Path, help="another checkout, run in turn with this one")
     ap.add_argument("--windows", help="pacing windows in ms (AGENT_WEB_COALESCE_MS) to run "
                     "this checkout with, in turn; default: its own default")
+    ap.add_argument("--pin", action="store_true", help="the server (all its threads) on "
+                    "the last CPU, this client and the fake LLM on the others: one core's "
+                    "capacity, not shared with its own load")
     ap.add_argument("--lag", action="store_true", help="run the server's loop-lag probe (it "
                     "wakes the loop 100 times a second, which the CPU figure then includes)")
     args = ap.parse_args()
@@ -119,7 +131,11 @@ async def main() -> None:
                  for w in args.windows.split(",")}
     if args.against:
         codes["against"] = (args.against.resolve() / "agent_web.py", lag)
+    cpus = sorted(os.sched_getaffinity(0))
     fake = FakeLLMProcess()
+    if args.pin:
+        pin(os.getpid(), cpus[:-1])
+        pin(fake.pid, cpus[:-1])
     servers = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -127,6 +143,8 @@ async def main() -> None:
                 (Path(tmp) / name).mkdir()
                 servers[name] = ServerProcess(Path(tmp) / name, fake, script=script,
                                               extra_env=env)
+                if args.pin:
+                    pin(servers[name].proc.pid, cpus[-1:])
             print(f"{'tok/s':>6} {'sessions':>8} {'tokens':>7} {'CPU ms/token':>13} "
                   f"{'p50 ms':>7} {'p99 ms':>7} {'lag p99':>8}  code", flush=True)
             for rate in rates:

@@ -1,6 +1,7 @@
 """Opening a long session in the page, in Debian's Chromium (issue 21.4).
 
     python bench/page_open.py [--events 10000] [--repeat 5] [--against DIR]
+    python bench/page_open.py --stream 5000 [--paragraph 40] [--events 10000] [--against DIR]
 
 A session of EVENTS events of realistic sizes (bench/resume.py's shapes) is
 written into a fresh database; the real server starts on it; a headless
@@ -8,6 +9,14 @@ Chromium tab opens `/?session=…` and we time, with the page's own clock,
 navigation start -> the newest event drawn (its `done` line in the DOM),
 and count the long tasks (over 50 ms) the main thread ran meanwhile
 (PerformanceObserver).  --against runs another checkout's server in turn.
+
+--stream TOKENS: instead, what streaming an answer of TOKENS tokens (at
+1,000 a second, the tests' fake LLM; a new paragraph every --paragraph
+words, as a model writes, or 0 for one paragraph) costs the page's main thread, in the
+long session and in a short one (one earlier answer): Chromium's own
+counters (DevTools Performance.getMetrics: TaskDuration, ScriptDuration,
+LayoutDuration, RecalcStyleDuration) from the POST to the answer's `done` drawn, and the long
+tasks meanwhile.  Each session in turn, REPEAT times.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from resume import seed  # noqa: E402
-from test_agent_web import CHROMIUM, CHROMIUM_ARGS, ServerProcess  # noqa: E402
+from test_agent_web import CHROMIUM, CHROMIUM_ARGS, FakeLLMProcess, ServerProcess  # noqa: E402
 
 DEBUG = False
 WATCH = """() => {
@@ -56,13 +65,92 @@ def measure(page, url: str, events: int) -> tuple[float, int, float]:
     return took, len(tasks), max(tasks, default=0.0)
 
 
+def stream_cost(page, server, sid: str, tokens: int, per: int) -> dict:
+    """Main-thread seconds the page spends while an answer streams in."""
+    page.goto(f"{server.base}/?session={sid}")
+    page.wait_for_selector("#conn.live")
+    page.wait_for_function("document.querySelector('#events .done') !== null")
+    page.wait_for_timeout(300)
+    page.evaluate("""() => { window.longTasks = [];
+      new PerformanceObserver((l) => { for (const e of l.getEntries())
+        window.longTasks.push(e.duration); }).observe({ type: "longtask" }); }""")
+    ends = page.evaluate("document.querySelectorAll('#events .done').length")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Performance.enable")
+
+    def metrics():
+        got = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+        return {k: got[k] for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
+                                    "RecalcStyleDuration")}
+    before = metrics()
+    r = server.http("POST", "/agent/chat", {"session_id": sid,
+                                            "message": f"stream {tokens} 1000 {per}"})
+    assert r.status_code == 202, r.text
+    page.wait_for_function(f"document.querySelectorAll('#events .done').length > {ends}",
+                           timeout=120_000)
+    after = metrics()
+    cdp.detach()
+    tasks = page.evaluate("window.longTasks")
+    return {**{k: (after[k] - before[k]) * 1000 for k in before}, "long": len(tasks)}
+
+
+def main_stream(args) -> None:
+    from playwright.sync_api import sync_playwright
+    codes = {"this": HERE.parent / "agent_web.py"}
+    if args.against:
+        codes["against"] = args.against.resolve() / "agent_web.py"
+    fake = FakeLLMProcess()
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        print(f"a {args.stream:,}-token answer streamed at 1,000 tokens/s, "
+              + (f"a paragraph every {args.paragraph} words" if args.paragraph
+                 else "one paragraph") + f"; main thread, medians of {args.repeat}")
+        print(f"{'code':>8} {'session':>22} {'task ms':>8} {'script ms':>10} "
+              f"{'layout ms':>10} {'style ms':>9} {'long tasks':>11}")
+        try:
+            for name, script in codes.items():
+                folder = Path(tmp) / name
+                folder.mkdir()
+                long_sid = seed(folder / "agent.db", args.events)
+                server = ServerProcess(folder, fake, script=script)
+                try:
+                    short_sid = server.chat("say: a short session")["session_id"]
+                    server.wait_status(short_sid)
+                    context = browser.new_context(viewport={"width": 1200, "height": 800},
+                                                  bypass_csp=True)
+                    page = context.new_page()
+                    page.goto(server.url)
+                    page.wait_for_selector("#conn.live")
+                    for label, sid in ((f"{args.events:,} events", long_sid),
+                                       ("short (one answer)", short_sid)):
+                        runs = [stream_cost(page, server, sid, args.stream, args.paragraph)
+                                for _ in range(args.repeat)]
+                        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                        print(f"{name:>8} {label:>22} {med['TaskDuration']:>8.0f} "
+                              f"{med['ScriptDuration']:>10.0f} {med['LayoutDuration']:>10.0f} "
+                              f"{med['RecalcStyleDuration']:>9.0f} {med['long']:>11.0f}",
+                              flush=True)
+                    context.close()
+                finally:
+                    server.stop()
+        finally:
+            fake.close()
+            browser.close()
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--against", type=Path)
+    ap.add_argument("--stream", type=int, help="measure streaming an answer of this many "
+                    "tokens into the long session and a short one instead")
+    ap.add_argument("--paragraph", type=int, default=40, help="with --stream: words per "
+                    "paragraph of the answer (0: all one paragraph)")
     args = ap.parse_args()
+    if args.stream:
+        return main_stream(args)
     codes = {"this": HERE.parent / "agent_web.py"}
     if args.against:
         codes["against"] = args.against.resolve() / "agent_web.py"

@@ -222,7 +222,7 @@ class Transcript {
         if (block.final) break;
         if (ev.channel === "thinking") {
           block.thinking += ev.content;
-          this.thinkingBox(block).body.textContent = block.thinking;
+          this.thinkingBox(block).body.append(ev.content);    // a new text node: no re-copy
         } else {
           block.text += ev.content;
           this.markDirty(block);
@@ -432,7 +432,7 @@ class Transcript {
     if (this.frame) { cancelAnimationFrame(this.frame); clearTimeout(this.frame); }
     this.frame = 0;
     for (const block of this.dirty) {
-      block.md.replaceChildren(renderMarkdown(block.text, { copy: t("copy"), copied: t("copied") }));
+      this.draw(block);
       block.el.classList.toggle("streaming", !block.final);
       if (block.incomplete && !block.el.querySelector(":scope > .cut")) {
         const cut = document.createElement("span");
@@ -443,6 +443,55 @@ class Transcript {
     }
     this.dirty.clear();
   }
+
+  // A streaming answer is drawn in two parts.  What comes before its last
+  // blank line outside a code fence never changes again (Markdown blocks end
+  // there), so each such piece is rendered once, appended, and kept; only the
+  // tail after it is rendered anew each frame.  A long answer then costs a
+  // frame what its last paragraph costs, not what all of it does (rendering
+  // and laying out the whole text each frame was quadratic: bench/page_open.py
+  // --stream).  The final message is rendered whole, once.
+  draw(block) {
+    const labels = { copy: t("copy"), copied: t("copied") };
+    if (block.final || block.tail === undefined) {
+      block.md.replaceChildren();
+      block.stable = 0;
+      block.tail = [];
+    }
+    if (block.final) {
+      block.md.append(renderMarkdown(block.text, labels));
+      return;
+    }
+    for (const node of block.tail) node.remove();
+    const end = stableEnd(block.text, block.stable);
+    if (end > block.stable) {
+      block.md.append(renderMarkdown(block.text.slice(block.stable, end), labels));
+      block.stable = end;
+    }
+    const tail = renderMarkdown(block.text.slice(block.stable), labels);
+    block.tail = [...tail.childNodes];
+    block.md.append(tail);
+  }
+}
+
+// Where the settled part of a streaming text ends: after its last blank line
+// outside a code fence (fences opened and closed as renderMarkdown does),
+// looking from `from`, itself such a place.  The last line may still grow.
+function stableEnd(text, from) {
+  const lines = text.slice(from).split("\n");
+  let pos = from, end = from, fence = null;
+  for (let k = 0; k < lines.length - 1; k++) {
+    const line = lines[k];
+    pos += line.length + 1;
+    if (fence) {
+      if (line.trim().startsWith(fence)) fence = null;
+    } else {
+      const open = line.match(/^\s*(```+|~~~+)\s*([\w+-]*)\s*$/);
+      if (open) fence = open[1];
+      else if (!line.trim()) end = pos;
+    }
+  }
+  return end;
 }
 
 const fmt = (n) => Number(n || 0).toLocaleString("en-US");
@@ -1105,10 +1154,13 @@ function nearBottom() {
   return box.scrollHeight - box.scrollTop - box.clientHeight < 80;
 }
 
+// One scroll a frame, however many events came in it: each scroll makes the
+// browser lay the page out.
+let scrollFrame = 0;
 function scrollToEnd(really) {
-  if (!really) return;
+  if (!really || scrollFrame) return;
   const box = $("transcript");
-  requestAnimationFrame(() => { box.scrollTop = box.scrollHeight; });
+  scrollFrame = requestAnimationFrame(() => { scrollFrame = 0; box.scrollTop = box.scrollHeight; });
 }
 
 function applyLabels() {
