@@ -360,7 +360,7 @@ class Store:
                 return fn(self._conn(), *args)
             finally:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
-        pool = self._writer if kind == "write" else self._reader
+        pool = self._writer if kind == "write" else self._lease if kind == "lease" else self._reader
         return await asyncio.get_running_loop().run_in_executor(pool, timed)
 
     async def write(self, fn: Callable, *args) -> Any:
@@ -1086,11 +1086,17 @@ class Owners:
     async def claim(self, session_id: str) -> bool:
         return True                     # `reserve` already refused a second run
 
-    def released(self, session_id: str) -> None:
-        pass
+    async def unclaim(self, session_id: str) -> None:
+        """A claimed run that stored nothing gives its claim back (one that
+        ran loses it with its `done`)."""
+
+    async def elsewhere(self, session_id: str) -> str | None:
+        """The worker running the session, when that is not this one."""
+        return None
 
     async def forward(self, session_id: str, op: dict) -> bool:
-        """Hand `op` to the worker whose run it is; False: no run anywhere."""
+        """Hand `op` to the worker whose run it is; False: none runs it
+        (or this one does)."""
         return False
 
     async def orphans(self, store: Store) -> list[dict]:
@@ -1122,7 +1128,6 @@ class RunManager:
     def release(self, run: Run) -> None:
         if self.runs.get(run.session_id) is run:
             del self.runs[run.session_id]
-            self.owners.released(run.session_id)
 
     def start(self, run: Run, approve_mode: str, prior: list[dict], asked: set[str] = frozenset()
               ) -> None:
@@ -1149,7 +1154,7 @@ class RunManager:
 
     async def running(self, sid: str) -> bool:
         """A run goes in the session, here or on another worker."""
-        return sid in self.runs or await self.owners.forward(sid, {"op": "ping"})
+        return sid in self.runs or await self.owners.elsewhere(sid) is not None
 
     async def enqueue(self, sid: str, text: str) -> dict:
         stored = await self.events.emit(sid, {"type": "queued", "content": text,
@@ -1200,9 +1205,11 @@ class RunManager:
             prior = await self.store.read(Store.conversation, sid) if stored else []
         except BaseException:
             self.release(run)
+            await self.owners.unclaim(sid)
             raise
         if stored is None:
             self.release(run)
+            await self.owners.unclaim(sid)
             return None
         self.start(run, mode, prior)
         return stored
@@ -1530,6 +1537,12 @@ class _PgConnection:
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status != 0         # 0: IDLE
 
+    def rollback(self) -> None:
+        """After a failed statement; a lost connection has nothing to undo
+        (and another error here would hide the one that matters)."""
+        if not self.raw.broken and self.in_transaction:
+            self.raw.execute("ROLLBACK")
+
     def close(self) -> None:
         self.raw.close()
 
@@ -1540,6 +1553,10 @@ class PgStore(Store):
         self.psycopg = psycopg_module()
         self.worker_id = worker_id
         self._reader = ThreadPoolExecutor(PG_READERS, thread_name_prefix="agent-web-pg-read")
+        # Leases on a thread of their own: a renewal queued behind a backlog
+        # of commits on the writer could come too late and lose a live lease.
+        self._lease = ThreadPoolExecutor(1, thread_name_prefix="agent-web-pg-lease")
+        self.seconds_in_sqlite["lease"] = 0.0      # (in PostgreSQL calls, here)
         self._opened: list[_PgConnection] = []     # every thread's, closed by close()
 
     def _conn(self):
@@ -1561,11 +1578,14 @@ class PgStore(Store):
             raise StoreUnavailable(exc) from exc
 
     def read(self, fn: Callable, *args) -> Awaitable:
-        return self._reads(self.OWN.get(fn, fn), *args)
+        return self._on("read", self.OWN.get(fn, fn), *args)
 
-    async def _reads(self, fn: Callable, *args) -> Any:
+    def lease(self, fn: Callable, *args) -> Awaitable:
+        return self._on("lease", fn, *args)
+
+    async def _on(self, kind: str, fn: Callable, *args) -> Any:
         try:
-            return await self._run("read", fn, *args)
+            return await self._run(kind, fn, *args)
         except self.psycopg.OperationalError as exc:
             raise StoreUnavailable(exc) from exc
 
@@ -1578,7 +1598,7 @@ class PgStore(Store):
                 f"{str(exc.__cause__).splitlines()[0]}") from None
 
     def close(self) -> None:
-        for pool in (self._reader, self._writer, self._checkpointer):
+        for pool in (self._reader, self._writer, self._lease, self._checkpointer):
             pool.shutdown(wait=True)
         for conn in self._opened:
             conn.close()
@@ -1597,9 +1617,12 @@ class PgStore(Store):
             conn.pg("SELECT pg_notify('agent_web', %s)",
                     (" ".join([conn.worker_id, kind, *chunk]),))
 
+    # Events any worker may add to a session; every other event is a run's,
+    # and is stored only while that run's claim is this worker's (below).
+    UNFENCED = frozenset({"queued", "unqueued", "forked"})
+
     @staticmethod
     def append(conn, items: list[tuple[str, dict]]) -> list[tuple[int, str] | None]:
-        by_session, changes, ended = Store._effects(items)
         results: list[tuple[int, str] | None] = [None] * len(items)
         try:
             # Two round trips to the database (a pipeline sends statements
@@ -1610,9 +1633,22 @@ class PgStore(Store):
                 # Locked, a session's newest seq is ours to number on from,
                 # and a second worker's commit to it waits for ours: no gap,
                 # no clash.
-                last_seq = dict(conn.pg(f"SELECT id, {Store.LAST_SEQ} FROM sessions WHERE id "
-                                        "= ANY(%s) ORDER BY id FOR UPDATE",
-                                        (sorted(by_session),)).fetchall())
+                found = conn.pg(f"SELECT id, {Store.LAST_SEQ}, (SELECT owner FROM runs WHERE "
+                                "session_id = sessions.id) FROM sessions WHERE id = ANY(%s) "
+                                "ORDER BY id FOR UPDATE",
+                                (sorted({sid for sid, _ in items}),)).fetchall()
+                last_seq = {sid: seq for sid, seq, _ in found}
+                # The fence: a run's events after its claim was lost (our lease
+                # lapsed and another worker ended the run) are not stored.
+                ours = {sid for sid, _, owner in found if owner == conn.worker_id}
+                keep = [i for i, (sid, ev) in enumerate(items)
+                        if sid in ours or ev["type"] in PgStore.UNFENCED]
+                if len(keep) < len(items):
+                    log.warning("worker %s: %d event(s) not stored: their runs are no "
+                                "longer this worker's", conn.worker_id, len(items) - len(keep))
+                kept = [items[i] for i in keep]
+                by_session, changes, ended = Store._effects(kept)
+                kept_results: list[tuple[int, str] | None] = [None] * len(kept)
                 now = time.time()
                 conn.many("UPDATE sessions SET updated_at = %s, status = COALESCE(%s, status), "
                           "title = CASE WHEN title = '' THEN %s ELSE title END WHERE id = %s",
@@ -1620,14 +1656,16 @@ class PgStore(Store):
                            if sid in last_seq])
                 conn.many("INSERT INTO events (session_id, seq, type, data) "
                           "VALUES (%s, %s, %s, %s)",
-                          Store._rows(items, by_session, last_seq, results))
+                          Store._rows(kept, by_session, last_seq, kept_results))
                 if ended:
-                    conn.pg("DELETE FROM runs WHERE session_id = ANY(%s)", (ended,))
-                PgStore._notify(conn, "events", list(last_seq))
+                    conn.pg("DELETE FROM runs WHERE session_id = ANY(%s) AND owner = %s",
+                            (ended, conn.worker_id))
+                PgStore._notify(conn, "events", list(by_session))
                 conn.pg("COMMIT")
+            for i, result in zip(keep, kept_results):
+                results[i] = result
         except BaseException:
-            if conn.in_transaction:
-                conn.pg("ROLLBACK")
+            conn.rollback()
             raise
         return results
 
@@ -1649,8 +1687,7 @@ class PgStore(Store):
             conn.pg("COMMIT")
             return True
         except BaseException:
-            if conn.in_transaction:
-                conn.pg("ROLLBACK")
+            conn.rollback()
             raise
 
     @staticmethod
@@ -1661,8 +1698,7 @@ class PgStore(Store):
             PgStore._notify(conn, "deleted", [session_id])       # events go by cascade
             conn.pg("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.pg("ROLLBACK")
+            conn.rollback()
             raise
         return gone == 1
 
@@ -1686,13 +1722,8 @@ class PgStore(Store):
                        (session_id, worker_id, session_id)).rowcount == 1
 
     @staticmethod
-    def unclaim(conn, session_id: str | None, worker_id: str) -> None:
-        """Give back one claim of ours, or (None) all of them."""
-        if session_id is None:
-            conn.pg("DELETE FROM runs WHERE owner = %s", (worker_id,))
-        else:
-            conn.pg("DELETE FROM runs WHERE session_id = %s AND owner = %s",
-                    (session_id, worker_id))
+    def unclaim(conn, session_id: str, worker_id: str) -> None:
+        conn.pg("DELETE FROM runs WHERE session_id = %s AND owner = %s", (session_id, worker_id))
 
     @staticmethod
     def owner(conn, session_id: str) -> str | None:
@@ -1740,7 +1771,7 @@ class Workers(Owners):
 
     async def start(self, runs: RunManager) -> None:
         self.runs = runs
-        await self.store.write(PgStore.renew, self.me, self.lease)
+        await self.store.lease(PgStore.renew, self.me, self.lease)
         self._spawn(self._listen(), "agent-web-pg-listen")
         self._spawn(self._keep_alive(), "agent-web-pg-lease")
 
@@ -1762,49 +1793,52 @@ class Workers(Owners):
     async def claim(self, session_id: str) -> bool:
         return await self.store.write(PgStore.claim, session_id, self.me)
 
-    def released(self, session_id: str) -> None:
-        # Mostly gone already, with the run's `done`; not if it ended before
-        # storing anything.
-        async def unclaim():
-            try:
-                await self.store.write(PgStore.unclaim, session_id, self.me)
-            except StoreUnavailable:
-                pass                              # it goes with our lease
-        self._spawn(unclaim(), f"agent-web-unclaim-{session_id}")
+    async def unclaim(self, session_id: str) -> None:
+        try:
+            await self.store.write(PgStore.unclaim, session_id, self.me)
+        except StoreUnavailable:
+            pass                                  # it goes with our lease
+
+    async def elsewhere(self, session_id: str) -> str | None:
+        owner = await self.store.read(PgStore.owner, session_id)
+        return None if owner == self.me else owner
 
     async def forward(self, session_id: str, op: dict) -> bool:
-        owner = await self.store.read(PgStore.owner, session_id)
-        if owner is None or owner == self.me:
-            return False
-        if op["op"] != "ping":
+        owner = await self.elsewhere(session_id)
+        if owner is not None:
             await self.store.write(PgStore.control, to_json(
                 {"to": owner, "session_id": session_id, **op}))
-        return True
+        return owner is not None
 
     async def orphans(self, store: Store) -> list[dict]:
-        return await self.store.write(PgStore.orphans)
+        return await self.store.lease(PgStore.orphans)
 
     # -- the two loops --------------------------------------------------------------
     async def _keep_alive(self) -> None:
         while True:
             await asyncio.sleep(self.lease / 4)
             try:
-                if not await self.store.write(PgStore.renew, self.me, self.lease):
-                    self._lapsed()
+                if not await self.store.lease(PgStore.renew, self.me, self.lease):
+                    await self._lapsed()
                 await self.runs.recover()
             except Exception as exc:          # the database is away: try again
                 log.warning("worker %s: cannot renew its lease: %s", self.me, exc)
             for session_id in self.registry.listened():
                 self.registry.wake(session_id)          # any notice lost meanwhile
 
-    def _lapsed(self) -> None:
+    async def _lapsed(self) -> None:
         """Our lease ran out before we renewed it: other workers may have
-        ended our runs as interrupted, so ours must not write on."""
+        ended our runs as interrupted already (and the store fences out
+        what they would write now), so they stop, and their claims go: the
+        next sweep, anyone's, ends the rest as a restart would."""
         log.error("worker %s lost its lease: its runs stop", self.me)
-        for run in list(self.runs.runs.values()):
-            if run.task is not None:
-                run.task.cancel()
-            self.runs.runs.pop(run.session_id, None)
+        tasks = [run.task for run in self.runs.runs.values() if run.task is not None]
+        self.runs.runs.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.lease(PgStore.leave, self.me)
+        await self.store.lease(PgStore.renew, self.me, self.lease)
 
     async def _listen(self) -> None:
         psycopg = self.store.psycopg

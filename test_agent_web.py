@@ -1920,6 +1920,33 @@ def test_a_full_disk_is_reported_and_the_server_carries_on(tmp_path, llm):
     assert of(final, "message")[-1]["content"] == "back"
 
 
+def test_a_pacing_window_joins_a_streams_fragments_and_never_holds_an_awaited_event(tmp_path):
+    """AGENT_WEB_COALESCE_MS: the first fragment after a pause is committed at
+    once; those that follow wait for the next slot, joined into one delta;
+    an event the run waits on is never held for the slot (the window here
+    is far longer than the test's time-out) and takes them along, in order."""
+    import agent_web as web
+
+    def piece(text):
+        return {"type": "delta", "message_id": "m1", "channel": "text", "content": text}
+
+    async def main():
+        async with event_log(tmp_path / "w.db", "s1", coalesce=60.0) as (store, log):
+            log.emit_nowait("s1", piece("a"))
+            while log.commits < 1:
+                await asyncio.sleep(0.01)
+            for text in "bcd":
+                log.emit_nowait("s1", piece(text))
+                await asyncio.sleep(0.02)
+            assert log.commits == 1                     # b, c, d wait for the slot
+            await asyncio.wait_for(log.emit("s1", {"type": "error", "retrying": False,
+                                                   "message": "x"}), 10)
+            assert log.commits == 2
+            _, rows = await store.read(web.Store.history, "s1", 0, 10)
+            return [(e["type"], e.get("content"), e["seq"]) for e in map(json.loads, rows)]
+    assert arun(main()) == [("delta", "a", 1), ("delta", "bcd", 2), ("error", None, 3)]
+
+
 def refuse_rows(monkeypatch, refused, message: str) -> None:
     """The store's INSERT fails, as SQLite would, for a batch holding a row
     (session_id, seq, type, data) that `refused` picks."""
@@ -1934,14 +1961,14 @@ def refuse_rows(monkeypatch, refused, message: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def event_log(db: Path, *sessions: str):
+async def event_log(db: Path, *sessions: str, coalesce: float = 0.0):
     """A store with these sessions and its EventLog, running; both closed after."""
     import agent_web as web
     store = web.Store(db)
     await store.open()
     for sid in sessions:
         await store.write(web.Store.create_session, sid, "auto")
-    log = web.EventLog(store, web.PushRegistry())
+    log = web.EventLog(store, web.PushRegistry(), coalesce)
     log.start()
     try:
         yield store, log
@@ -5442,7 +5469,7 @@ def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
 # Many workers on one PostgreSQL database (issue 22)
 # =============================================================================
 
-WORKER_ENV = {"AGENT_WEB_LEASE": "2"}     # a dead worker is found within ~2.5 s
+WORKER_ENV = {"AGENT_WEB_LEASE": "3"}     # a dead worker is found within ~4 s
 
 
 async def ws_frames(url: str, frames: list[dict]) -> None:
@@ -5636,6 +5663,45 @@ def test_approve_queue_and_a_waiting_run_reach_their_owner_from_another_worker(
         h = w[1].wait_status(waiting)
         assert of(h["events"], "tool_result")[0]["output"].strip() == "resumed"
         assert "interrupted" not in [e["status"] for e in of(h["events"], "done")]
+    finally:
+        for x in w:
+            x.stop()
+
+
+def test_a_worker_that_lost_its_lease_stores_nothing_more_of_its_runs(tmp_path, llm, postgres):
+    """A worker that looks dead (its lease ran out: here it is set in the
+    past, as a long stall would leave it) stops its run, which is ended
+    `interrupted` once; and a run whose claim another worker took (here
+    moved by hand, as a sweep after a stall the worker has not noticed yet
+    would) stores nothing more (the fence).  The worker goes on serving."""
+    dsn = postgres.database()
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, extra_env=WORKER_ENV) for i in range(2)]
+    try:
+        sid = w[0].chat("run: sleep 2; echo late")["session_id"]
+        w[1].wait_event(sid, "tool_call")
+        w[0].sql("UPDATE workers SET lease_until = now() - interval '1 second' WHERE id = "
+                 "(SELECT owner FROM runs WHERE session_id = ?)", (sid,))
+        h = w[1].wait_status(sid, timeout=15)
+        assert h["events"][-1]["status"] == "interrupted"
+        time.sleep(3)                                  # the command would have ended by now
+        events = w[1].history(sid)["events"]
+        assert len(of(events, "done")) == 1
+        assert not any("late" in e.get("output", "") for e in of(events, "tool_result"))
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert w[0].chat("say: still here", sid)
+        assert of(w[0].wait_status(sid)["events"], "done")[-1]["status"] == "done"
+
+        other = w[0].chat("run: sleep 2; echo late")["session_id"]
+        w[1].wait_event(other, "tool_call")
+        w[0].sql("UPDATE runs SET owner = 'a-worker-gone' WHERE session_id = ?", (other,))
+        h = w[1].wait_status(other, timeout=15)
+        assert h["events"][-1]["status"] == "interrupted"
+        time.sleep(3)
+        events = w[1].history(other)["events"]
+        assert len(of(events, "done")) == 1
+        assert not any("late" in e.get("output", "") for e in of(events, "tool_result"))
     finally:
         for x in w:
             x.stop()
