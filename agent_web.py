@@ -1454,14 +1454,17 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   the claims of workers whose lease ran out and recovers their sessions
 #   as a restart does (RunManager.recover): the first to claim one writes
 #   its `interrupted` end, tool calls closed.  A run whose worker is alive
-#   is never taken; a worker that finds its own lease lapsed (it lost the
-#   database for LEASE_S) stops its runs, since others may have ended them.
+#   is never taken.  A worker that stalled past its lease may wake to find
+#   its runs ended by another: so a commit stores a run's events only while
+#   its claim is still this worker's (the fence, in PgStore.append), and a
+#   worker that finds its own lease lapsed stops its runs and gives their
+#   claims back.
 #
-# Queries: Store's, run by psycopg's connection on Store's threads (one
-# writer, READERS readers per worker), through `_pg_sql`, which spells the
-# few SQLite words they use the PostgreSQL way.  Those that differ more
-# (numbering events, fork, delete) are PgStore's own.  The listener is
-# psycopg's AsyncConnection on the event loop.
+# Queries: Store's, run by psycopg's connections on Store's threads (one
+# writer, PG_READERS readers and one for leases, per worker), through
+# `_pg_sql`, which spells the few SQLite words they use the PostgreSQL way.
+# Those that differ more (numbering events, delete) are PgStore's own.  The
+# listener is psycopg's AsyncConnection on the event loop.
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 LEASE_S = 10.0           # AGENT_WEB_LEASE: a worker not heard of for this long is dead;
@@ -1504,7 +1507,8 @@ def reach_postgres(dsn: str) -> None:
 @functools.lru_cache(maxsize=256)
 def _pg_sql(sql: str) -> str:
     """A Store query in PostgreSQL's words: `?` -> `%s` (and a literal % -> %%),
-    json_extract(x, '$.a.b') -> (x::jsonb #>> '{a,b}'), LIKE -> ILIKE (SQLite's
+    json_extract(x, '$.a.b') -> (x::jsonb #>> '{a,b}'), json_set(x, '$.k', ?)
+    -> jsonb_set(...) of a text, LIKE -> ILIKE (SQLite's
     LIKE ignores ASCII case), BEGIN IMMEDIATE -> BEGIN (row locks do its job),
     and BEGIN (a read) -> one snapshot for all its statements."""
     if sql == "BEGIN":
@@ -1512,6 +1516,8 @@ def _pg_sql(sql: str) -> str:
     sql = sql.replace("%", "%%").replace("BEGIN IMMEDIATE", "BEGIN").replace(" LIKE ", " ILIKE ")
     sql = re.sub(r"json_extract\(([\w.]+), '\$\.([\w.]+)'\)",
                  lambda m: f"({m[1]}::jsonb #>> '{{{m[2].replace('.', ',')}}}')", sql)
+    sql = re.sub(r"json_set\((\w+), '\$\.(\w+)', \?\)",
+                 r"jsonb_set(\1::jsonb, '{\2}', to_jsonb(?::text))::text", sql)
     return sql.replace("?", "%s")
 
 
@@ -1670,27 +1676,6 @@ class PgStore(Store):
         return results
 
     @staticmethod
-    def fork_session(conn, source: str, new_id: str, before_seq: int, title: str) -> bool:
-        conn.pg("BEGIN")
-        try:
-            row = conn.pg("SELECT approve_mode FROM sessions WHERE id = %s", (source,)).fetchone()
-            if row is None:
-                conn.pg("ROLLBACK")
-                return False
-            now = time.time()
-            conn.pg("INSERT INTO sessions (id, approve_mode, title, created_at, updated_at) "
-                    "VALUES (%s, %s, %s, %s, %s)", (new_id, row[0], title, now, now))
-            conn.pg("INSERT INTO events (session_id, seq, type, data) SELECT %s, seq, type, "
-                    "jsonb_set(data::jsonb, '{session_id}', to_jsonb(%s::text))::text "
-                    "FROM events WHERE session_id = %s AND seq < %s",
-                    (new_id, new_id, source, before_seq))
-            conn.pg("COMMIT")
-            return True
-        except BaseException:
-            conn.rollback()
-            raise
-
-    @staticmethod
     def delete_session(conn, session_id: str) -> bool:
         conn.pg("BEGIN")
         try:
@@ -1754,8 +1739,7 @@ class PgStore(Store):
     OWN: dict[Callable, Callable] = {}      # Store's query -> the one PostgreSQL runs
 
 
-PgStore.OWN.update({Store.append: PgStore.append, Store.fork_session: PgStore.fork_session,
-                    Store.delete_session: PgStore.delete_session,
+PgStore.OWN.update({Store.append: PgStore.append, Store.delete_session: PgStore.delete_session,
                     Store.checkpoint: lambda conn: None})
 
 

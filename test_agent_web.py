@@ -510,6 +510,13 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/agent/ws?token={TOKEN}"
 
+    def wait_no_runs(self, timeout: float = 20) -> None:
+        """Until no run goes in this process (GET /agent/stats)."""
+        deadline = time.time() + timeout
+        while self.http("GET", "/agent/stats").json()["runs"]:
+            assert time.time() < deadline, "a run is still going"
+            time.sleep(0.05)
+
     @property
     def on_postgres(self) -> bool:
         return str(self.db).startswith("postgresql://")
@@ -552,15 +559,16 @@ class PostgresCluster:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         data = self.dir / "data"
+        # cwd: the postgres user may not enter ours (a checkout under /root)
         subprocess.run([*self.as_user, str(bindir / "initdb"), "-D", str(data), "-U",
                         "postgres", "--auth=trust", "-E", "UTF8"], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, cwd=self.dir)
         self.pg_ctl = [*self.as_user, str(bindir / "pg_ctl"), "-D", str(data)]
         # fsync off: a test cluster is thrown away, and fsync is what costs
         subprocess.run([*self.pg_ctl, "-l", str(self.dir / "log"), "-w", "start", "-o",
                         f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
                         "-c fsync=off -c max_connections=300"],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, cwd=self.dir)
         self.count = 0
 
     def dsn(self, name: str = "postgres") -> str:
@@ -575,7 +583,8 @@ class PostgresCluster:
         return self.dsn(name)
 
     def close(self):
-        subprocess.run([*self.pg_ctl, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+        subprocess.run([*self.pg_ctl, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL,
+                       cwd=self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -5472,6 +5481,14 @@ def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
 WORKER_ENV = {"AGENT_WEB_LEASE": "3"}     # a dead worker is found within ~4 s
 
 
+def start_workers(tmp_path: Path, llm, dsn: str, n: int, **kw) -> list[ServerProcess]:
+    """N servers on one database, each on its own port and in its own folder."""
+    for i in range(n):
+        (tmp_path / f"w{i}").mkdir()
+    return [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, extra_env=WORKER_ENV, **kw)
+            for i in range(n)]
+
+
 async def ws_frames(url: str, frames: list[dict]) -> None:
     async with websockets.connect(url) as ws:
         for frame in frames:
@@ -5487,9 +5504,7 @@ def test_three_workers_share_streams_runs_and_the_dead_ones_runs(tmp_path, llm, 
     worker killed mid-run has its run ended `interrupted` by another, its
     tool call closed, and the others' live runs are never touched."""
     dsn = postgres.database()
-    for i in range(3):
-        (tmp_path / f"w{i}").mkdir()
-    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, extra_env=WORKER_ENV) for i in range(3)]
+    w = start_workers(tmp_path, llm, dsn, 3)
     try:
         # 1. streams: started on w0, watched from all three
         sid = w[0].chat("say: ready")["session_id"]
@@ -5631,10 +5646,7 @@ def test_approve_queue_and_a_waiting_run_reach_their_owner_from_another_worker(
     left waiting for approval by a worker that stops is resumed, still
     waiting, by the other (as one server's restart resumes it)."""
     dsn = postgres.database()
-    for i in range(2):
-        (tmp_path / f"w{i}").mkdir()
-    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, approve="ask", extra_env=WORKER_ENV)
-         for i in range(2)]
+    w = start_workers(tmp_path, llm, dsn, 2, approve="ask")
     try:
         sid = w[0].chat("run: echo approved-elsewhere")["session_id"]
         req = w[1].wait_event(sid, "approval_request")
@@ -5675,9 +5687,7 @@ def test_a_worker_that_lost_its_lease_stores_nothing_more_of_its_runs(tmp_path, 
     moved by hand, as a sweep after a stall the worker has not noticed yet
     would) stores nothing more (the fence).  The worker goes on serving."""
     dsn = postgres.database()
-    for i in range(2):
-        (tmp_path / f"w{i}").mkdir()
-    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, extra_env=WORKER_ENV) for i in range(2)]
+    w = start_workers(tmp_path, llm, dsn, 2)
     try:
         sid = w[0].chat("run: sleep 2; echo late")["session_id"]
         w[1].wait_event(sid, "tool_call")
@@ -5685,7 +5695,7 @@ def test_a_worker_that_lost_its_lease_stores_nothing_more_of_its_runs(tmp_path, 
                  "(SELECT owner FROM runs WHERE session_id = ?)", (sid,))
         h = w[1].wait_status(sid, timeout=15)
         assert h["events"][-1]["status"] == "interrupted"
-        time.sleep(3)                                  # the command would have ended by now
+        w[0].wait_no_runs()                            # its run is over: whatever it did
         events = w[1].history(sid)["events"]
         assert len(of(events, "done")) == 1
         assert not any("late" in e.get("output", "") for e in of(events, "tool_result"))
@@ -5698,7 +5708,7 @@ def test_a_worker_that_lost_its_lease_stores_nothing_more_of_its_runs(tmp_path, 
         w[0].sql("UPDATE runs SET owner = 'a-worker-gone' WHERE session_id = ?", (other,))
         h = w[1].wait_status(other, timeout=15)
         assert h["events"][-1]["status"] == "interrupted"
-        time.sleep(3)
+        w[0].wait_no_runs()
         events = w[1].history(other)["events"]
         assert len(of(events, "done")) == 1
         assert not any("late" in e.get("output", "") for e in of(events, "tool_result"))
