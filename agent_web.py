@@ -1373,7 +1373,9 @@ class RunManager:
             pass          # answered or ended meanwhile, as it could be on one worker
 
     async def recover(self) -> None:
-        """At start-up: runs the last process left behind.
+        """At start-up, and with many workers at every lease renewal: runs a
+        process that is gone left behind (with many workers, only those no
+        live worker claims; see "Many workers").
 
         `running` ones died with it: each tool call left without a result gets
         one saying so, then `done` with `interrupted`.  `awaiting_approval` ones
