@@ -2386,6 +2386,8 @@ class AgentWebApp:
             "commits": self.events.commits, "wal_checkpoints": self.store.checkpoints,
             "seconds_in_sqlite": dict(self.store.seconds_in_sqlite),
             "process_seconds": time.process_time(),
+            # which of the workers answered (PostgreSQL; None with SQLite)
+            "worker": self.worker_id if self.workers else None,
             "loop_lag_ms": self.lag_probe.percentiles() if self.lag_probe else None})
 
     # -- sessions and runs --------------------------------------------------------------

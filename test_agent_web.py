@@ -5601,6 +5601,10 @@ def test_uvicorn_with_three_workers_serves_one_postgres_database(tmp_path, llm, 
 
         lists = [s.http("GET", "/agent/sessions").json() for _ in range(9)]
         assert all(x == lists[0] for x in lists)
+        # the workers name themselves (GET /agent/stats), and they are three
+        with psycopg.connect(dsn) as conn:
+            alive = {r[0] for r in conn.execute("SELECT id FROM workers WHERE lease_until > now()")}
+        assert len(alive) == 3 and s.http("GET", "/agent/stats").json()["worker"] in alive
 
         doomed = s.chat("run: sleep 30")["session_id"]
         s.wait_event(doomed, "tool_call")
