@@ -1466,7 +1466,9 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   its runs ended by another: so a commit stores a run's events only while
 #   its claim is still this worker's (the fence, in PgStore.append), and a
 #   worker that finds its own lease lapsed stops its runs and gives their
-#   claims back.
+#   claims back.  A worker of the same machine whose process is gone (a
+#   worker uvicorn restarted, a server started again after a crash) is dead
+#   at once, without waiting for its lease: its id names host, pid and boot.
 #
 # Queries: Store's, run by psycopg's connections on Store's threads (one
 # writer, PG_READERS readers and one for leases, per worker), through
@@ -1479,6 +1481,36 @@ LEASE_S = 10.0           # AGENT_WEB_LEASE: a worker not heard of for this long 
                          # it renews (and sweeps) four times as often
 PG_READERS = 4           # reader threads (and connections) per worker
 NOTIFY_IDS = 300         # session ids per notice (a payload holds < 8,000 bytes)
+
+
+def _boot_id() -> str:
+    """This kernel's boot (Linux), so a worker id says whose pids it names."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return ""
+
+
+def worker_name() -> str:
+    """host:pid:random:boot — unique among the workers of one database."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_boot_id()}"
+
+
+def gone_here(worker_id: str) -> bool:
+    """A worker of this very machine and boot whose process has exited: dead
+    for sure, with no need to wait for its lease (a worker restarted by
+    uvicorn, or `python agent_web.py` again after a crash).  Any other
+    worker, only its lease can tell."""
+    host, pid, _, boot = (worker_id.split(":") + ["", "", "", ""])[:4]
+    if not boot or boot != _boot_id() or host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass                      # alive, another user's
+    return False
 
 
 def is_postgres(db: str | Path) -> bool:
@@ -1740,6 +1772,15 @@ class PgStore(Store):
         return [Store._session_row(r) for r in rows]
 
     @staticmethod
+    def live_workers(conn) -> list[str]:
+        return [r[0] for r in conn.pg("SELECT id FROM workers WHERE lease_until > now()")]
+
+    @staticmethod
+    def expire(conn, worker_ids: list[str]) -> None:
+        conn.pg("UPDATE workers SET lease_until = now() - interval '1 second' "
+                "WHERE id = ANY(%s)", (worker_ids,))
+
+    @staticmethod
     def leave(conn, worker_id: str) -> None:
         conn.pg("DELETE FROM runs WHERE owner = %s", (worker_id,))
         conn.pg("DELETE FROM workers WHERE id = %s", (worker_id,))
@@ -1803,6 +1844,10 @@ class Workers(Owners):
         return owner is not None
 
     async def orphans(self, store: Store) -> list[dict]:
+        gone = [w for w in await self.store.lease(PgStore.live_workers)
+                if w != self.me and gone_here(w)]
+        if gone:
+            await self.store.lease(PgStore.expire, gone)
         return await self.store.lease(PgStore.orphans)
 
     # -- the two loops --------------------------------------------------------------
@@ -2200,7 +2245,7 @@ class AgentWebApp:
         self._start_lock: asyncio.Lock | None = None
         self.db_lock = DatabaseLock(db_path)
         # a name for this process among the workers of one PostgreSQL database
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.worker_id = worker_name()
         self.workers: Workers | None = None
         # set by start():
         self.store: Store
