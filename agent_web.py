@@ -1468,7 +1468,8 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   worker that finds its own lease lapsed stops its runs and gives their
 #   claims back.  A worker of the same machine whose process is gone (a
 #   worker uvicorn restarted, a server started again after a crash) is dead
-#   at once, without waiting for its lease: its id names host, pid and boot.
+#   at once, without waiting for its lease: its id names host, pid, boot and
+#   PID namespace.
 #
 # Queries: Store's, run by psycopg's connections on Store's threads (one
 # writer, PG_READERS readers and one for leases, per worker), through
@@ -1484,15 +1485,19 @@ NOTIFY_IDS = 300         # session ids per notice (a payload holds < 8,000 bytes
 
 
 def _boot_id() -> str:
-    """This kernel's boot (Linux), so a worker id says whose pids it names."""
+    """This kernel's boot and PID namespace (Linux), so a worker id says
+    whose pids it names (containers on one machine share the boot, and with
+    host networking the host name, but not the PID namespace)."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        space = os.readlink("/proc/self/ns/pid").strip("pid:[]")
     except OSError:
         return ""
+    return f"{boot}-{space}"
 
 
 def worker_name() -> str:
-    """host:pid:random:boot — unique among the workers of one database."""
+    """host:pid:random:boot-pidns — unique among the workers of one database."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_boot_id()}"
 
 

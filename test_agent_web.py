@@ -5717,3 +5717,18 @@ def test_a_worker_that_lost_its_lease_stores_nothing_more_of_its_runs(tmp_path, 
     finally:
         for x in w:
             x.stop()
+
+
+def test_a_worker_is_known_dead_at_once_only_on_its_own_machine_boot_and_pid_namespace():
+    """gone_here: a worker id names host, pid, boot and PID namespace; only
+    one of ours whose process has exited is dead without its lease."""
+    import agent_web as web
+    me = web.worker_name()
+    host, pid, rand, boot = me.split(":")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = f"{host}:{child.pid}:{rand}:{boot}"
+    assert not web.gone_here(me) and web.gone_here(dead)
+    assert not web.gone_here(f"{host}:{child.pid}:{rand}:0000-1")        # another boot
+    assert not web.gone_here(f"elsewhere:{child.pid}:{rand}:{boot}")     # another machine
+    assert not web.gone_here(f"{host}:{child.pid}:{rand}:")              # no boot known
