@@ -255,16 +255,17 @@ class DatabaseInUse(HTTPError):
     """Another live process serves this SQLite database (see DatabaseLock).
     A 503 for a mounted app's request; a one-line start-up failure otherwise."""
 
-    def __init__(self, message: str):
-        super().__init__(503, "database_in_use", message)
+    def __init__(self, message: str, code: str = "database_in_use"):
+        super().__init__(503, code, message)
 
 
 class DatabaseUnreachable(DatabaseInUse):
     """The PostgreSQL database named cannot be reached at start-up: told in
     one line, as above (a mounted app's request: 503 database_unreachable)."""
 
-    def __init__(self, message: str):
-        HTTPError.__init__(self, 503, "database_unreachable", message)
+    def __init__(self, dsn: str, exc: BaseException):
+        super().__init__(f"cannot reach the database {db_label(dsn)}: "
+                         f"{str(exc).splitlines()[0]}", "database_unreachable")
 
 
 class DatabaseLock:
@@ -322,6 +323,7 @@ class Store:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-read")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agent-web-db-checkpoint")
+        self._pools = {"write": self._writer, "read": self._reader}      # by _run's kind
         self._local = threading.local()
         # Set by the checkpoint thread, read by the writer (see checkpoints).
         self._checkpointing = self._catch_up = False
@@ -360,8 +362,7 @@ class Store:
                 return fn(self._conn(), *args)
             finally:
                 self.seconds_in_sqlite[kind] += time.perf_counter() - started
-        pool = self._writer if kind == "write" else self._lease if kind == "lease" else self._reader
-        return await asyncio.get_running_loop().run_in_executor(pool, timed)
+        return await asyncio.get_running_loop().run_in_executor(self._pools[kind], timed)
 
     async def write(self, fn: Callable, *args) -> Any:
         try:
@@ -861,7 +862,7 @@ class EventLog:
     def _queue(self, item: _Pending) -> None:
         self._pending.append(item)
         self._last[item.session_id] = item
-        if item.future is not None or self._wake.is_set():
+        if item.future is not None or not self.coalesce or self._wake.is_set():
             self._wake.set()
             return
         if self._timer is None:                 # a fragment: wait for the slot
@@ -1162,19 +1163,25 @@ class RunManager:
     async def enqueue(self, sid: str, text: str) -> dict:
         stored = await self.events.emit(sid, {"type": "queued", "content": text,
                                               "message_id": core.new_id("q")})
+        if sid in self.runs or not await self.owners.forward(
+                sid, {"op": "queued", "event": stored}):
+            await self._take_queued(sid, stored)
+        return stored
+
+    async def _take_queued(self, sid: str, stored: dict) -> None:
+        """A queued message for a run of this process: into its inbox, or,
+        if the run ended meanwhile, the message starts the next."""
         run = self.runs.get(sid)
         if run is not None:
             run.inbox.append(stored)
-        elif not await self.owners.forward(sid, {"op": "queued", "event": stored}):
-            await self._start_queued(sid)    # it ended meanwhile: the message starts the next
-        return stored
+        else:
+            await self._start_queued(sid)
 
     async def drop_queued(self, sid: str, message_id: str) -> bool:
         run = self.runs.get(sid)
         if run is not None:
-            if not any(q["message_id"] == message_id for q in run.inbox):
+            if not self._drop_from_inbox(run, message_id):
                 return False
-            run.inbox = [q for q in run.inbox if q["message_id"] != message_id]
         else:
             queued = pending_queue(await self.store.read(Store.queue_events, sid))
             if not any(q["message_id"] == message_id for q in queued):
@@ -1182,6 +1189,12 @@ class RunManager:
             await self.owners.forward(sid, {"op": "unqueued", "message_id": message_id})
         await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
         return True
+
+    @staticmethod
+    def _drop_from_inbox(run: Run, message_id: str) -> bool:
+        kept = [q for q in run.inbox if q["message_id"] != message_id]
+        dropped, run.inbox = len(kept) < len(run.inbox), kept
+        return dropped
 
     @staticmethod
     def _take_inbox(run: Run) -> list[dict]:
@@ -1364,14 +1377,9 @@ class RunManager:
             elif op["op"] == "mode":
                 await self.set_mode(session_id, op["mode"])
             elif op["op"] == "queued":
-                run = self.runs.get(session_id)
-                if run is not None:
-                    run.inbox.append(op["event"])
-                else:
-                    await self._start_queued(session_id)
+                await self._take_queued(session_id, op["event"])
             elif op["op"] == "unqueued" and session_id in self.runs:
-                run = self.runs[session_id]
-                run.inbox = [q for q in run.inbox if q["message_id"] != op["message_id"]]
+                self._drop_from_inbox(self.runs[session_id], op["message_id"])
         except HTTPError:
             pass          # answered or ended meanwhile, as it could be on one worker
 
@@ -1484,6 +1492,7 @@ PG_READERS = 4           # reader threads (and connections) per worker
 NOTIFY_IDS = 300         # session ids per notice (a payload holds < 8,000 bytes)
 
 
+@functools.cache
 def _boot_id() -> str:
     """This kernel's boot and PID namespace (Linux), so a worker id says
     whose pids it names (containers on one machine share the boot, and with
@@ -1545,8 +1554,7 @@ def reach_postgres(dsn: str) -> None:
     try:
         psycopg.connect(dsn, connect_timeout=10).close()
     except psycopg.Error as exc:
-        raise DatabaseUnreachable(f"cannot reach the database {db_label(dsn)}: "
-                                  f"{str(exc).splitlines()[0]}") from None
+        raise DatabaseUnreachable(dsn, exc) from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -1571,7 +1579,6 @@ class _PgConnection:
 
     def __init__(self, raw, worker_id: str):
         self.raw, self.worker_id = raw, worker_id
-        self.last_seq: dict[str, int] = {}        # Store.delete_session's; unused here
 
     def execute(self, sql: str, params=()):
         return self.raw.execute(_pg_sql(sql), params)
@@ -1607,6 +1614,7 @@ class PgStore(Store):
         # Leases on a thread of their own: a renewal queued behind a backlog
         # of commits on the writer could come too late and lose a live lease.
         self._lease = ThreadPoolExecutor(1, thread_name_prefix="agent-web-pg-lease")
+        self._pools = {"write": self._writer, "read": self._reader, "lease": self._lease}
         self.seconds_in_sqlite["lease"] = 0.0      # (in PostgreSQL calls, here)
         self._opened: list[_PgConnection] = []     # every thread's, closed by close()
 
@@ -1644,9 +1652,7 @@ class PgStore(Store):
         try:
             await self.write(PgStore.create_tables)
         except StoreUnavailable as exc:
-            raise DatabaseUnreachable(
-                f"cannot reach the database {db_label(self.path)}: "
-                f"{str(exc.__cause__).splitlines()[0]}") from None
+            raise DatabaseUnreachable(self.path, exc.__cause__) from None
 
     def close(self) -> None:
         for pool in (self._reader, self._writer, self._lease, self._checkpointer):
@@ -1786,15 +1792,19 @@ class PgStore(Store):
                 "WHERE id = ANY(%s)", (worker_ids,))
 
     @staticmethod
-    def leave(conn, worker_id: str) -> None:
+    def give_back(conn, worker_id: str) -> None:
+        """Every claim of ours: the next sweep, anyone's, recovers them."""
         conn.pg("DELETE FROM runs WHERE owner = %s", (worker_id,))
+
+    @staticmethod
+    def leave(conn, worker_id: str) -> None:
+        PgStore.give_back(conn, worker_id)
         conn.pg("DELETE FROM workers WHERE id = %s", (worker_id,))
 
     OWN: dict[Callable, Callable] = {}      # Store's query -> the one PostgreSQL runs
 
 
-PgStore.OWN.update({Store.append: PgStore.append, Store.delete_session: PgStore.delete_session,
-                    Store.checkpoint: lambda conn: None})
+PgStore.OWN.update({Store.append: PgStore.append, Store.delete_session: PgStore.delete_session})
 
 
 class Workers(Owners):
@@ -1818,7 +1828,7 @@ class Workers(Owners):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await self.store.write(PgStore.leave, self.me)  # others resume our waiting runs
+            await self.store.lease(PgStore.leave, self.me)  # others resume our waiting runs
         except StoreUnavailable:
             pass                                  # our lease runs out instead
 
@@ -1864,7 +1874,7 @@ class Workers(Owners):
                     await self._lapsed()
                 await self.runs.recover()
             except Exception as exc:          # the database is away: try again
-                log.warning("worker %s: cannot renew its lease: %s", self.me, exc)
+                log.warning("worker %s: lease renewal or sweep failed: %s", self.me, exc)
             for session_id in self.registry.listened():
                 self.registry.wake(session_id)          # any notice lost meanwhile
 
@@ -1879,8 +1889,7 @@ class Workers(Owners):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.store.lease(PgStore.leave, self.me)
-        await self.store.lease(PgStore.renew, self.me, self.lease)
+        await self.store.lease(PgStore.give_back, self.me)   # renew made our row anew
 
     async def _listen(self) -> None:
         psycopg = self.store.psycopg
@@ -2825,7 +2834,8 @@ class Connection:
 
     async def _pump(self, sub: Subscriber, session_id: str, after: int, rows: list[str]) -> None:
         """2. replay the store after `after` ... 3. then drain the queue,
-        skipping whatever the replay already sent."""
+        skipping whatever the replay already sent (a WAKE, or a seq past the
+        next one, reads the store again: see "Many workers")."""
         try:
             last = await self._replay(session_id, after, rows)
             while True:
@@ -2986,6 +2996,8 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                coalesce_ms: float | None = None, lease: float | None = None) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
+    window_ms = (coalesce_ms if coalesce_ms is not None
+                 else core.env_number(os.environ, "AGENT_WEB_COALESCE_MS", float))
     db_path = db_path or os.environ.get("AGENT_WEB_DB", DEFAULT_DB)
     if is_postgres(db_path):
         psycopg_module()                  # a usage error now, not at the first request
@@ -3012,9 +3024,7 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         tools=tools if tools is not None else config.toolbox_options() if config else None,
         mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None, file=config),
         skills=core.Skills.locate(str(skills_dir) if skills_dir else None, file=config),
-        coalesce=(coalesce_ms if coalesce_ms is not None
-                  else core.env_number(os.environ, "AGENT_WEB_COALESCE_MS", float)
-                  if os.environ.get("AGENT_WEB_COALESCE_MS") else COALESCE_S * 1000) / 1000,
+        coalesce=COALESCE_S if window_ms is None else window_ms / 1000,
         lease=lease or core.env_number(os.environ, "AGENT_WEB_LEASE", float) or LEASE_S)
 
 

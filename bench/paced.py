@@ -46,6 +46,32 @@ from test_agent_web import TOKEN, FakeLLMProcess, ServerProcess  # noqa: E402
 SENT = re.compile(r"@(\d+\.\d+)")
 
 
+async def subscribe(c: httpx.AsyncClient, server: ServerProcess, sid: str):
+    """A WebSocket on `server`, subscribed to `sid` from its newest event."""
+    last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")).json()["last_seq"]
+    ws = await websockets.connect(server.ws_url(), max_size=None, max_queue=None)
+    await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": last}))
+    await ws.recv()
+    return ws
+
+
+async def watch(ws, latencies: list[float]) -> None:
+    """Until the run's `done`: each token's latency, from the moment the fake
+    LLM stamped in it to its frame here, in ms."""
+    while True:
+        ev = json.loads(await ws.recv())
+        if ev.get("type") == "delta":
+            now = time.time()
+            latencies.extend((now - float(s)) * 1000 for s in SENT.findall(ev["content"]))
+        elif ev.get("type") == "done":
+            return
+
+
+def percentile(data: list[float], q: float) -> float:
+    """Of sorted `data`."""
+    return data[min(len(data) - 1, int(len(data) * q))] if data else float("nan")
+
+
 async def run(server: ServerProcess, sessions: int, rate: float, seconds: float) -> dict:
     tokens = max(1, int(rate * seconds))
     h = {"authorization": f"Bearer {TOKEN}"}
@@ -56,24 +82,8 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float)
             r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
             sids.append(r.json()["session_id"])
         await asyncio.sleep(0.5 + sessions / 200)
-        socks = []
-        for sid in sids:
-            last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")
-                    ).json()["last_seq"]
-            ws = await websockets.connect(server.ws_url(), max_size=None, max_queue=None)
-            await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": last}))
-            await ws.recv()
-            socks.append(ws)
+        socks = [await subscribe(c, server, sid) for sid in sids]
         latencies: list[float] = []
-
-        async def watch(ws):
-            while True:
-                ev = json.loads(await ws.recv())
-                if ev.get("type") == "delta":
-                    now = time.time()
-                    latencies.extend((now - float(s)) * 1000 for s in SENT.findall(ev["content"]))
-                elif ev.get("type") == "done":
-                    return
 
         async def start(sid):
             await asyncio.sleep(random.uniform(0, 1.0))
@@ -83,7 +93,7 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float)
         gc.collect()
         gc.disable()
         try:
-            watchers = [asyncio.ensure_future(watch(ws)) for ws in socks]
+            watchers = [asyncio.ensure_future(watch(ws, latencies)) for ws in socks]
             await asyncio.gather(*[start(sid) for sid in sids])
             await asyncio.gather(*watchers)
         finally:
@@ -92,12 +102,9 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float)
     for ws in socks:
         await ws.close()
     data = sorted(latencies)
-
-    def pct(q):
-        return data[min(len(data) - 1, int(len(data) * q))] if data else float("nan")
     cpu = after["process_seconds"] - before["process_seconds"]
     return {"tokens": len(data), "cpu_ms_per_token": cpu * 1000 / max(1, len(data)),
-            "p50": pct(0.5), "p99": pct(0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
+            "p50": percentile(data, 0.5), "p99": percentile(data, 0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
 
 
 def pin(pid: int, cpus: list[int]) -> None:

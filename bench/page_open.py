@@ -94,11 +94,27 @@ def stream_cost(page, server, sid: str, tokens: int, per: int) -> dict:
     return {**{k: (after[k] - before[k]) * 1000 for k in before}, "long": len(tasks)}
 
 
-def main_stream(args) -> None:
-    from playwright.sync_api import sync_playwright
+def checkouts(args) -> dict[str, Path]:
+    """This checkout's server and, with --against, another's, in turn."""
     codes = {"this": HERE.parent / "agent_web.py"}
     if args.against:
         codes["against"] = args.against.resolve() / "agent_web.py"
+    return codes
+
+
+def signed_in(browser, server):
+    """A new context's tab with the server's cookie, the page live."""
+    context = browser.new_context(viewport={"width": 1200, "height": 800},
+                                  bypass_csp=True)   # for our evaluate() calls
+    page = context.new_page()
+    page.goto(server.url)                             # the cookie
+    page.wait_for_selector("#conn.live")
+    return context, page
+
+
+def main_stream(args) -> None:
+    from playwright.sync_api import sync_playwright
+    codes = checkouts(args)
     fake = FakeLLMProcess()
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -116,11 +132,7 @@ def main_stream(args) -> None:
                 try:
                     short_sid = server.chat("say: a short session")["session_id"]
                     server.wait_status(short_sid)
-                    context = browser.new_context(viewport={"width": 1200, "height": 800},
-                                                  bypass_csp=True)
-                    page = context.new_page()
-                    page.goto(server.url)
-                    page.wait_for_selector("#conn.live")
+                    context, page = signed_in(browser, server)
                     for label, sid in ((f"{args.events:,} events", long_sid),
                                        ("short (one answer)", short_sid)):
                         runs = [stream_cost(page, server, sid, args.stream, args.paragraph)
@@ -151,9 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.stream:
         return main_stream(args)
-    codes = {"this": HERE.parent / "agent_web.py"}
-    if args.against:
-        codes["against"] = args.against.resolve() / "agent_web.py"
+    codes = checkouts(args)
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         print(f"{'code':>8} {'to the newest event (ms)':>26} {'long tasks':>11} "
@@ -164,11 +174,7 @@ def main() -> None:
             sid = seed(folder / "agent.db", args.events)
             server = ServerProcess(folder, None, script=script)
             try:
-                context = browser.new_context(viewport={"width": 1200, "height": 800},
-                                              bypass_csp=True)   # for our evaluate() calls
-                page = context.new_page()
-                page.goto(server.url)                     # the cookie
-                page.wait_for_selector("#conn.live")
+                context, page = signed_in(browser, server)
                 runs = [measure(page, f"{server.base}/?session={sid}", args.events)
                         for _ in range(args.repeat + 1)][1:]      # the first warms the cache
                 context.close()

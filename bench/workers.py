@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -35,11 +33,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 import httpx  # noqa: E402
-import websockets  # noqa: E402
+from paced import percentile, subscribe, watch  # noqa: E402
 from test_agent_web import TOKEN, FakeLLMProcess, PostgresCluster, ServerProcess  # noqa: E402
-
-SENT = re.compile(r"@(\d+\.\d+)")
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -78,25 +75,9 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
             r = await c.post(servers[i % n].base + "/agent/chat", json={"message": "say: ready"})
             sids.append(r.json()["session_id"])
         await asyncio.sleep(1.0 + sessions / 100)
-        socks = []
-        for i, sid in enumerate(sids):
-            watcher = servers[(i + 1) % n]
-            last = (await c.get(watcher.base + f"/agent/chat?session_id={sid}&tail=1")
-                    ).json()["last_seq"]
-            ws = await websockets.connect(watcher.ws_url(), max_size=None, max_queue=None)
-            await ws.send(json.dumps({"type": "subscribe", "session_id": sid, "after": last}))
-            await ws.recv()
-            socks.append(ws)
+        # each session watched from the worker after the one running it
+        socks = [await subscribe(c, servers[(i + 1) % n], sid) for i, sid in enumerate(sids)]
         latencies: list[float] = []
-
-        async def watch(ws):
-            while True:
-                ev = json.loads(await ws.recv())
-                if ev.get("type") == "delta":
-                    now = time.time()
-                    latencies.extend((now - float(s)) * 1000 for s in SENT.findall(ev["content"]))
-                elif ev.get("type") == "done":
-                    return
 
         async def start(i, sid):
             await asyncio.sleep(random.uniform(0, 0.5))
@@ -112,7 +93,7 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
         pg = postgres_pids(cluster) if cluster else []
         before = (cpu_seconds(pids), cpu_seconds(pg), await commits())
         started = time.perf_counter()
-        watchers = [asyncio.ensure_future(watch(ws)) for ws in socks]
+        watchers = [asyncio.ensure_future(watch(ws, latencies)) for ws in socks]
         await asyncio.gather(*[start(i, sid) for i, sid in enumerate(sids)])
         await asyncio.gather(*watchers)
         wall = time.perf_counter() - started
@@ -121,11 +102,8 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
     for ws in socks:
         await ws.close()
     data = sorted(latencies)
-
-    def pct(q):
-        return data[min(len(data) - 1, int(len(data) * q))] if data else float("nan")
     return {"tokens_s": len(data) / wall, "commits_s": (after[2] - before[2]) / wall,
-            "p50": pct(0.5), "p99": pct(0.99), "server_cpu": after[0] - before[0],
+            "p50": percentile(data, 0.5), "p99": percentile(data, 0.99), "server_cpu": after[0] - before[0],
             "pg_cpu": after[1] - before[1], "tokens": len(data)}
 
 
