@@ -1272,7 +1272,12 @@ def tls_context(env=None) -> ssl.SSLContext:
 def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
     timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
                             write=30.0, pool=30.0)
-    client = httpx.AsyncClient(timeout=timeout, verify=tls_context())
+    # Every streaming step holds one connection for as long as the model
+    # writes.  httpx's default pool stops at 100, so the 101st session at once
+    # would wait, showing nothing, for another's answer to end (and fail after
+    # the pool time-out): one connection per running step, then, however many.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+    client = httpx.AsyncClient(timeout=timeout, verify=tls_context(), limits=limits)
     # httpx has no public switch for the socket layer: each of its pools (one
     # more per proxy taken from the environment) keeps it in
     # `_network_backend`.  Should a version keep it elsewhere, httpx's own

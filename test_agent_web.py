@@ -236,6 +236,13 @@ def too_long_reply(protocol: str, tokens: int, limit: int) -> Reply:
         "code": "context_length_exceeded"}}).encode())
 
 
+class Listener(ThreadingHTTPServer):
+    # socketserver's backlog is 5: a hundred sessions asking at once would
+    # have their connections dropped and retried after 1-3 s (TCP's SYN
+    # retry), which a provider's server never does to us.
+    request_queue_size = 512
+
+
 class FakeLLM:
     """An HTTP server on 127.0.0.1 speaking Anthropic Messages and OpenAI Chat
     Completions streaming.  `requests` records every request body."""
@@ -320,7 +327,7 @@ class FakeLLM:
                     pass
                 self.close_connection = not fake.keep_alive
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = Listener(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.scheme = "http"
         if tls is not None:            # HTTPS, as the real providers speak
@@ -5471,6 +5478,27 @@ def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
     h = server.wait_status(target)
     assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
 
+
+
+def test_more_sessions_than_an_http_pool_holds_all_stream_at_once(server):
+    """Each streaming step holds one connection to the model for as long as
+    it writes; past httpx's default pool of 100 the rest used to wait,
+    showing nothing, for another session's answer to end.  110 at once: every
+    one has streamed its first token before any has finished."""
+    async def start_all():
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {TOKEN}"},
+                                     timeout=30) as c:
+            posts = await asyncio.gather(*[
+                c.post(server.base + "/agent/chat", json={"message": "stream 3 6"})
+                for _ in range(110)])
+            return [p.json()["session_id"] for p in posts]
+    sids = arun(start_all())
+    server.wait_no_runs(timeout=60)
+    runs = [server.history(sid)["events"] for sid in sids]
+    first_tokens = [of(events, "delta")[0]["ts"] for events in runs]
+    ends = [of(events, "done")[0]["ts"] for events in runs]
+    assert all(of(events, "done")[0]["status"] == "done" for events in runs)
+    assert max(first_tokens) < min(ends), f"{sum(t > min(ends) for t in first_tokens)} waited"
 
 # =============================================================================
 # Many workers on one PostgreSQL database (issue 22)

@@ -15,9 +15,15 @@ WebSocket subscriber per session.  Printed per row:
   tokens delivered to the subscribers;
 - added latency p50 / p99: token written by the fake LLM -> its frame at
   the subscriber (both on this machine, one clock);
+- p99 steady: of the tokens sent while every session was streaming (the
+  runs all started, none ended yet);
 - with --lag, the server's event-loop lag p99 (a 10 ms timer,
   AGENT_WEB_LAG_PROBE); its 100 wake-ups a second then count in the CPU
-  figure, so CPU and lag are best read from two runs.
+  figure, so CPU and lag are best read from two runs;
+- busy: the server's CPU time over the run's wall time, in cores (with
+  --pin, 1.00 is its one core full: past that point it is the bottleneck);
+  client: this process's and the fake LLM's together, likewise (with --pin
+  they share the other cores: near 1.00 per core, the bench is the limit).
 
 The client (this process) reads 200 sessions x 100 tokens/s = 20,000 frames
 a second at the top row; where it cannot keep up, the latency is partly its
@@ -32,6 +38,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +48,58 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import httpx  # noqa: E402
 import websockets  # noqa: E402
-from test_agent_web import TOKEN, FakeLLMProcess, ServerProcess  # noqa: E402
+from test_agent_web import (TOKEN, FakeLLMProcess, ServerProcess, anthropic_sse,  # noqa: E402
+                            default_reply, SENT_AT)
 
 SENT = re.compile(r"@(\d+\.\d+)")
+
+
+# -- A fake LLM that keeps its pace ---------------------------------------------
+#
+# The tests' FakeLLM is a thread per stream sleeping between tokens: past ~100
+# streams at 50 tokens/s its threads fall behind (5,000 tokens/s in all, at
+# any number of streams), so the server was offered less than the row says.
+# This one is one asyncio loop in a process of its own: the same replies in
+# the same Anthropic SSE bytes (the tests' default_reply and anthropic_sse),
+# each token written on its schedule (start + i / rate, so a late wake-up is
+# caught up, as a real model's server does), stamped as it leaves.
+
+async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        body = json.loads(await reader.readexactly(length))
+        reply = default_reply(body, "anthropic")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"cache-control: no-cache\r\nconnection: close\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, chunk in enumerate(anthropic_sse(reply)):
+            if reply.delay:
+                await asyncio.sleep(start + i * reply.delay - loop.time())
+            if SENT_AT in chunk:
+                chunk = chunk.replace(SENT_AT, b"%.6f" % time.time())
+            writer.write(chunk)
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_llm() -> None:
+    server = await asyncio.start_server(_serve_llm_stream, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+class PacedLLMProcess(FakeLLMProcess):
+    """`python bench/paced.py --serve-llm` as ServerProcess's `llm`."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-llm"],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port, self.pid = int(self.proc.stdout.readline()), self.proc.pid
 
 
 async def subscribe(c: httpx.AsyncClient, server: ServerProcess, sid: str):
@@ -55,14 +111,17 @@ async def subscribe(c: httpx.AsyncClient, server: ServerProcess, sid: str):
     return ws
 
 
-async def watch(ws, latencies: list[float]) -> None:
+async def watch(ws, latencies: list[float], sent: list[float] | None = None) -> None:
     """Until the run's `done`: each token's latency, from the moment the fake
-    LLM stamped in it to its frame here, in ms."""
+    LLM stamped in it to its frame here, in ms (and in `sent`, that moment)."""
     while True:
         ev = json.loads(await ws.recv())
         if ev.get("type") == "delta":
             now = time.time()
-            latencies.extend((now - float(s)) * 1000 for s in SENT.findall(ev["content"]))
+            stamps = [float(s) for s in SENT.findall(ev["content"])]
+            latencies.extend((now - s) * 1000 for s in stamps)
+            if sent is not None:
+                sent.extend(stamps)
         elif ev.get("type") == "done":
             return
 
@@ -72,7 +131,14 @@ def percentile(data: list[float], q: float) -> float:
     return data[min(len(data) - 1, int(len(data) * q))] if data else float("nan")
 
 
-async def run(server: ServerProcess, sessions: int, rate: float, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(server: ServerProcess, sessions: int, rate: float, seconds: float,
+              fake_pid: int) -> dict:
     tokens = max(1, int(rate * seconds))
     h = {"authorization": f"Bearer {TOKEN}"}
     limits = httpx.Limits(max_connections=50)
@@ -83,7 +149,8 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float)
             sids.append(r.json()["session_id"])
         await asyncio.sleep(0.5 + sessions / 200)
         socks = [await subscribe(c, server, sid) for sid in sids]
-        latencies: list[float] = []
+        latencies = [[] for _ in socks]
+        sent = [[] for _ in socks]
 
         async def start(sid):
             await asyncio.sleep(random.uniform(0, 1.0))
@@ -92,19 +159,30 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float)
         before = (await c.get(server.base + "/agent/stats")).json()   # resets the lag probe
         gc.collect()
         gc.disable()
+        began, mine, fakes = time.monotonic(), time.process_time(), cpu_seconds(fake_pid)
         try:
-            watchers = [asyncio.ensure_future(watch(ws, latencies)) for ws in socks]
+            watchers = [asyncio.ensure_future(watch(ws, latencies[i], sent[i]))
+                        for i, ws in enumerate(socks)]
             await asyncio.gather(*[start(sid) for sid in sids])
             await asyncio.gather(*watchers)
         finally:
             gc.enable()
+        wall = time.monotonic() - began
+        mine, fakes = time.process_time() - mine, cpu_seconds(fake_pid) - fakes
         after = (await c.get(server.base + "/agent/stats")).json()
     for ws in socks:
         await ws.close()
-    data = sorted(latencies)
+    data = sorted(x for one in latencies for x in one)
+    # Steady: tokens sent while every session streamed (all started, none
+    # ended): without the first second, when the runs start.
+    first, last = max(s[0] for s in sent if s), min(s[-1] for s in sent if s)
+    steady = sorted(x for one, when in zip(latencies, sent)
+                    for x, t in zip(one, when) if first <= t <= last)
     cpu = after["process_seconds"] - before["process_seconds"]
     return {"tokens": len(data), "cpu_ms_per_token": cpu * 1000 / max(1, len(data)),
-            "p50": percentile(data, 0.5), "p99": percentile(data, 0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
+            "busy": cpu / wall, "client": (mine + fakes) / wall,
+            "p50": percentile(data, 0.5), "p99": percentile(data, 0.99),
+            "steady": percentile(steady, 0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
 
 
 def pin(pid: int, cpus: list[int]) -> None:
@@ -125,9 +203,14 @@ async def main() -> None:
     ap.add_argument("--pin", action="store_true", help="the server (all its threads) on "
                     "the last CPU, this client and the fake LLM on the others: one core's "
                     "capacity, not shared with its own load")
+    ap.add_argument("--threaded-llm", action="store_true", help="the tests' FakeLLM "
+                    "(a thread per stream) instead of the paced asyncio one")
+    ap.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--lag", action="store_true", help="run the server's loop-lag probe (it "
                     "wakes the loop 100 times a second, which the CPU figure then includes)")
     args = ap.parse_args()
+    if args.serve_llm:
+        return await serve_llm()
     rates = [float(r) for r in args.rates.split(",")]
     counts = [int(n) for n in args.sessions.split(",")]
     lag = {"AGENT_WEB_LAG_PROBE": "1"} if args.lag else {}
@@ -139,7 +222,7 @@ async def main() -> None:
     if args.against:
         codes["against"] = (args.against.resolve() / "agent_web.py", lag)
     cpus = sorted(os.sched_getaffinity(0))
-    fake = FakeLLMProcess()
+    fake = FakeLLMProcess() if args.threaded_llm else PacedLLMProcess()
     if args.pin:
         pin(os.getpid(), cpus[:-1])
         pin(fake.pid, cpus[:-1])
@@ -153,13 +236,13 @@ async def main() -> None:
                 if args.pin:
                     pin(servers[name].proc.pid, cpus[-1:])
             print(f"{'tok/s':>6} {'sessions':>8} {'tokens':>7} {'CPU ms/token':>13} "
-                  f"{'p50 ms':>7} {'p99 ms':>7} {'lag p99':>8}  code", flush=True)
+                  f"{'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'lag p99':>8} {'busy':>5} {'client':>6}  code", flush=True)
             for rate in rates:
                 for n in counts:
                     for name, server in servers.items():
-                        r = await run(server, n, rate, args.seconds)
+                        r = await run(server, n, rate, args.seconds, fake.pid)
                         print(f"{rate:>6g} {n:>8} {r['tokens']:>7} {r['cpu_ms_per_token']:>13.3f}"
-                              f" {r['p50']:>7.2f} {r['p99']:>7.2f} {r['lag_p99']:>8.2f}  {name}",
+                              f" {r['p50']:>7.2f} {r['p99']:>7.2f} {r['steady']:>7.2f} {r['lag_p99']:>8.2f} {r['busy']:>5.2f} {r['client']:>6.2f}  {name}",
                               flush=True)
         finally:
             fake.close()
