@@ -78,7 +78,7 @@ class Reply:
                  tools: list[tuple[str, str]] = (), delay: float = 0.0, cut_after: int | None = None,
                  fragments: int = 3, status: int = 200, headers: dict | None = None,
                  body: bytes = b"", hang: bool = False, raw: list[bytes] | None = None,
-                 stop: str = ""):
+                 stop: str = "", stall_after: int | None = None):
         self.text, self.thinking, self.signature = text, thinking, signature
         self.stop = stop                    # a stop / finish reason other than the usual
         self.tools = list(tools)            # (name, arguments as raw JSON text)
@@ -86,6 +86,7 @@ class Reply:
         self.status, self.headers, self.body, self.hang, self.raw = (
             status, headers or {}, body, hang, raw)
         self.input_tokens = 11              # what the usage says (see FakeLLM.count_tokens)
+        self.stall_after = stall_after      # after this many chunks, send nothing more
 
 
 def words(text: str) -> list[str]:
@@ -316,7 +317,10 @@ class FakeLLM:
                     self.send_header("connection", "close")
                 self.end_headers()
                 try:
-                    for c in chunks:
+                    for i, c in enumerate(chunks):
+                        if i == reply.stall_after:
+                            time.sleep(30)
+                            return
                         if SENT_AT in c:     # bench/: the moment this token leaves
                             c = c.replace(SENT_AT, b"%.6f" % time.time())
                         self.wfile.write(c)
@@ -899,6 +903,18 @@ def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
     events = arun(run_agent(cfg, tmp_path, "hi"))
     assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
 
+
+
+def test_a_stream_that_stalls_midway_times_out_by_the_read_time_out(llm, tmp_path):
+    """Tokens 0.2 s apart outlast a 0.5 s read time-out many times over and
+    never trip it (one timer per connection moves with them); then the
+    server goes silent, and that read times out."""
+    llm.script.append(Reply("one two three four five six", delay=0.2, stall_after=7))
+    cfg = cfg_for(llm, retry_attempts=1, read_timeout=0.5)
+    events = arun(run_agent(cfg, tmp_path, "hi"))
+    assert "".join(e["content"] for e in of(events, "delta")) == "one two three four "
+    assert "ReadTimeout" in of(events, "error")[-1]["message"]
+    assert events[-1]["status"] == "error"
 
 # A self-signed certificate for 127.0.0.1 (until 2126), made for these tests
 # with `openssl req -x509 -newkey ec -subj /CN=127.0.0.1
