@@ -23,7 +23,8 @@ WebSocket subscriber per session.  Printed per row:
 - busy: the server's CPU time over the run's wall time, in cores (with
   --pin, 1.00 is its one core full: past that point it is the bottleneck);
   client: this process's and the fake LLM's together, likewise (with --pin
-  they share the other cores: near 1.00 per core, the bench is the limit).
+  they share the other cores: near 1.00 per core, the bench is the limit);
+- tok/commit: tokens delivered per transaction of the event log.
 
 The client (this process) reads 200 sessions x 100 tokens/s = 20,000 frames
 a second at the top row; where it cannot keep up, the latency is partly its
@@ -180,7 +181,7 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float,
                     for x, t in zip(one, when) if first <= t <= last)
     cpu = after["process_seconds"] - before["process_seconds"]
     return {"tokens": len(data), "cpu_ms_per_token": cpu * 1000 / max(1, len(data)),
-            "busy": cpu / wall, "client": (mine + fakes) / wall,
+            "busy": cpu / wall, "per_commit": len(data) / max(1, after["commits"] - before["commits"]), "client": (mine + fakes) / wall,
             "p50": percentile(data, 0.5), "p99": percentile(data, 0.99),
             "steady": percentile(steady, 0.99), "lag_p99": (after["loop_lag_ms"] or {}).get("p99", float("nan"))}
 
@@ -236,13 +237,13 @@ async def main() -> None:
                 if args.pin:
                     pin(servers[name].proc.pid, cpus[-1:])
             print(f"{'tok/s':>6} {'sessions':>8} {'tokens':>7} {'CPU ms/token':>13} "
-                  f"{'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'lag p99':>8} {'busy':>5} {'client':>6}  code", flush=True)
+                  f"{'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'lag p99':>8} {'busy':>5} {'client':>6} {'tok/commit':>10}  code", flush=True)
             for rate in rates:
                 for n in counts:
                     for name, server in servers.items():
                         r = await run(server, n, rate, args.seconds, fake.pid)
                         print(f"{rate:>6g} {n:>8} {r['tokens']:>7} {r['cpu_ms_per_token']:>13.3f}"
-                              f" {r['p50']:>7.2f} {r['p99']:>7.2f} {r['steady']:>7.2f} {r['lag_p99']:>8.2f} {r['busy']:>5.2f} {r['client']:>6.2f}  {name}",
+                              f" {r['p50']:>7.2f} {r['p99']:>7.2f} {r['steady']:>7.2f} {r['lag_p99']:>8.2f} {r['busy']:>5.2f} {r['client']:>6.2f} {r['per_commit']:>10.1f}  {name}",
                               flush=True)
         finally:
             fake.close()
