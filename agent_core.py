@@ -1269,15 +1269,18 @@ def tls_context(env=None) -> ssl.SSLContext:
     return ctx
 
 
+# Every streaming step holds one connection for as long as the model writes
+# (an MCP call over HTTP, for as long as its tool runs).  httpx's default pool
+# stops at 100, so the 101st session at once would wait, showing nothing, for
+# another's answer to end (and fail after the pool time-out): one connection
+# per request in flight, then, however many; 20 kept for reuse.
+UNCAPPED = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+
+
 def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
     timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
                             write=30.0, pool=30.0)
-    # Every streaming step holds one connection for as long as the model
-    # writes.  httpx's default pool stops at 100, so the 101st session at once
-    # would wait, showing nothing, for another's answer to end (and fail after
-    # the pool time-out): one connection per running step, then, however many.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
-    client = httpx.AsyncClient(timeout=timeout, verify=tls_context(), limits=limits)
+    client = httpx.AsyncClient(timeout=timeout, verify=tls_context(), limits=UNCAPPED)
     # httpx has no public switch for the socket layer: each of its pools (one
     # more per proxy taken from the environment) keeps it in
     # `_network_backend`.  Should a version keep it elsewhere, httpx's own
@@ -2492,9 +2495,10 @@ class McpServer:
             await self._open_stdio()
         else:
             headers = {str(k): str(v) for k, v in (self.spec.get("headers") or {}).items()}
-            self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(
-                self.timeouts["execute_timeout"], connect=self.timeouts["connect_timeout"],
-                read=self.timeouts["sse_read_timeout"]))
+            self._http = httpx.AsyncClient(
+                headers=headers, limits=UNCAPPED, timeout=httpx.Timeout(
+                    self.timeouts["execute_timeout"], connect=self.timeouts["connect_timeout"],
+                    read=self.timeouts["sse_read_timeout"]))
             if self.transport == "sse":
                 await self._open_sse()
         result = await self.request("initialize", {

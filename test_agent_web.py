@@ -3023,6 +3023,48 @@ def test_an_mcp_stdio_server_that_dies_mid_call_is_reported_and_started_again(tm
     assert state == "stopped" and back == ("echo: back", False) and state_after == "ready"
 
 
+# A tool that answers only once `n` calls of it are in flight at once.
+TOGETHER_TOOL = r'''
+in_flight, all_in = [0], asyncio.Event()
+
+@srv.tool(description="Answer once n calls are in flight together")
+async def together(n: int) -> str:
+    in_flight[0] += 1
+    if in_flight[0] >= n:
+        all_in.set()
+    try:
+        await asyncio.wait_for(all_in.wait(), 8)
+        return "together"
+    except asyncio.TimeoutError:
+        return f"only {in_flight[0]} at once"
+    finally:
+        in_flight[0] -= 1
+
+'''
+
+
+def test_more_mcp_calls_at_once_than_an_http_pool_holds_all_go_in_together(tmp_path):
+    """An MCP call over Streamable HTTP holds its connection while the tool
+    runs: 110 calls at once (110 sessions using one server) all reach it,
+    where httpx's default pool of 100 held the last 10 back."""
+    script = tmp_path / "mcp_server.py"
+    script.write_text(MCP_TEST_SERVER.replace("if __name__", TOGETHER_TOOL + "if __name__"))
+    urls = mcp_over_http(script, "http")
+    spec, transport = mcp_spec("http", next(urls))
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, transport)
+        try:
+            return await asyncio.gather(*[box.execute("together", {"n": 110})
+                                          for _ in range(110)])
+        finally:
+            await server.close()
+    try:
+        results = arun(go())
+    finally:
+        next(urls, None)
+    assert {r for r in results} == {("together", False)}, results[0]
+
 def test_mcp_version_negotiation_and_paged_tool_lists(tmp_path):
     script = tmp_path / "paged.py"
     script.write_text(PAGED_MCP_SERVER)
