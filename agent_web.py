@@ -980,6 +980,7 @@ class Subscriber:
         self.session_id = session_id
         self.queue: asyncio.Queue = asyncio.Queue(maxsize)
         self.overflowed = False
+        self.last = 0               # the seq its socket was sent last (its writer keeps it)
 
 
 class PushRegistry:
@@ -1011,19 +1012,30 @@ class PushRegistry:
         subscriber reads them from the store, after the last it sent."""
         self._put(session_id, WAKE)
 
+    def wake_behind(self, newest: dict[str, int]) -> None:
+        """Like wake, only for the subscribers sent less than `newest`
+        (session -> its last stored seq): the others have nothing to read."""
+        for session_id, seq in newest.items():
+            for sub in list(self._subs.get(session_id, ())):
+                if seq is not None and sub.last < seq:
+                    self._put_one(sub, WAKE)
+
     def listened(self) -> set[str]:
         return set(self._subs)
 
     def _put(self, session_id: str, item) -> None:
         for sub in list(self._subs.get(session_id, ())):
-            try:
-                sub.queue.put_nowait(item)
-            except asyncio.QueueFull:
-                self.unsubscribe(sub)
-                sub.overflowed = True
-                while not sub.queue.empty():
-                    sub.queue.get_nowait()
-                sub.queue.put_nowait(OVERFLOWED)
+            self._put_one(sub, item)
+
+    def _put_one(self, sub: Subscriber, item) -> None:
+        try:
+            sub.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.unsubscribe(sub)
+            sub.overflowed = True
+            while not sub.queue.empty():
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(OVERFLOWED)
 
     def end(self, session_id: str) -> None:
         """The session is gone: each subscriber's writer finds DELETED next,
@@ -1457,9 +1469,11 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   one of them puts WAKE on their queues, and each reads what it has not
 #   sent from the table (Connection._replay): a notice carries no event,
 #   so a lost one costs latency, never an event.  (Notices are lost when
-#   the listening connection drops; on reconnecting, and at every renewal
-#   anyway, every subscriber is woken.)  The worker that stored a batch
-#   publishes it to its own subscribers directly, as with SQLite.
+#   the listening connection drops: on reconnecting every subscriber is
+#   woken; and at every renewal one query asks the newest seq of each
+#   session listened to, and wakes the subscribers behind it.)  The worker
+#   that stored a batch publishes it to its own subscribers directly, as
+#   with SQLite.
 # - Runs.  The row in `runs` is the claim: a second run of a session on any
 #   worker finds it and gets 409.  It goes in the transaction that stores
 #   the run's `done`.  Cancel, approve, a queued message and a mode change
@@ -1783,6 +1797,12 @@ class PgStore(Store):
         return [Store._session_row(r) for r in rows]
 
     @staticmethod
+    def newest(conn, session_ids: list[str]) -> dict[str, int]:
+        """Each session's last stored seq (one index probe a session)."""
+        return dict(conn.pg("SELECT id, (SELECT max(seq) FROM events WHERE session_id = id) "
+                            "FROM unnest(%s::text[]) AS id", (session_ids,)).fetchall())
+
+    @staticmethod
     def live_workers(conn) -> list[str]:
         return [r[0] for r in conn.pg("SELECT id FROM workers WHERE lease_until > now()")]
 
@@ -1873,10 +1893,15 @@ class Workers(Owners):
                 if not await self.store.lease(PgStore.renew, self.me, self.lease):
                     await self._lapsed()
                 await self.runs.recover()
+                # Any notice lost meanwhile: one query for the newest seq of
+                # every session listened to here, and only the subscribers
+                # behind it read (not every subscriber, every renewal).
+                listened = list(self.registry.listened())
+                if listened:
+                    self.registry.wake_behind(
+                        await self.store.read(PgStore.newest, listened))
             except Exception as exc:          # the database is away: try again
                 log.warning("worker %s: lease renewal or sweep failed: %s", self.me, exc)
-            for session_id in self.registry.listened():
-                self.registry.wake(session_id)          # any notice lost meanwhile
 
     async def _lapsed(self) -> None:
         """Our lease ran out before we renewed it: other workers may have
@@ -2837,7 +2862,7 @@ class Connection:
         skipping whatever the replay already sent (a WAKE, or a seq past the
         next one, reads the store again: see "Many workers")."""
         try:
-            last = await self._replay(session_id, after, rows)
+            sub.last = last = await self._replay(session_id, after, rows)
             while True:
                 item = await sub.queue.get()
                 if item is OVERFLOWED:
@@ -2850,12 +2875,12 @@ class Connection:
                 if item is WAKE or item[0] > last + 1:
                     # Stored by another worker, or after events that were
                     # (their notice comes later): the store has them all.
-                    last = await self._replay(session_id, last)
+                    sub.last = last = await self._replay(session_id, last)
                     continue
                 seq, text = item
                 if seq > last:
                     await self.send_text(text)
-                    last = seq
+                    sub.last = last = seq
         except asyncio.CancelledError:
             raise
         except Exception:                # the socket went away under us

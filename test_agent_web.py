@@ -5768,6 +5768,33 @@ def test_approve_queue_and_a_waiting_run_reach_their_owner_from_another_worker(
             x.stop()
 
 
+def test_events_whose_notice_was_lost_reach_subscribers_at_the_next_renewal(tmp_path, llm,
+                                                                           postgres):
+    """A notice can be lost (the listening connection dropped); a row
+    stored with none at all stands for it.  The subscriber behind gets it
+    by the next lease renewal's check of each session's newest seq."""
+    (tmp_path / "w").mkdir()
+    w = ServerProcess(tmp_path / "w", llm, db=postgres.database(), extra_env=WORKER_ENV)
+    try:
+        sid = w.chat("say: ready")["session_id"]
+        w.wait_status(sid)
+        last = w.history(sid)["last_seq"]
+        event = {"seq": last + 1, "session_id": sid, "type": "error", "ts": time.time(),
+                 "message": "stored elsewhere, its notice lost", "retrying": False}
+
+        async def watch():
+            got = asyncio.ensure_future(ws_collect(w.ws_url(), sid, after=last,
+                                                   until=lambda e: True, timeout=10))
+            await asyncio.sleep(0.5)                        # subscribed and caught up
+            await asyncio.to_thread(
+                w.sql, "INSERT INTO events (session_id, seq, type, data) VALUES (?, ?, ?, ?)",
+                (sid, last + 1, "error", json.dumps(event)))
+            return await got
+        assert arun(watch()) == [event]
+    finally:
+        w.stop()
+
+
 def test_a_worker_that_lost_its_lease_stores_nothing_more_of_its_runs(tmp_path, llm, postgres):
     """A worker that looks dead (its lease ran out: here it is set in the
     past, as a long stall would leave it) stops its run, which is ended

@@ -2,6 +2,7 @@
 1 and 3 workers on PostgreSQL beside 1 on SQLite.
 
     python bench/workers.py [--sessions 30] [--tokens 200] [--rate 50]
+    python bench/workers.py --idle 300 [--against ../before]
 
 Each configuration: SESSIONS sessions at once, each streaming TOKENS tokens
 at RATE a second (the tests' fake LLM, in a process of its own, stamps each
@@ -19,6 +20,11 @@ PostgreSQL is the tests' throwaway cluster (initdb in a temporary folder,
 fsync off, as SQLite's synchronous=NORMAL does not sync a commit either);
 its binaries come from Debian's postgresql package.  All on this machine,
 so the client, the fake LLM, the servers and PostgreSQL share its cores.
+
+--idle N: what N idle subscribers (one per session, nothing streaming) cost
+one worker on PostgreSQL over 10 s: its CPU, PostgreSQL's, and the
+database's transactions a second (pg_stat_database) -- the lease renewals'
+catch-up checks, which with --against run in turn on another checkout.
 """
 from __future__ import annotations
 
@@ -107,12 +113,65 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
             "pg_cpu": after[1] - before[1], "tokens": len(data)}
 
 
+async def idle(server: ServerProcess, sessions: int, cluster: PostgresCluster) -> dict:
+    h = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(headers=h, timeout=120) as c:
+        sids = []
+        for _ in range(sessions):
+            r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
+            sids.append(r.json()["session_id"])
+        await asyncio.sleep(1.0 + sessions / 100)
+        socks = [await subscribe(c, server, sid) for sid in sids]
+
+    def transactions() -> int:
+        rows = server.sql("SELECT xact_commit FROM pg_stat_database "
+                          "WHERE datname = current_database()")
+        return rows[0][0]
+    await asyncio.sleep(2)
+    pg = postgres_pids(cluster)
+    before = (cpu_seconds([server.proc.pid]), cpu_seconds(pg), transactions(), time.time())
+    await asyncio.sleep(10)
+    await asyncio.sleep(1.5)         # PostgreSQL's statistics lag by up to a second
+    after = (cpu_seconds([server.proc.pid]), cpu_seconds(postgres_pids(cluster)),
+             transactions(), time.time() - 1.5)
+    for ws in socks:
+        await ws.close()
+    wall = after[3] - before[3]
+    return {"server": (after[0] - before[0]) / wall, "pg": (after[1] - before[1]) / wall,
+            "xacts": (after[2] - before[2]) / wall}
+
+
+async def idle_main(args) -> None:
+    cluster = PostgresCluster()
+    codes = {"this": HERE.parent / "agent_web.py"}
+    if args.against:
+        codes["against"] = args.against.resolve() / "agent_web.py"
+    print(f"{args.idle} idle subscribers on one worker (lease 10 s, renewed every 2.5 s)")
+    print(f"{'code':>8} {'server CPU %':>12} {'PG CPU %':>8} {'PG transactions/s':>17}")
+    try:
+        for name, script in codes.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                server = ServerProcess(Path(tmp), None, db=cluster.database(), script=script)
+                try:
+                    r = await idle(server, args.idle, cluster)
+                finally:
+                    server.stop()
+            print(f"{name:>8} {r['server'] * 100:>12.1f} {r['pg'] * 100:>8.1f} "
+                  f"{r['xacts']:>17.1f}", flush=True)
+    finally:
+        cluster.close()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rate", type=float, default=50)
+    ap.add_argument("--idle", type=int, help="N idle subscribers instead (see above)")
+    ap.add_argument("--against", type=Path, help="with --idle: another checkout, in turn")
     args = ap.parse_args()
+    if args.idle:
+        return await idle_main(args)
     fake = FakeLLMProcess()
     cluster = PostgresCluster()
     print(f"{args.sessions} sessions x {args.tokens} tokens at {args.rate:g}/s, "
