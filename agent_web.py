@@ -137,6 +137,7 @@ MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
 MAX_WS_FRAME_BYTES = 64 * 1024      # one client WebSocket frame; more closes 1009
 SUBSCRIBER_QUEUE_SIZE = 2_000       # events a socket may fall behind before 4008
 REPLAY_CHUNK = 1_000                # events read from the store per replay query
+FAN_OUT_CHUNK = 256                 # ... per read for all of a session's subscribers
 WAL_CHECKPOINT_BYTES = 8_000_000    # a WAL this big is copied back (see checkpoints)
 HISTORY_LIMIT_DEFAULT = 1_000       # GET /agent/chat page size when none is given
 HISTORY_LIMIT_MAX = 5_000
@@ -1012,6 +1013,12 @@ class PushRegistry:
         subscriber reads them from the store, after the last it sent."""
         self._put(session_id, WAKE)
 
+    def behind(self, session_id: str) -> int | None:
+        """The least seq any subscriber of the session was sent; None if it
+        has none here."""
+        subs = self._subs.get(session_id)
+        return min(sub.last for sub in subs) if subs else None
+
     def wake_behind(self, newest: dict[str, int]) -> None:
         """Like wake, only for the subscribers sent less than `newest`
         (session -> its last stored seq): the others have nothing to read."""
@@ -1466,9 +1473,10 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   never deadlock), numbers the events on from the session's newest seq
 #   and NOTIFYs `agent_web` with the session ids; PostgreSQL delivers a
 #   notice only once its transaction commits.  A worker with subscribers on
-#   one of them puts WAKE on their queues, and each reads what it has not
-#   sent from the table (Connection._replay): a notice carries no event,
-#   so a lost one costs latency, never an event.  (Notices are lost when
+#   one of them reads the new events once, from the subscriber furthest
+#   behind, and publishes them to all (Workers._read_for; one far behind
+#   reads on its own, Connection._replay): a notice carries no event, so a
+#   lost one costs latency, never an event.  (Notices are lost when
 #   the listening connection drops: on reconnecting every subscriber is
 #   woken; and at every renewal one query asks the newest seq of each
 #   session listened to, and wakes the subscribers behind it.)  The worker
@@ -1836,6 +1844,7 @@ class Workers(Owners):
         self.lease = lease
         self.runs: RunManager | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._reading: dict[str, bool] = {}    # session -> noticed again while read
 
     async def start(self, runs: RunManager) -> None:
         self.runs = runs
@@ -1937,6 +1946,32 @@ class Workers(Owners):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.lease / 4)
 
+    async def _read_for(self, session_id: str) -> None:
+        """Another worker stored events of a session listened to here: one
+        read, from the subscriber furthest behind, published to them all
+        (each skips what it was sent).  Notices that come meanwhile make one
+        more read, not one each.  Far behind, or with the store in trouble,
+        each subscriber reads at its own pace instead (WAKE)."""
+        try:
+            while True:
+                after = self.registry.behind(session_id)
+                if after is None:
+                    return
+                rows = await self.store.read(Store.events_after, session_id, after,
+                                             FAN_OUT_CHUNK)
+                if len(rows) == FAN_OUT_CHUNK:
+                    self.registry.wake(session_id)
+                else:
+                    for i, text in enumerate(rows):
+                        self.registry.publish(session_id, after + 1 + i, text)
+                if not self._reading[session_id]:
+                    return
+                self._reading[session_id] = False
+        except Exception:
+            self.registry.wake(session_id)
+        finally:
+            del self._reading[session_id]
+
     def _heard(self, channel: str, payload: str) -> None:
         if channel == "agent_web":
             worker, kind, *ids = payload.split(" ")
@@ -1945,8 +1980,11 @@ class Workers(Owners):
             for session_id in ids:
                 if kind == "deleted":
                     self.registry.end(session_id)
-                else:
-                    self.registry.wake(session_id)
+                elif session_id in self._reading:
+                    self._reading[session_id] = True
+                elif self.registry.behind(session_id) is not None:
+                    self._reading[session_id] = False
+                    self._spawn(self._read_for(session_id), "agent-web-catch-up")
         elif channel == "agent_web_control":
             op = json.loads(payload)
             if op.pop("to") == self.me:
@@ -2861,6 +2899,7 @@ class Connection:
         """2. replay the store after `after` ... 3. then drain the queue,
         skipping whatever the replay already sent (a WAKE, or a seq past the
         next one, reads the store again: see "Many workers")."""
+        sub.last = after
         try:
             sub.last = last = await self._replay(session_id, after, rows)
             while True:

@@ -5768,6 +5768,38 @@ def test_approve_queue_and_a_waiting_run_reach_their_owner_from_another_worker(
             x.stop()
 
 
+def test_five_subscribers_on_another_worker_get_the_stream_live_from_its_notices(
+        tmp_path, llm, postgres):
+    """A run on worker A, five subscribers on worker B: each gets exactly the
+    stored stream, live (the lease is a minute, so no renewal's check stands
+    in for the notices), one read for the five at each notice."""
+    dsn = postgres.database()
+    w = []
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+        w.append(ServerProcess(tmp_path / f"w{i}", llm, db=dsn,
+                               extra_env={"AGENT_WEB_LEASE": "60"}))
+    try:
+        sid = w[0].chat("say: ready")["session_id"]
+        w[0].wait_status(sid)
+        last = w[0].history(sid)["last_seq"]
+
+        async def watch():
+            watchers = [asyncio.ensure_future(ws_collect(w[1].ws_url(), sid, after=last,
+                                                         timeout=10)) for _ in range(5)]
+            await asyncio.sleep(0.5)
+            r = await asyncio.to_thread(w[0].http, "POST", "/agent/chat",
+                                        {"session_id": sid, "message": "stream 60 100"})
+            assert r.status_code == 202, r.text
+            return await asyncio.gather(*watchers)
+        streams = arun(watch())
+        stored = w[0].history(sid, after=last)["events"]
+        assert of(stored, "done") and all(s == stored for s in streams)
+    finally:
+        for x in w:
+            x.stop()
+
+
 def test_events_whose_notice_was_lost_reach_subscribers_at_the_next_renewal(tmp_path, llm,
                                                                            postgres):
     """A notice can be lost (the listening connection dropped); a row

@@ -1,12 +1,13 @@
 """Many workers on PostgreSQL (issue 22): events a second and added latency,
 1 and 3 workers on PostgreSQL beside 1 on SQLite.
 
-    python bench/workers.py [--sessions 30] [--tokens 200] [--rate 50]
+    python bench/workers.py [--sessions 30] [--tokens 200] [--rate 50] [--watchers 1]
     python bench/workers.py --idle 300 [--against ../before]
 
 Each configuration: SESSIONS sessions at once, each streaming TOKENS tokens
 at RATE a second (the tests' fake LLM, in a process of its own, stamps each
-token with the moment it writes it), one WebSocket subscriber per session.
+token with the moment it writes it), WATCHERS WebSocket subscribers per
+session.
 With W workers (separate `python agent_web.py` processes on one database,
 as on W machines) session i runs on worker i mod W and its subscriber
 watches from worker i+1 mod W: with 3 workers every token crosses from
@@ -72,7 +73,7 @@ def _ppid(proc: Path) -> int | None:
 
 
 async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: float,
-              cluster: PostgresCluster | None) -> dict:
+              cluster: PostgresCluster | None, watchers: int = 1) -> dict:
     h = {"authorization": f"Bearer {TOKEN}"}
     n = len(servers)
     async with httpx.AsyncClient(headers=h, timeout=120) as c:
@@ -82,7 +83,8 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
             sids.append(r.json()["session_id"])
         await asyncio.sleep(1.0 + sessions / 100)
         # each session watched from the worker after the one running it
-        socks = [await subscribe(c, servers[(i + 1) % n], sid) for i, sid in enumerate(sids)]
+        socks = [await subscribe(c, servers[(i + 1) % n], sid)
+                 for i, sid in enumerate(sids) for _ in range(watchers)]
         latencies: list[float] = []
 
         async def start(i, sid):
@@ -99,16 +101,16 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
         pg = postgres_pids(cluster) if cluster else []
         before = (cpu_seconds(pids), cpu_seconds(pg), await commits())
         started = time.perf_counter()
-        watchers = [asyncio.ensure_future(watch(ws, latencies)) for ws in socks]
+        watching = [asyncio.ensure_future(watch(ws, latencies)) for ws in socks]
         await asyncio.gather(*[start(i, sid) for i, sid in enumerate(sids)])
-        await asyncio.gather(*watchers)
+        await asyncio.gather(*watching)
         wall = time.perf_counter() - started
         after = (cpu_seconds(pids), cpu_seconds(postgres_pids(cluster) if cluster else []),
                  await commits())
     for ws in socks:
         await ws.close()
     data = sorted(latencies)
-    return {"tokens_s": len(data) / wall, "commits_s": (after[2] - before[2]) / wall,
+    return {"tokens_s": len(data) / wall / watchers, "commits_s": (after[2] - before[2]) / wall,
             "p50": percentile(data, 0.5), "p99": percentile(data, 0.99), "server_cpu": after[0] - before[0],
             "pg_cpu": after[1] - before[1], "tokens": len(data)}
 
@@ -167,15 +169,18 @@ async def main() -> None:
     ap.add_argument("--sessions", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rate", type=float, default=50)
+    ap.add_argument("--watchers", type=int, default=1, help="subscribers per session")
     ap.add_argument("--idle", type=int, help="N idle subscribers instead (see above)")
-    ap.add_argument("--against", type=Path, help="with --idle: another checkout, in turn")
+    ap.add_argument("--against", type=Path, help="another checkout: with --idle in turn "
+                    "with this one, else instead of it")
     args = ap.parse_args()
     if args.idle:
         return await idle_main(args)
+    script = (args.against.resolve() if args.against else HERE.parent) / "agent_web.py"
     fake = FakeLLMProcess()
     cluster = PostgresCluster()
     print(f"{args.sessions} sessions x {args.tokens} tokens at {args.rate:g}/s, "
-          f"one subscriber each on {os.cpu_count()} CPUs", flush=True)
+          f"{args.watchers} subscriber(s) each on {os.cpu_count()} CPUs", flush=True)
     print(f"{'store':>10} {'workers':>7} {'tokens/s':>9} {'commits/s':>9} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'server CPU s':>12} {'PG CPU s':>8}", flush=True)
     try:
@@ -186,9 +191,10 @@ async def main() -> None:
                 try:
                     for i in range(workers):
                         (Path(tmp) / f"w{i}").mkdir()
-                        servers.append(ServerProcess(Path(tmp) / f"w{i}", fake, db=db))
+                        servers.append(ServerProcess(Path(tmp) / f"w{i}", fake, db=db,
+                                                     script=script))
                     r = await run(servers, args.sessions, args.tokens, args.rate,
-                                  cluster if db else None)
+                                  cluster if db else None, args.watchers)
                 finally:
                     for s in servers:
                         s.stop()
