@@ -790,7 +790,7 @@ class Store:
 # far (a session's tokens joined into one delta).  Events a run waits on
 # (`emit`: messages, tool calls, status) never wait for the slot; they take
 # the fragments queued before them along.  Measured, it saves 10-30 % of
-# the CPU at light load and nothing under load, where group commit batches
+# the CPU at light load and 5-8 % under load, where group commit batches
 # anyway, while it adds its latency: hence off (README, Performance).
 
 @dataclass
@@ -886,7 +886,8 @@ class EventLog:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._slot = asyncio.get_running_loop().time() + self.coalesce
+            if self.coalesce:
+                self._slot = asyncio.get_running_loop().time() + self.coalesce
             batch, self._pending = self._pending, []
             self._last.clear()
             for p in batch:
@@ -1023,8 +1024,8 @@ class PushRegistry:
         """Like wake, only for the subscribers sent less than `newest`
         (session -> its last stored seq): the others have nothing to read."""
         for session_id, seq in newest.items():
-            for sub in list(self._subs.get(session_id, ())):
-                if seq is not None and sub.last < seq:
+            for sub in list(self._subs.get(session_id, ()) if seq is not None else ()):
+                if sub.last < seq:
                     self._put_one(sub, WAKE)
 
     def listened(self) -> set[str]:
@@ -1476,10 +1477,10 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   one of them reads the new events once, from the subscriber furthest
 #   behind, and publishes them to all (Workers._read_for; one far behind
 #   reads on its own, Connection._replay): a notice carries no event, so a
-#   lost one costs latency, never an event.  (Notices are lost when
-#   the listening connection drops: on reconnecting every subscriber is
-#   woken; and at every renewal one query asks the newest seq of each
-#   session listened to, and wakes the subscribers behind it.)  The worker
+#   lost one costs latency, never an event.  (Notices are lost when the
+#   listening connection drops: on reconnecting, and at every renewal, one
+#   query asks the newest seq of each session listened to, and the
+#   subscribers behind it read: Workers._catch_up.)  The worker
 #   that stored a batch publishes it to its own subscribers directly, as
 #   with SQLite.
 # - Runs.  The row in `runs` is the claim: a second run of a session on any
@@ -1652,11 +1653,8 @@ class PgStore(Store):
     def _write_and_checkpoint(self, conn, fn: Callable, *args) -> Any:
         return fn(conn, *args)                  # PostgreSQL checkpoints on its own
 
-    async def write(self, fn: Callable, *args) -> Any:
-        try:
-            return await self._run("write", self.OWN.get(fn, fn), *args)
-        except self.psycopg.OperationalError as exc:   # down, unreachable, disk full
-            raise StoreUnavailable(exc) from exc
+    def write(self, fn: Callable, *args) -> Awaitable:
+        return self._on("write", self.OWN.get(fn, fn), *args)
 
     def read(self, fn: Callable, *args) -> Awaitable:
         return self._on("read", self.OWN.get(fn, fn), *args)
@@ -1667,7 +1665,7 @@ class PgStore(Store):
     async def _on(self, kind: str, fn: Callable, *args) -> Any:
         try:
             return await self._run(kind, fn, *args)
-        except self.psycopg.OperationalError as exc:
+        except self.psycopg.OperationalError as exc:   # down, unreachable, disk full
             raise StoreUnavailable(exc) from exc
 
     async def open(self) -> None:
@@ -1902,13 +1900,7 @@ class Workers(Owners):
                 if not await self.store.lease(PgStore.renew, self.me, self.lease):
                     await self._lapsed()
                 await self.runs.recover()
-                # Any notice lost meanwhile: one query for the newest seq of
-                # every session listened to here, and only the subscribers
-                # behind it read (not every subscriber, every renewal).
-                listened = list(self.registry.listened())
-                if listened:
-                    self.registry.wake_behind(
-                        await self.store.read(PgStore.newest, listened))
+                await self._catch_up()                  # any notice lost meanwhile
             except Exception as exc:          # the database is away: try again
                 log.warning("worker %s: lease renewal or sweep failed: %s", self.me, exc)
 
@@ -1935,8 +1927,7 @@ class Workers(Owners):
                     await conn.execute("LISTEN agent_web")
                     await conn.execute("LISTEN agent_web_control")
                     delay = 0.2
-                    for session_id in self.registry.listened():
-                        self.registry.wake(session_id)  # what came while we were away
+                    await self._catch_up()              # what came while we were away
                     async for notice in conn.notifies():
                         self._heard(notice.channel, notice.payload)
             except asyncio.CancelledError:
@@ -1945,6 +1936,14 @@ class Workers(Owners):
                 log.warning("worker %s: notices: %s; listening again", self.me, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.lease / 4)
+
+    async def _catch_up(self) -> None:
+        """For notices that may have been lost: one query for the newest seq
+        of every session listened to here, and the subscribers behind it
+        read (not every subscriber, every time)."""
+        listened = list(self.registry.listened())
+        if listened:
+            self.registry.wake_behind(await self.store.read(PgStore.newest, listened))
 
     async def _read_for(self, session_id: str) -> None:
         """Another worker stored events of a session listened to here: one
@@ -2899,7 +2898,7 @@ class Connection:
         """2. replay the store after `after` ... 3. then drain the queue,
         skipping whatever the replay already sent (a WAKE, or a seq past the
         next one, reads the store again: see "Many workers")."""
-        sub.last = after
+        sub.last = after        # while it replays, what other workers' events are read from
         try:
             sub.last = last = await self._replay(session_id, after, rows)
             while True:

@@ -353,13 +353,14 @@ class FakeLLM:
 class FakeLLMProcess:
     """A FakeLLM (rules only, no script) in a process of its own, for bench/:
     its streaming threads then do not share a GIL with the client being timed.
-    Has `url`, so ServerProcess takes it as its `llm`."""
+    Has `url`, so ServerProcess takes it as its `llm`.  `command`: another
+    fake server that prints its port first (bench/paced.py's)."""
 
-    def __init__(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-             "import test_agent_web as t; f = t.FakeLLM(); print(f.port, flush=True); "
-             "time.sleep(1e9)", str(HERE)], stdout=subprocess.PIPE, text=True)
+    def __init__(self, command: list[str] | None = None):
+        self.proc = subprocess.Popen(command or [
+            sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+            "import test_agent_web as t; f = t.FakeLLM(); print(f.port, flush=True); "
+            "time.sleep(1e9)", str(HERE)], stdout=subprocess.PIPE, text=True)
         self.port, self.pid = int(self.proc.stdout.readline()), self.proc.pid
 
     @property
@@ -527,10 +528,6 @@ class ServerProcess:
         while self.http("GET", "/agent/stats").json()["runs"]:
             assert time.time() < deadline, "a run is still going"
             time.sleep(0.05)
-
-    @property
-    def on_postgres(self) -> bool:
-        return str(self.db).startswith("postgresql://")
 
     def sql(self, query: str, params=()) -> list:
         """One statement on the server's database, SQLite or PostgreSQL
@@ -904,7 +901,6 @@ def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
     assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
 
 
-
 def test_a_stream_that_stalls_midway_times_out_by_the_read_time_out(llm, tmp_path):
     """Tokens 0.2 s apart outlast a 0.5 s read time-out many times over and
     never trip it (one timer per connection moves with them); then the
@@ -915,6 +911,7 @@ def test_a_stream_that_stalls_midway_times_out_by_the_read_time_out(llm, tmp_pat
     assert "".join(e["content"] for e in of(events, "delta")) == "one two three four "
     assert "ReadTimeout" in of(events, "error")[-1]["message"]
     assert events[-1]["status"] == "error"
+
 
 # A self-signed certificate for 127.0.0.1 (until 2126), made for these tests
 # with `openssl req -x509 -newkey ec -subj /CN=127.0.0.1
@@ -5537,7 +5534,6 @@ def test_fifty_sessions_at_once_and_ten_racers_on_one(server):
     assert len([e for e in of(h["events"], "message") if e["role"] == "user"]) == 2
 
 
-
 def test_more_sessions_than_an_http_pool_holds_all_stream_at_once(server):
     """Each streaming step holds one connection to the model for as long as
     it writes; past httpx's default pool of 100 the rest used to wait,
@@ -5557,6 +5553,7 @@ def test_more_sessions_than_an_http_pool_holds_all_stream_at_once(server):
     ends = [of(events, "done")[0]["ts"] for events in runs]
     assert all(of(events, "done")[0]["status"] == "done" for events in runs)
     assert max(first_tokens) < min(ends), f"{sum(t > min(ends) for t in first_tokens)} waited"
+
 
 # =============================================================================
 # Many workers on one PostgreSQL database (issue 22)
@@ -5647,7 +5644,6 @@ def test_uvicorn_with_three_workers_serves_one_postgres_database(tmp_path, llm, 
     streams on several connections (landing on whichever worker accepts
     them) equal the store, every worker lists the same sessions, and a
     worker SIGKILLed mid-run has its run ended `interrupted` by another."""
-    import psycopg
     dsn = postgres.database()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -5686,15 +5682,12 @@ def test_uvicorn_with_three_workers_serves_one_postgres_database(tmp_path, llm, 
         lists = [s.http("GET", "/agent/sessions").json() for _ in range(9)]
         assert all(x == lists[0] for x in lists)
         # the workers name themselves (GET /agent/stats), and they are three
-        with psycopg.connect(dsn) as conn:
-            alive = {r[0] for r in conn.execute("SELECT id FROM workers WHERE lease_until > now()")}
+        alive = {r[0] for r in s.sql("SELECT id FROM workers WHERE lease_until > now()")}
         assert len(alive) == 3 and s.http("GET", "/agent/stats").json()["worker"] in alive
 
         doomed = s.chat("run: sleep 30")["session_id"]
         s.wait_event(doomed, "tool_call")
-        with psycopg.connect(dsn) as conn:
-            owner = conn.execute("SELECT owner FROM runs WHERE session_id = %s",
-                                 (doomed,)).fetchone()[0]
+        (owner,), = s.sql("SELECT owner FROM runs WHERE session_id = ?", (doomed,))
         os.kill(int(owner.split(":")[1]), signal.SIGKILL)
         h = s.wait_status(doomed, timeout=20)
         assert h["events"][-1]["status"] == "interrupted"

@@ -6,8 +6,8 @@
     python bench/paced.py --pin                       # the server alone on CPU 1
 
 Each configuration: SESSIONS sessions at once, each streaming for SECONDS at
-RATE tokens a second (the fake LLM of the tests, in a process of its own,
-writes one SSE event per token and stamps the moment it writes it), one
+RATE tokens a second (a fake LLM in a process of its own, below, writes one
+SSE event per token on its schedule and stamps the moment it writes it), one
 WebSocket subscriber per session.  Printed per row:
 
 - server CPU per token: the server process's CPU time (all its threads:
@@ -39,7 +39,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,13 +93,24 @@ async def serve_llm() -> None:
     await server.serve_forever()
 
 
-class PacedLLMProcess(FakeLLMProcess):
+def paced_llm() -> FakeLLMProcess:
     """`python bench/paced.py --serve-llm` as ServerProcess's `llm`."""
+    return FakeLLMProcess([sys.executable, __file__, "--serve-llm"])
 
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-llm"],
-                                     stdout=subprocess.PIPE, text=True)
-        self.port, self.pid = int(self.proc.stdout.readline()), self.proc.pid
+
+async def ready_sessions(c: httpx.AsyncClient, servers: list[ServerProcess],
+                         n: int) -> list[str]:
+    """N new sessions (the i-th on servers[i % len]), each with its first
+    answer done, so a bench's runs start on a quiet server."""
+    sids = []
+    for i in range(n):
+        r = await c.post(servers[i % len(servers)].base + "/agent/chat",
+                         json={"message": "say: ready"})
+        sids.append(r.json()["session_id"])
+    for server in servers:
+        while (await c.get(server.base + "/agent/stats")).json()["runs"]:
+            await asyncio.sleep(0.05)
+    return sids
 
 
 async def subscribe(c: httpx.AsyncClient, server: ServerProcess, sid: str):
@@ -144,11 +154,7 @@ async def run(server: ServerProcess, sessions: int, rate: float, seconds: float,
     h = {"authorization": f"Bearer {TOKEN}"}
     limits = httpx.Limits(max_connections=50)
     async with httpx.AsyncClient(headers=h, timeout=120, limits=limits) as c:
-        sids = []
-        for _ in range(sessions):
-            r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
-            sids.append(r.json()["session_id"])
-        await asyncio.sleep(0.5 + sessions / 200)
+        sids = await ready_sessions(c, [server], sessions)
         socks = [await subscribe(c, server, sid) for sid in sids]
         latencies = [[] for _ in socks]
         sent = [[] for _ in socks]
@@ -223,7 +229,7 @@ async def main() -> None:
     if args.against:
         codes["against"] = (args.against.resolve() / "agent_web.py", lag)
     cpus = sorted(os.sched_getaffinity(0))
-    fake = FakeLLMProcess() if args.threaded_llm else PacedLLMProcess()
+    fake = FakeLLMProcess() if args.threaded_llm else paced_llm()
     if args.pin:
         pin(os.getpid(), cpus[:-1])
         pin(fake.pid, cpus[:-1])

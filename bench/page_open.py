@@ -102,6 +102,15 @@ def checkouts(args) -> dict[str, Path]:
     return codes
 
 
+def seeded_server(tmp: str, name: str, script: Path, events: int, llm=None):
+    """A server of checkout `name` on a database seeded with a session of
+    `events` events: (server, that session's id)."""
+    folder = Path(tmp) / name
+    folder.mkdir()
+    sid = seed(folder / "agent.db", events)
+    return ServerProcess(folder, llm, script=script), sid
+
+
 def signed_in(browser, server):
     """A new context's tab with the server's cookie, the page live."""
     context = browser.new_context(viewport={"width": 1200, "height": 800},
@@ -125,10 +134,7 @@ def main_stream(args) -> None:
               f"{'layout ms':>10} {'style ms':>9} {'long tasks':>11}")
         try:
             for name, script in codes.items():
-                folder = Path(tmp) / name
-                folder.mkdir()
-                long_sid = seed(folder / "agent.db", args.events)
-                server = ServerProcess(folder, fake, script=script)
+                server, long_sid = seeded_server(tmp, name, script, args.events, fake)
                 try:
                     short_sid = server.chat("say: a short session")["session_id"]
                     server.wait_status(short_sid)
@@ -169,10 +175,7 @@ def main() -> None:
         print(f"{'code':>8} {'to the newest event (ms)':>26} {'long tasks':>11} "
               f"{'longest (ms)':>13}")
         for name, script in codes.items():
-            folder = Path(tmp) / name
-            folder.mkdir()
-            sid = seed(folder / "agent.db", args.events)
-            server = ServerProcess(folder, None, script=script)
+            server, sid = seeded_server(tmp, name, script, args.events)
             try:
                 context, page = signed_in(browser, server)
                 runs = [measure(page, f"{server.base}/?session={sid}", args.events)

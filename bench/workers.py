@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import httpx  # noqa: E402
-from paced import percentile, subscribe, watch  # noqa: E402
+from paced import percentile, ready_sessions, subscribe, watch  # noqa: E402
 from test_agent_web import TOKEN, FakeLLMProcess, PostgresCluster, ServerProcess  # noqa: E402
 
 
@@ -77,11 +77,7 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
     h = {"authorization": f"Bearer {TOKEN}"}
     n = len(servers)
     async with httpx.AsyncClient(headers=h, timeout=120) as c:
-        sids = []
-        for i in range(sessions):
-            r = await c.post(servers[i % n].base + "/agent/chat", json={"message": "say: ready"})
-            sids.append(r.json()["session_id"])
-        await asyncio.sleep(1.0 + sessions / 100)
+        sids = await ready_sessions(c, servers, sessions)
         # each session watched from the worker after the one running it
         socks = [await subscribe(c, servers[(i + 1) % n], sid)
                  for i, sid in enumerate(sids) for _ in range(watchers)]
@@ -118,11 +114,7 @@ async def run(servers: list[ServerProcess], sessions: int, tokens: int, rate: fl
 async def idle(server: ServerProcess, sessions: int, cluster: PostgresCluster) -> dict:
     h = {"authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(headers=h, timeout=120) as c:
-        sids = []
-        for _ in range(sessions):
-            r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
-            sids.append(r.json()["session_id"])
-        await asyncio.sleep(1.0 + sessions / 100)
+        sids = await ready_sessions(c, [server], sessions)
         socks = [await subscribe(c, server, sid) for sid in sids]
 
     def transactions() -> int:
