@@ -3099,6 +3099,27 @@ CUT_SHORT = {
 CUT_SHORT["length"] = CUT_SHORT["max_tokens"]          # OpenAI's name for it
 
 
+class _StreamCut:
+    """Stops a stream that the run's own task reads (Agent._stream_step).
+
+    `cancel()` (the user's, via Agent.cancel, or the step's time-out) cancels
+    the task only while it waits inside the stream, never while it stores an
+    event, and the stream's reader takes that cancellation back (uncancel)
+    and raises RunCancelled or LLMError instead: the run goes on to say how
+    it ended.  Asked between two reads, the next read is never begun."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.reading = False          # the task waits inside the stream now
+        self.why: str | None = None   # "cancel" or "timeout", once asked
+
+    def cancel(self, why: str = "cancel") -> None:
+        if self.why is None:
+            self.why = why
+            if self.reading:
+                self.task.cancel()
+
+
 class Agent:
     """Runs one user message to its `done`, as an async generator of events.
 
@@ -3135,7 +3156,7 @@ class Agent:
         self.asked = set(asked or ())
         self.cancel_status: str | None = None  # "cancelled" or "interrupted" once asked
         self.waiting_approval = False
-        self._inflight: asyncio.Future | None = None
+        self._inflight: asyncio.Future | _StreamCut | None = None   # what cancel() stops
         self._input_errors: dict[str, str | None] = {}   # call id -> bad-arguments message
         self._output_so_far: dict[str, list[str]] = {}   # call id -> what it printed, live
         self._started_at: dict[str, float] = {}          # call id -> when it began to run
@@ -3407,53 +3428,56 @@ class Agent:
 
     async def _stream_step(self, history: list[dict], tools: list[dict] | None = None
                            ) -> AsyncIterator[tuple]:
-        """Pump the LLM stream in a child task so cancel() can cut it anywhere."""
+        """The LLM's stream, read in the run's own task; cancel() and the
+        step's time-out cut it wherever it waits (see _StreamCut).
+
+        No child task reads ahead: a task hop per token (a queue, a wake-up,
+        a step of a second task) was a sixth of what reading a token cost the
+        event loop with 200 sessions streaming (bench/paced.py)."""
         tools = self.toolbox.specs() if tools is None else tools
-        queue: asyncio.Queue = asyncio.Queue()
-        end = object()
-
-        async def pump() -> None:
-            try:
-                async for item in stream_with_retries(self.llm, self.cfg, history, tools):
-                    queue.put_nowait(item)
-                queue.put_nowait(end)
-            except BaseException as exc:        # handed to the consumer, re-raised there
-                queue.put_nowait(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-
-        task = asyncio.ensure_future(pump())
-        self._inflight = task
+        cut = _StreamCut(asyncio.current_task())
+        self._inflight = cut
         # One timer for the whole step, not a time-out per token: a server
         # trickling a byte a second never trips the read time-out.
-        expired: list[bool] = []
-        timer = asyncio.get_running_loop().call_later(
-            self.cfg.step_timeout, lambda: (expired.append(True), task.cancel()))
+        timer = asyncio.get_running_loop().call_later(self.cfg.step_timeout, cut.cancel,
+                                                      "timeout")
         chars, cap = 0, self.cfg.max_tokens * STEP_CHARS_PER_TOKEN
         try:
-            while True:
-                item = await queue.get()
-                if item is end:
-                    return
-                if isinstance(item, asyncio.CancelledError):
-                    if expired and not self.cancel_status:
-                        raise LLMError(f"the model's answer took longer than "
-                                       f"{self.cfg.step_timeout:g} s (AGENT_STEP_TIMEOUT), "
-                                       "so it was stopped")
-                    raise RunCancelled
-                if isinstance(item, BaseException):
-                    raise item
-                if item[0] in ("text", "thinking"):
-                    chars += len(item[1])
-                    if chars > cap:
-                        raise LLMError(f"the model sent more than {cap:,} characters in one "
-                                       f"answer, past its output limit ({self.cfg.max_tokens} "
-                                       "tokens, AGENT_MAX_TOKENS), so it was stopped")
-                yield item
+            async with contextlib.aclosing(
+                    stream_with_retries(self.llm, self.cfg, history, tools)) as stream:
+                while True:
+                    if cut.why or self.cancel_status:
+                        raise self._cut_short(cut.why)
+                    cut.reading = True
+                    try:
+                        item = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        # Ours (cut.cancel) is taken back; any other, such as
+                        # the server's shutdown, stops the run as it should.
+                        if cut.why is None or cut.task.uncancel() > 0:
+                            raise
+                        raise self._cut_short(cut.why) from None
+                    finally:
+                        cut.reading = False
+                    if item[0] in ("text", "thinking"):
+                        chars += len(item[1])
+                        if chars > cap:
+                            raise LLMError(f"the model sent more than {cap:,} characters in "
+                                           f"one answer, past its output limit "
+                                           f"({self.cfg.max_tokens} tokens, AGENT_MAX_TOKENS), "
+                                           "so it was stopped")
+                    yield item
         finally:
             timer.cancel()
             self._inflight = None
-            task.cancel()
+
+    def _cut_short(self, why: str | None) -> Exception:
+        if why == "timeout" and not self.cancel_status:
+            return LLMError(f"the model's answer took longer than {self.cfg.step_timeout:g} s "
+                            "(AGENT_STEP_TIMEOUT), so it was stopped")
+        return RunCancelled()
 
     async def _run_call(self, call: dict, history: list[dict]) -> AsyncIterator[dict]:
         name, args = call["name"], call["input"]

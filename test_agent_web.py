@@ -1045,6 +1045,45 @@ def test_cancel_mid_stream_ends_cancelled_with_incomplete_message(llm, tmp_path,
     assert msg["incomplete"] and msg["content"].startswith("word")
 
 
+def test_a_cancel_while_the_run_waits_on_the_stream_stops_it_and_is_taken_back(llm, tmp_path):
+    """The run's own task reads the stream (no child task): a cancel that
+    comes while it waits for the next token cancels that wait, and the
+    reader takes the cancellation back, so the run ends `cancelled` and its
+    task is not left cancelling (asyncio.timeout and TaskGroup count on it).
+    A cancellation that is not the agent's (a shutdown) still goes through."""
+    llm.script.append(Reply(" ".join(["word"] * 200), delay=0.05))
+    llm.script.append(Reply(" ".join(["word"] * 200), delay=0.05))
+
+    async def scenario(outside: bool):
+        cfg = cfg_for(llm)
+        async with core.make_http_client(cfg) as http:
+            agent = core.Agent(core.make_llm(cfg, http), cfg, core.Toolbox(tmp_path))
+            events: list[dict] = []
+
+            async def consume():
+                async for ev in agent.run([{"role": "user", "content": "talk"}]):
+                    events.append(ev)
+                await asyncio.sleep(0)      # still usable: not left cancelling
+                return asyncio.current_task().cancelling()
+
+            task = asyncio.ensure_future(consume())
+            while len(of(events, "delta")) < 3:
+                await asyncio.sleep(0.01)
+            # It waits inside the stream now: tokens are 50 ms apart.
+            task.cancel() if outside else agent.cancel()
+            try:
+                return await asyncio.wait_for(task, 10), events
+            except asyncio.CancelledError:
+                return "cancelled from outside", events
+
+    cancelling, events = arun(scenario(outside=False))
+    assert events[-1]["type"] == "done" and events[-1]["status"] == "cancelled"
+    assert cancelling == 0
+    assert len(of(events, "delta")) < 10                  # cut mid-answer, not at its end
+    outcome, events = arun(scenario(outside=True))
+    assert outcome == "cancelled from outside" and not of(events, "done")
+
+
 def test_cancel_mid_bash_kills_the_process(llm, tmp_path):
     pidfile = tmp_path / "pid"
     llm.script.append(Reply("", tools=[("bash", json.dumps(
