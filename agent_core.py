@@ -67,6 +67,7 @@ import contextlib
 import contextvars
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -1277,10 +1278,13 @@ def tls_context(env=None) -> ssl.SSLContext:
 UNCAPPED = httpx.Limits(max_connections=None, max_keepalive_connections=20)
 
 
-def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
+def make_http_client(cfg: LLMConfig, read_pace: float = 0.0) -> httpx.AsyncClient:
+    """httpx, on our socket layer; `read_pace` (seconds, 0: off) is ReadPacer's
+    window, shared by all the client's connections."""
     timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
                             write=30.0, pool=30.0)
     client = httpx.AsyncClient(timeout=timeout, verify=tls_context(), limits=UNCAPPED)
+    backend = AsyncioBackend(ReadPacer(read_pace) if read_pace > 0 else None)
     # httpx has no public switch for the socket layer: each of its pools (one
     # more per proxy taken from the environment) keeps it in
     # `_network_backend`.  Should a version keep it elsewhere, httpx's own
@@ -1288,7 +1292,7 @@ def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
     for transport in (client._transport, *client._mounts.values()):
         pool = getattr(transport, "_pool", None)
         if hasattr(pool, "_network_backend"):
-            pool._network_backend = AsyncioBackend()
+            pool._network_backend = backend
     return client
 
 
@@ -1308,7 +1312,10 @@ def make_http_client(cfg: LLMConfig) -> httpx.AsyncClient:
 class _SocketProtocol(asyncio.Protocol):
     MAX_BUFFER = 256 * 1024        # read no further ahead than this
 
-    def __init__(self):
+    def __init__(self, pacer: "ReadPacer | None" = None):
+        self.pacer = pacer
+        self.woken_at = 0.0            # loop time the reader last took data (ReadPacer)
+        self.held: asyncio.TimerHandle | None = None       # data held back (ReadPacer)
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.closed = False            # EOF, or the connection is lost
@@ -1330,6 +1337,18 @@ class _SocketProtocol(asyncio.Protocol):
         if len(self.buffer) > self.MAX_BUFFER and not self.paused:
             self.paused = True
             self.transport.pause_reading()
+        if self.waiter is None or self.held is not None:
+            return                      # the reader takes it when it comes, or at `held`
+        if self.pacer is not None:
+            loop = asyncio.get_running_loop()
+            due = self.pacer.due(self.woken_at, loop.time())
+            if due is not None:
+                self.held = loop.call_at(due, self._release)
+                return
+        self._wake("waiter")
+
+    def _release(self) -> None:
+        self.held = None
         self._wake("waiter")
 
     def eof_received(self) -> None:
@@ -1338,9 +1357,10 @@ class _SocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed, self.error = True, exc
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.held):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.held = None
         self._wake("waiter")
         self._wake("drained")
 
@@ -1407,6 +1427,8 @@ class _SocketStream(httpcore.AsyncNetworkStream):
         if p.buffer:
             data = bytes(p.buffer[:max_bytes])
             del p.buffer[:max_bytes]
+            if p.pacer is not None:
+                p.woken_at = asyncio.get_running_loop().time()
             if p.paused and len(p.buffer) <= p.MAX_BUFFER // 2:
                 p.paused = False
                 self._transport.resume_reading()
@@ -1453,18 +1475,21 @@ class _SocketStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, pacer: "ReadPacer | None" = None):
+        self.protocol = functools.partial(_SocketProtocol, pacer)
+
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
                           socket_options=None) -> _SocketStream:
         loop = asyncio.get_running_loop()
         local = (local_address, 0) if local_address else None
         return await self._connect(loop.create_connection(
-            _SocketProtocol, host, port, local_addr=local), timeout, socket_options)
+            self.protocol, host, port, local_addr=local), timeout, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options=None) -> _SocketStream:
         loop = asyncio.get_running_loop()
-        return await self._connect(loop.create_unix_connection(_SocketProtocol, path),
+        return await self._connect(loop.create_unix_connection(self.protocol, path),
                                    timeout, socket_options)
 
     @staticmethod
@@ -1482,6 +1507,54 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+
+# =============================================================================
+# Read pacing: fewer, fuller reads of the model's streams when the loop is busy
+# =============================================================================
+#
+# A model writes one token per write, so each token is a read of its own:
+# a wake-up of the loop, httpcore's and h11's layers, our SSE split, a step
+# of the run's task.  That costs the loop ~50 us whatever the read carries
+# (bench/paced.py; a bare asyncio Protocol alone costs ~24 us a read here),
+# and with 200 sessions streaming the loop's thread does little else.
+#
+# So, while the loop is busy, a connection that was handed data less than
+# `window` ago holds what comes next until the window is up, and one read
+# then carries every token that came meanwhile.  "Busy" is the loop thread's
+# own CPU time over the last tenth of a second or so (one `thread_time()` a
+# sample, taken when data comes): on from half of it, off again below a
+# third, so a server near the line does not flip every sample.  A lone
+# session or a few never see it: their tokens are handed over as they come.
+# Events are still stored before they are shown; this only decides how
+# often the LLM's bytes are read (README, Performance: "Read pacing").
+
+class ReadPacer:
+    BUSY_ON, BUSY_OFF = 0.7, 0.5       # share of the loop thread's time
+    SAMPLE = 0.1                       # seconds between two looks at it
+
+    def __init__(self, window: float):
+        self.window = window
+        self.engaged = False
+        self._sampled_at = time.monotonic()
+        self._cpu = time.thread_time()
+
+    def due(self, woken_at: float, now: float) -> float | None:
+        """When a connection last handed data at `woken_at` may be handed
+        more (loop time), or None: at once."""
+        wall = time.monotonic()
+        if wall - self._sampled_at >= self.SAMPLE:
+            cpu = time.thread_time()
+            busy = (cpu - self._cpu) / (wall - self._sampled_at)
+            self.engaged = busy >= (self.BUSY_OFF if self.engaged else self.BUSY_ON)
+            self._sampled_at, self._cpu = wall, cpu
+        if not self.engaged or now - woken_at >= self.window:
+            return None
+        return woken_at + self.window
+
+
+# =============================================================================
+# Retries: a step that failed for a passing reason is asked again
+# =============================================================================
 
 def backoff_delay(attempt: int, base: float, retry_after: float | None,
                   most: float = RETRY_MAX_DELAY, factor: float = 2.0) -> float:

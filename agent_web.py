@@ -804,6 +804,9 @@ class _Pending:
 
 
 COALESCE_S = 0.0        # seconds; AGENT_WEB_COALESCE_MS
+# The model's streams are read at most this often while the event loop is
+# busy, and as they come otherwise (agent_core's ReadPacer); 0 turns it off.
+READ_PACE_S = 0.03      # seconds; AGENT_WEB_READ_PACE_MS
 
 
 class EventLog:
@@ -2305,10 +2308,11 @@ class AgentWebApp:
                  tools: dict[str, bool] | None = None,
                  mcp_servers: list[core.McpServer] | None = None,
                  skills: core.Skills | None = None, coalesce: float = COALESCE_S,
-                 lease: float = LEASE_S):
+                 lease: float = LEASE_S, read_pace: float = READ_PACE_S):
         self.db_path, self.workspace = db_path, workspace
         self.lease = lease                    # PostgreSQL: a worker's lease, seconds
         self.coalesce = coalesce              # EventLog's pacing window, seconds
+        self.read_pace = read_pace            # ReadPacer's window, seconds
         self.tool_options = tools or {}       # Toolbox(**): config.yaml's tools.enable_*
         self.mcp_servers = mcp_servers or []
         self.skills = skills or core.Skills(None)
@@ -2356,7 +2360,7 @@ class AgentWebApp:
                             if isinstance(self.store, PgStore) else None)
             self.events = EventLog(self.store, self.registry, self.coalesce)
             self.events.start()
-            self.http = core.make_http_client(self.llm_config)
+            self.http = core.make_http_client(self.llm_config, self.read_pace)
             self.toolbox = core.Toolbox(self.workspace, **self.tool_options)
             self.toolbox.add_skills(self.skills)
             self.llm_config = dataclasses.replace(self.llm_config, system_prompt=core.with_skills(
@@ -3056,11 +3060,14 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
                queue_size: int | None = None, body_timeout: float | None = None,
                tools: dict[str, bool] | None = None, mcp_config: str | Path | None = None,
                skills_dir: str | Path | None = None, config: core.ConfigFile | None = None,
-               coalesce_ms: float | None = None, lease: float | None = None) -> AgentWebApp:
+               coalesce_ms: float | None = None, lease: float | None = None,
+               read_pace_ms: float | None = None) -> AgentWebApp:
     """The ASGI app.  Every argument defaults from the environment, then from
     the constants above; nothing is opened until the app starts."""
     window_ms = (coalesce_ms if coalesce_ms is not None
                  else core.env_number(os.environ, "AGENT_WEB_COALESCE_MS", float))
+    pace_ms = (read_pace_ms if read_pace_ms is not None
+               else core.env_number(os.environ, "AGENT_WEB_READ_PACE_MS", float))
     db_path = db_path or os.environ.get("AGENT_WEB_DB", DEFAULT_DB)
     if is_postgres(db_path):
         psycopg_module()                  # a usage error now, not at the first request
@@ -3088,6 +3095,7 @@ def create_app(*, db_path: str | Path | None = None, workspace: str | Path | Non
         mcp_servers=core.mcp_servers(str(mcp_config) if mcp_config else None, file=config),
         skills=core.Skills.locate(str(skills_dir) if skills_dir else None, file=config),
         coalesce=COALESCE_S if window_ms is None else window_ms / 1000,
+        read_pace=READ_PACE_S if pace_ms is None else pace_ms / 1000,
         lease=lease or core.env_number(os.environ, "AGENT_WEB_LEASE", float) or LEASE_S)
 
 

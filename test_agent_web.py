@@ -901,6 +901,62 @@ def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
     assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
 
 
+def test_read_pacing_holds_a_busy_loops_reads_for_its_window_and_an_idle_ones_not():
+    """ReadPacer: while the loop is busy, bytes that come less than the
+    window after the last hand-over wait for it, and one read carries them
+    all; with pacing off (or an idle loop) each is handed over as it comes."""
+    async def second_read(pacer, pause=0.0):
+        got = asyncio.get_running_loop().create_future()
+
+        async def serve(reader, writer):
+            writer.write(b"first")
+            await got                       # the client read "first"
+            await asyncio.sleep(pause)
+            writer.write(b"second")
+            await asyncio.sleep(0.03)
+            writer.write(b"third")
+            await writer.drain()
+            await reader.read()             # until the client closes
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        stream = await core.AsyncioBackend(pacer).connect_tcp("127.0.0.1", port)
+        assert await stream.read(100, timeout=5) == b"first"
+        got.set_result(None)
+        started = time.monotonic()
+        data = await stream.read(100, timeout=5)
+        waited = time.monotonic() - started
+        await stream.aclose()
+        server.close()
+        return data, waited
+
+    busy = core.ReadPacer(0.2)
+    busy.BUSY_ON = busy.BUSY_OFF = 0.0           # as if the loop were always busy
+    busy.SAMPLE = 0.0
+    data, waited = arun(second_read(busy))
+    assert data == b"secondthird" and waited >= 0.1
+    assert busy.engaged
+    data, _ = arun(second_read(None))            # off: each write read as it comes
+    assert data == b"second"
+    idle = core.ReadPacer(0.2)                   # the real measure: this loop idles
+    data, _ = arun(second_read(idle, pause=0.15))
+    assert data == b"second" and not idle.engaged
+
+
+def test_read_pacing_is_on_while_the_loop_thread_is_busy_and_off_once_it_idles():
+    pacer = core.ReadPacer(0.05)
+    pacer.SAMPLE = 0.05
+    now = time.monotonic()
+    end = time.thread_time() + 0.12
+    while time.thread_time() < end:             # this thread works flat out ...
+        pass
+    assert pacer.due(now, now) == pytest.approx(now + 0.05) and pacer.engaged
+    assert pacer.due(now - 0.06, now) is None    # its window is over: at once
+    time.sleep(0.12)                             # ... then does nothing
+    assert pacer.due(now, now) is None and not pacer.engaged
+
+
 def test_a_stream_that_stalls_midway_times_out_by_the_read_time_out(llm, tmp_path):
     """Tokens 0.2 s apart outlast a 0.5 s read time-out many times over and
     never trip it (one timer per connection moves with them); then the
