@@ -1522,8 +1522,10 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 # `window` ago holds what comes next until the window is up, and one read
 # then carries every token that came meanwhile.  "Busy" is the loop thread's
 # own CPU time over the last tenth of a second or so (one `thread_time()` a
-# sample, taken when data comes): on from half of it, off again below a
-# third, so a server near the line does not flip every sample.  A lone
+# sample, taken when data comes): on from 0.7 of it, off again below 0.5,
+# so a server near the line does not flip every sample.  Near 0.7 the loop
+# is close to full (the SQLite writer needs the rest of a core): below it
+# the wait would only add latency, as measured at 50-150 sessions.  A lone
 # session or a few never see it: their tokens are handed over as they come.
 # Events are still stored before they are shown; this only decides how
 # often the LLM's bytes are read (README, Performance: "Read pacing").
