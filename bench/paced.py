@@ -3,6 +3,7 @@
     python bench/paced.py [--seconds 4] [--rates 20,50,100] [--sessions 1,10,50,200]
     python bench/paced.py --against ../before        # another checkout, in turn
     python bench/paced.py --windows 0,12              # this code, per pacing window
+    python bench/paced.py --paces 0,30                # this code, per read pacing window
     python bench/paced.py --pin                       # the server alone on CPU 1
 
 Each configuration: SESSIONS sessions at once, each streaming for SECONDS at
@@ -207,6 +208,8 @@ async def main() -> None:
     ap.add_argument("--against", type=Path, help="another checkout, run in turn with this one")
     ap.add_argument("--windows", help="pacing windows in ms (AGENT_WEB_COALESCE_MS) to run "
                     "this checkout with, in turn; default: its own default")
+    ap.add_argument("--paces", help="read pacing windows in ms (AGENT_WEB_READ_PACE_MS; 0 "
+                    "is off) to run this checkout with, in turn; default: its own default")
     ap.add_argument("--pin", action="store_true", help="the server (all its threads) on "
                     "the last CPU, this client and the fake LLM on the others: one core's "
                     "capacity, not shared with its own load")
@@ -226,6 +229,10 @@ async def main() -> None:
         codes = {f"this@{w}ms": (HERE.parent / "agent_web.py",
                                  {**lag, "AGENT_WEB_COALESCE_MS": w})
                  for w in args.windows.split(",")}
+    if args.paces:
+        codes = {f"this@read{p}ms": (HERE.parent / "agent_web.py",
+                                     {**lag, "AGENT_WEB_READ_PACE_MS": p})
+                 for p in args.paces.split(",")}
     if args.against:
         codes["against"] = (args.against.resolve() / "agent_web.py", lag)
     cpus = sorted(os.sched_getaffinity(0))
