@@ -1,6 +1,7 @@
 """The floor under "CPU per token" on this machine: what one wake-up costs.
 
     python bench/wake_floor.py [--events 500] [--rate 100]
+    python bench/wake_floor.py --streams 200 [--rate 50]    # the floor under load
 
 Another process writes one byte to a socket RATE times a second; this
 process's asyncio loop reads each (and, in the second row, also hands each
@@ -10,6 +11,13 @@ waking from idle, which a server streaming one token at a time pays per
 token, several times (the LLM's socket, the writer thread, the loop again,
 the subscriber's socket) whatever its own code costs.  On a virtual machine
 a wake-up is dear: compare a burst, where the loop never sleeps.
+
+With --streams N: N connections to bench/paced.py's fake LLM, each streaming
+at RATE tokens a second in the Anthropic SSE format (one write a token), read
+by a bare asyncio Protocol that only counts them, pinned like the server in
+`paced.py --pin` (this process on the last CPU, the fake LLM on the others).
+Printed: CPU per token and the share of the core: what the server's one core
+spends before any of its own code runs, at the loads of "Capacity".
 """
 from __future__ import annotations
 
@@ -60,11 +68,58 @@ async def one(events: int, rate: float, hand_off: bool) -> float:
     return cpu * 1000 / max(1, seen)
 
 
+async def streams(n: int, rate: float, seconds: float) -> tuple[float, float]:
+    """CPU ms a token and busy share, N streams read by a bare Protocol."""
+    import json
+    import os
+    from pathlib import Path
+    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("paced.py")),
+                             "--serve-llm"], stdout=subprocess.PIPE, text=True)
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(fake.pid, cpus[:-1] or cpus)
+    os.sched_setaffinity(0, cpus[-1:])
+    port = int(fake.stdout.readline())
+    body = json.dumps({"messages": [{"role": "user", "content":
+                                     f"stream {int(rate * seconds)} {rate}"}]}).encode()
+    request = (b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: %d\r\n\r\n"
+               % len(body) + body)
+    loop = asyncio.get_running_loop()
+
+    class Counter(asyncio.Protocol):
+        def __init__(self, done: asyncio.Future):
+            self.done, self.tokens = done, 0
+
+        def connection_made(self, transport):
+            transport.write(request)
+
+        def data_received(self, data: bytes) -> None:
+            self.tokens += data.count(b"text_delta")
+
+        def connection_lost(self, exc) -> None:
+            self.done.set_result(self.tokens)
+
+    ends = [loop.create_future() for _ in range(n)]
+    began, cpu = time.monotonic(), time.process_time()
+    for end in ends:
+        await loop.create_connection(lambda end=end: Counter(end), "127.0.0.1", port)
+    tokens = sum(await asyncio.gather(*ends))
+    cpu, wall = time.process_time() - cpu, time.monotonic() - began
+    fake.kill()
+    return cpu * 1000 / max(1, tokens), cpu / wall
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=500)
     ap.add_argument("--rate", type=float, default=100)
+    ap.add_argument("--streams", type=int, help="N paced SSE streams read at once")
+    ap.add_argument("--seconds", type=float, default=4.0, help="with --streams")
     args = ap.parse_args()
+    if args.streams:
+        ms, busy = await streams(args.streams, args.rate, args.seconds)
+        print(f"{args.streams} streams at {args.rate:g} tokens/s, a bare Protocol on one "
+              f"core: {ms * 1000:.1f} us CPU a token, {busy:.2f} of the core")
+        return
     print(f"{'events/s':>9} {'per event':>30} {'CPU ms':>7}")
     for rate in (args.rate, 0):
         for hand_off in (False, True):
