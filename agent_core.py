@@ -34,7 +34,9 @@ LLM protocols (raw httpx, streaming Server-Sent Events, no vendor SDK)
     with exponential back-off and jitter (honouring Retry-After); 400/401/403/
     404 and TLS certificate failures are reported once and not retried.  Under
     httpx, `AsyncioBackend` is the socket layer (cheaper per read than
-    anyio's; see its section).  Both clients build each request from
+    anyio's; see its section), and a server whose event loop is busy reads
+    the model's streams less often, several tokens a read (`ReadPacer`).
+    Both clients build each request from
     `repair_history(history)`, so no stored log (a crash, a cancel, a failed
     tool) can make a request the provider refuses; a step that runs past its
     limits (characters and bytes per token of AGENT_MAX_TOKENS, a deadline)
@@ -3199,9 +3201,12 @@ class Agent:
     """Runs one user message to its `done`, as an async generator of events.
 
     Cancellation is cooperative from the outside and immediate on the inside:
-    `cancel()` sets a flag and cancels only the child task doing the current
-    wait (the LLM stream, the tool, the approval), so the generator itself
-    stays in control and can close the run cleanly.  `decisions` pre-answers
+    `cancel()` sets a flag and cancels only the current wait: the child task
+    running a tool or waiting for an approval, or, for the LLM stream (read
+    in the run's own task, as a child task per token cost too much), the
+    run's task while it waits inside the stream, a cancellation taken back
+    where it is caught (`_StreamCut`).  So the generator itself stays in
+    control and can close the run cleanly.  `decisions` pre-answers
     approvals (used to resume a run that waited across a server restart).
     """
 
