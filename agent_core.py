@@ -1524,10 +1524,12 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 # `window` ago holds what comes next until the window is up, and one read
 # then carries every token that came meanwhile.  "Busy" is the loop thread's
 # own CPU time over the last tenth of a second or so (one `thread_time()` a
-# sample, taken when data comes): on from 0.7 of it, off again below 0.5,
-# so a server near the line does not flip every sample.  Near 0.7 the loop
-# is close to full (the SQLite writer needs the rest of a core): below it
-# the wait would only add latency, as measured at 50-150 sessions.  A lone
+# sample, taken when data comes): on after three looks in a row at 0.7 of
+# it or more, so the burst of many runs starting at once does not engage
+# it, and off again at the first look below 0.5, so a server near the line
+# does not flip every look.  Near 0.7 the loop is close to full (the SQLite
+# writer needs the rest of a core): below it the wait would only add
+# latency, as measured at 50-150 sessions.  A lone
 # session or a few never see it: their tokens are handed over as they come.
 # Events are still stored before they are shown; this only decides how
 # often the LLM's bytes are read (README, Performance: "Read pacing").
@@ -1535,10 +1537,12 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 class ReadPacer:
     BUSY_ON, BUSY_OFF = 0.7, 0.5       # share of the loop thread's time
     SAMPLE = 0.1                       # seconds between two looks at it
+    SUSTAINED = 3                      # busy looks in a row before it engages
 
     def __init__(self, window: float):
         self.window = window
         self.engaged = False
+        self._busy_looks = 0
         self._sampled_at = time.monotonic()
         self._cpu = time.thread_time()
 
@@ -1549,7 +1553,11 @@ class ReadPacer:
         if wall - self._sampled_at >= self.SAMPLE:
             cpu = time.thread_time()
             busy = (cpu - self._cpu) / (wall - self._sampled_at)
-            self.engaged = busy >= (self.BUSY_OFF if self.engaged else self.BUSY_ON)
+            if self.engaged:
+                self.engaged = busy >= self.BUSY_OFF
+            else:
+                self._busy_looks = self._busy_looks + 1 if busy >= self.BUSY_ON else 0
+                self.engaged = self._busy_looks >= self.SUSTAINED
             self._sampled_at, self._cpu = wall, cpu
         if not self.engaged or now - woken_at >= self.window:
             return None

@@ -933,7 +933,7 @@ def test_read_pacing_holds_a_busy_loops_reads_for_its_window_and_an_idle_ones_no
 
     busy = core.ReadPacer(0.2)
     busy.BUSY_ON = busy.BUSY_OFF = 0.0           # as if the loop were always busy
-    busy.SAMPLE = 0.0
+    busy.SAMPLE, busy.SUSTAINED = 0.0, 1
     data, waited = arun(second_read(busy))
     assert data == b"secondthird" and waited >= 0.1
     assert busy.engaged
@@ -945,13 +945,19 @@ def test_read_pacing_holds_a_busy_loops_reads_for_its_window_and_an_idle_ones_no
 
 
 def test_read_pacing_is_on_while_the_loop_thread_is_busy_and_off_once_it_idles():
+    """On after SUSTAINED busy looks in a row (a burst of starts is not
+    enough), off at the first idle one."""
     pacer = core.ReadPacer(0.05)
     pacer.SAMPLE = 0.05
     now = time.monotonic()
-    end = time.thread_time() + 0.12
-    while time.thread_time() < end:             # this thread works flat out ...
-        pass
-    assert pacer.due(now, now) == pytest.approx(now + 0.05) and pacer.engaged
+    for look in range(pacer.SUSTAINED):
+        end = time.thread_time() + 0.06
+        while time.thread_time() < end:         # this thread works flat out ...
+            pass
+        due = pacer.due(now, now)
+        if look < pacer.SUSTAINED - 1:
+            assert due is None and not pacer.engaged      # not yet: it may be a burst
+    assert due == pytest.approx(now + 0.05) and pacer.engaged
     assert pacer.due(now - 0.06, now) is None    # its window is over: at once
     time.sleep(0.12)                             # ... then does nothing
     assert pacer.due(now, now) is None and not pacer.engaged
