@@ -1529,10 +1529,10 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 # it, and off again at the first look below 0.5, so a server near the line
 # does not flip every look.  Near 0.7 the loop is close to full (the SQLite
 # writer needs the rest of a core): below it the wait would only add
-# latency, as measured at 50-150 sessions.  A lone
-# session or a few never see it: their tokens are handed over as they come.
-# Events are still stored before they are shown; this only decides how
-# often the LLM's bytes are read (README, Performance: "Read pacing").
+# latency, as measured at 50-150 sessions.  A lone session or a few never
+# see it: their tokens are handed over as they come.  Events are still
+# stored before they are shown; this only decides how often the LLM's bytes
+# are read (README, Performance, "Read pacing").
 
 class ReadPacer:
     BUSY_ON, BUSY_OFF = 0.7, 0.5       # share of the loop thread's time
