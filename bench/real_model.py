@@ -31,7 +31,6 @@ AVX-512 path the VM does not allow), so it is built with GGML_NATIVE=OFF.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
