@@ -47,6 +47,7 @@ import httpx  # noqa: E402
 import websockets  # noqa: E402
 from test_agent_web import (TOKEN, FakeLLM, FakeLLMProcess, Reply, ServerProcess,  # noqa: E402
                             free_port)
+from paced import ready_sessions  # noqa: E402
 
 
 SENT = re.compile(r"@(\d+\.\d+)")          # test_agent_web.SENT_AT, filled in
@@ -149,11 +150,7 @@ async def latency(server: ServerProcess, sessions: int, tokens: int, spread: flo
     """Runs start at random moments within `spread` seconds (0: all at once)."""
     h = {"authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(headers=h, timeout=60) as c:
-        sids = []
-        for _ in range(sessions):
-            r = await c.post(server.base + "/agent/chat", json={"message": "say: ready"})
-            sids.append(r.json()["session_id"])
-        await asyncio.sleep(1.0)
+        sids = await ready_sessions(c, [server], sessions)
         socks = []
         for sid in sids:
             last = (await c.get(server.base + f"/agent/chat?session_id={sid}&tail=1")).json()["last_seq"]
