@@ -63,29 +63,53 @@ SENT = re.compile(r"@(\d+\.\d+)")
 # This one is one asyncio loop in a process of its own: the same replies in
 # the same Anthropic SSE bytes (the tests' default_reply and anthropic_sse),
 # each token written on its schedule (start + i / rate, so a late wake-up is
-# caught up, as a real model's server does), stamped as it leaves.
+# caught up, as a real model's server does), stamped as it leaves.  Since
+# 2026-12-05 it frames them as the providers' HTTP/1.1 streams are framed
+# (Anthropic's, OpenAI's, llama.cpp's and vLLM's servers alike): chunked, a
+# chunk a token, on a connection kept alive.  Before, it sent the body until
+# it closed the connection, which the client's HTTP layer (h11) hands over
+# as one piece per read however many tokens the read carries, a chunk per
+# token costing each its own pass through httpcore's and httpx's layers:
+# the figures before that date were measured so (`--identity`).
 
 async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer requests on one connection, kept alive as a provider's is, each
+    answer in chunked transfer encoding, a chunk a token, as the providers'
+    HTTP/1.1 streams come (with IDENTITY, the old way: the body until the
+    connection closes, which costs the client's HTTP layer less a token)."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-        body = json.loads(await reader.readexactly(length))
-        reply = default_reply(body, "anthropic")
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                     b"cache-control: no-cache\r\nconnection: close\r\n\r\n")
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for i, chunk in enumerate(anthropic_sse(reply)):
-            if reply.delay:
-                await asyncio.sleep(start + i * reply.delay - loop.time())
-            if SENT_AT in chunk:
-                chunk = chunk.replace(SENT_AT, b"%.6f" % time.time())
-            writer.write(chunk)
-        await writer.drain()
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return                                  # the client closed: done
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            body = json.loads(await reader.readexactly(length))
+            reply = default_reply(body, "anthropic")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"cache-control: no-cache\r\n"
+                         + (b"connection: close\r\n\r\n" if IDENTITY
+                            else b"transfer-encoding: chunked\r\n\r\n"))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for i, chunk in enumerate(anthropic_sse(reply)):
+                if reply.delay:
+                    await asyncio.sleep(start + i * reply.delay - loop.time())
+                if SENT_AT in chunk:
+                    chunk = chunk.replace(SENT_AT, b"%.6f" % time.time())
+                writer.write(chunk if IDENTITY else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if IDENTITY:
+                await writer.drain()
+                return
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.close()
+
+
+IDENTITY = False        # --serve-llm --identity
 
 
 async def serve_llm() -> None:
@@ -94,9 +118,10 @@ async def serve_llm() -> None:
     await server.serve_forever()
 
 
-def paced_llm() -> FakeLLMProcess:
+def paced_llm(identity: bool = False) -> FakeLLMProcess:
     """`python bench/paced.py --serve-llm` as ServerProcess's `llm`."""
-    return FakeLLMProcess([sys.executable, __file__, "--serve-llm"])
+    return FakeLLMProcess([sys.executable, __file__, "--serve-llm"]
+                          + (["--identity"] if identity else []))
 
 
 async def ready_sessions(c: httpx.AsyncClient, servers: list[ServerProcess],
@@ -216,10 +241,15 @@ async def main() -> None:
     ap.add_argument("--threaded-llm", action="store_true", help="the tests' FakeLLM "
                     "(a thread per stream) instead of the paced asyncio one")
     ap.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--identity", action="store_true", help="the fake LLM sends each body "
+                    "until it closes the connection, not chunked (the figures before "
+                    "2026-12-05 were measured so)")
     ap.add_argument("--lag", action="store_true", help="run the server's loop-lag probe (it "
                     "wakes the loop 100 times a second, which the CPU figure then includes)")
     args = ap.parse_args()
     if args.serve_llm:
+        global IDENTITY
+        IDENTITY = args.identity
         return await serve_llm()
     rates = [float(r) for r in args.rates.split(",")]
     counts = [int(n) for n in args.sessions.split(",")]
@@ -236,7 +266,7 @@ async def main() -> None:
     if args.against:
         codes["against"] = (args.against.resolve() / "agent_web.py", lag)
     cpus = sorted(os.sched_getaffinity(0))
-    fake = FakeLLMProcess() if args.threaded_llm else paced_llm()
+    fake = FakeLLMProcess() if args.threaded_llm else paced_llm(args.identity)
     if args.pin:
         pin(os.getpid(), cpus[:-1])
         pin(fake.pid, cpus[:-1])

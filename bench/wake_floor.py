@@ -73,8 +73,9 @@ async def streams(n: int, rate: float, seconds: float) -> tuple[float, float]:
     import json
     import os
     from pathlib import Path
+    # --identity: each answer ends with its connection, which ends a Counter.
     fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("paced.py")),
-                             "--serve-llm"], stdout=subprocess.PIPE, text=True)
+                             "--serve-llm", "--identity"], stdout=subprocess.PIPE, text=True)
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(fake.pid, cpus[:-1] or cpus)
     os.sched_setaffinity(0, cpus[-1:])
