@@ -120,6 +120,9 @@ STEP_TIMEOUT = 600.0              # seconds one LLM step may take, retries inclu
 STEP_CHARS_PER_TOKEN = 16
 STREAM_BYTES_PER_TOKEN = 2_000
 MAX_SSE_EVENT_BYTES = 16 << 20
+# After a stream's last event, how long its body's end may take to come
+# before the connection is dropped rather than kept (_read_to_the_end).
+END_OF_BODY_WAIT = 0.25           # seconds
 DEFAULT_TOKEN_LIMIT = 80_000      # context size past which older turns are summarised
 ANTHROPIC_VERSION = "2023-06-01"
 MINIMAX_BASE_URL = "https://api.minimax.io/anthropic"
@@ -721,6 +724,24 @@ async def sse_events(response: httpx.Response,
         yield event
 
 
+async def _read_to_the_end(events: AsyncIterator[tuple[str, str]],
+                           seconds: float = END_OF_BODY_WAIT) -> None:
+    """After a stream's last event, read its body to the end: httpx keeps a
+    connection for the next request only if the response was read whole,
+    and a chunked body (the providers' framing) ends with one more chunk,
+    which usually comes with the last event or just after it.  Closed
+    before that, the connection was dropped, and every step of a run paid a
+    new TCP and TLS handshake to the provider.  A server that goes on
+    sending, or holds the body open, is left after `seconds`: the
+    connection then closes, as before."""
+    try:
+        async with asyncio.timeout(seconds):
+            async for _ in events:
+                pass
+    except (TimeoutError, LLMError, httpx.HTTPError):
+        pass
+
+
 def _too_many_bytes(limit: int) -> LLMError:
     return LLMError(f"the model server sent more than {limit:,} bytes for one answer: it "
                     "ignores its output limit (AGENT_MAX_TOKENS), so the answer was stopped")
@@ -964,6 +985,7 @@ class AnthropicClient:
                             turn.usage["output_tokens"] = usage["output_tokens"]
                     elif kind == "message_stop":
                         finished = True
+                        await _read_to_the_end(events)
                         break
                     elif kind == "error":
                         err = msg.get("error", {})
@@ -1066,6 +1088,7 @@ class OpenAIClient:
                 async for _event, data in events:
                     if data.strip() == "[DONE]":
                         finished = True
+                        await _read_to_the_end(events)
                         break
                     try:
                         chunk = json.loads(data)

@@ -944,6 +944,78 @@ def test_read_pacing_holds_a_busy_loops_reads_for_its_window_and_an_idle_ones_no
     assert data == b"second" and not idle.engaged
 
 
+def test_a_chunked_stream_kept_alive_is_read_whole_through_our_socket_layer_paced():
+    """The providers' HTTP/1.1 framing: chunked, a chunk a token, on a
+    connection kept alive.  Through our socket layer, with read pacing
+    holding reads (so chunks are cut anywhere between two reads), every
+    token arrives in order, and the second request reuses the connection."""
+    words_sent = [f"w{i} " for i in range(40)]
+    connections: list[int] = []
+    hold = False
+
+    async def serve(reader, writer):
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for i, chunk in enumerate(anthropic_sse(Reply("".join(words_sent)))):
+                    # split in two writes mid-chunk now and then, as TCP may
+                    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                    if i % 3 == 0:
+                        writer.write(framed[:7])
+                        await asyncio.sleep(0.002)
+                        framed = framed[7:]
+                    writer.write(framed)
+                    await asyncio.sleep(0.004)
+                if hold:                    # a server that never ends the body
+                    await asyncio.sleep(30)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def go():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = core.LLMConfig("anthropic", "m", "k", f"http://127.0.0.1:{port}")
+        texts = []
+        original = (core.ReadPacer.BUSY_ON, core.ReadPacer.BUSY_OFF, core.ReadPacer.SUSTAINED,
+                    core.ReadPacer.SAMPLE)
+        core.ReadPacer.BUSY_ON = core.ReadPacer.BUSY_OFF = core.ReadPacer.SAMPLE = 0.0
+        core.ReadPacer.SUSTAINED = 1                 # always engaged
+        try:
+            async with core.make_http_client(cfg, read_pace=0.02) as http:
+                llm = core.AnthropicClient(cfg, http)
+                for _ in range(2):
+                    parts = []
+                    async for kind, value in llm.stream([{"role": "user", "content": "hi"}], []):
+                        if kind == "text":
+                            parts.append(value)
+                        elif kind == "turn":
+                            assert value.text == "".join(parts)
+                    texts.append("".join(parts))
+        finally:
+            (core.ReadPacer.BUSY_ON, core.ReadPacer.BUSY_OFF, core.ReadPacer.SUSTAINED,
+             core.ReadPacer.SAMPLE) = original
+            server.close()
+        return texts
+
+    texts = arun(go())
+    assert texts == ["".join(words_sent).rstrip()] * 2 or texts == ["".join(words_sent)] * 2
+    assert len(connections) == 1                     # kept alive, reused
+    # A server that holds the body open after the last event is left after
+    # END_OF_BODY_WAIT: the answer is whole, the connection is not kept.
+    hold = True
+    started = time.monotonic()
+    texts = arun(go())
+    assert texts[0] == texts[1] and time.monotonic() - started < 10
+    assert len(connections) == 3
+
+
 def test_read_pacing_is_on_while_the_loop_thread_is_busy_and_off_once_it_idles():
     """On after SUSTAINED busy looks in a row (a burst of starts is not
     enough), off at the first idle one."""
