@@ -944,7 +944,7 @@ def test_read_pacing_holds_a_busy_loops_reads_for_its_window_and_an_idle_ones_no
     assert data == b"second" and not idle.engaged
 
 
-def test_a_chunked_stream_kept_alive_is_read_whole_through_our_socket_layer_paced():
+def test_a_chunked_stream_kept_alive_is_read_whole_through_our_socket_layer_paced(monkeypatch):
     """The providers' HTTP/1.1 framing: chunked, a chunk a token, on a
     connection kept alive.  Through our socket layer, with read pacing
     holding reads (so chunks are cut anywhere between two reads), every
@@ -983,10 +983,6 @@ def test_a_chunked_stream_kept_alive_is_read_whole_through_our_socket_layer_pace
         port = server.sockets[0].getsockname()[1]
         cfg = core.LLMConfig("anthropic", "m", "k", f"http://127.0.0.1:{port}")
         texts = []
-        original = (core.ReadPacer.BUSY_ON, core.ReadPacer.BUSY_OFF, core.ReadPacer.SUSTAINED,
-                    core.ReadPacer.SAMPLE)
-        core.ReadPacer.BUSY_ON = core.ReadPacer.BUSY_OFF = core.ReadPacer.SAMPLE = 0.0
-        core.ReadPacer.SUSTAINED = 1                 # always engaged
         try:
             async with core.make_http_client(cfg, read_pace=0.02) as http:
                 llm = core.AnthropicClient(cfg, http)
@@ -999,10 +995,11 @@ def test_a_chunked_stream_kept_alive_is_read_whole_through_our_socket_layer_pace
                             assert value.text == "".join(parts)
                     texts.append("".join(parts))
         finally:
-            (core.ReadPacer.BUSY_ON, core.ReadPacer.BUSY_OFF, core.ReadPacer.SUSTAINED,
-             core.ReadPacer.SAMPLE) = original
             server.close()
         return texts
+
+    for name, value in (("BUSY_ON", 0.0), ("BUSY_OFF", 0.0), ("SAMPLE", 0.0), ("SUSTAINED", 1)):
+        monkeypatch.setattr(core.ReadPacer, name, value)      # always engaged
 
     texts = arun(go())
     assert texts == ["".join(words_sent).rstrip()] * 2 or texts == ["".join(words_sent)] * 2
