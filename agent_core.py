@@ -3544,7 +3544,8 @@ class Agent:
 
         No child task reads ahead: a task hop per token (a queue, a wake-up,
         a step of a second task) was a sixth of what reading a token cost the
-        event loop with 200 sessions streaming (bench/paced.py)."""
+        event loop with 200 streams (README, Performance, "Capacity on one
+        core")."""
         tools = self.toolbox.specs() if tools is None else tools
         cut = _StreamCut(asyncio.current_task())
         self._inflight = cut
