@@ -1339,7 +1339,7 @@ class _SocketProtocol(asyncio.Protocol):
 
     def __init__(self, pacer: "ReadPacer | None" = None):
         self.pacer = pacer
-        self.woken_at = 0.0            # loop time the reader last took data (ReadPacer)
+        self.read_at = 0.0             # loop time the reader last took data (ReadPacer)
         self.held: asyncio.TimerHandle | None = None       # data held back (ReadPacer)
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -1366,7 +1366,7 @@ class _SocketProtocol(asyncio.Protocol):
             return                      # the reader takes it when it comes, or at `held`
         if self.pacer is not None:
             loop = asyncio.get_running_loop()
-            due = self.pacer.due(self.woken_at, loop.time())
+            due = self.pacer.due(self.read_at, loop.time())
             if due is not None:
                 self.held = loop.call_at(due, self._release)
                 return
@@ -1453,7 +1453,7 @@ class _SocketStream(httpcore.AsyncNetworkStream):
             data = bytes(p.buffer[:max_bytes])
             del p.buffer[:max_bytes]
             if p.pacer is not None:
-                p.woken_at = asyncio.get_running_loop().time()
+                p.read_at = asyncio.get_running_loop().time()
             if p.paused and len(p.buffer) <= p.MAX_BUFFER // 2:
                 p.paused = False
                 self._transport.resume_reading()
@@ -1566,25 +1566,25 @@ class ReadPacer:
         self.window = window
         self.engaged = False
         self._busy_looks = 0
-        self._sampled_at = time.monotonic()
+        self._looked_at = time.monotonic()      # the last look at the loop's CPU time
         self._cpu = time.thread_time()
 
-    def due(self, woken_at: float, now: float) -> float | None:
-        """When a connection last handed data at `woken_at` may be handed
-        more (loop time), or None: at once."""
+    def due(self, read_at: float, now: float) -> float | None:
+        """When a connection whose reader last took data at `read_at` may be
+        handed more (loop time, as `now` is), or None: at once."""
         wall = time.monotonic()
-        if wall - self._sampled_at >= self.SAMPLE:
+        if wall - self._looked_at >= self.SAMPLE:
             cpu = time.thread_time()
-            busy = (cpu - self._cpu) / (wall - self._sampled_at)
+            busy = (cpu - self._cpu) / (wall - self._looked_at)
             if self.engaged:
                 self.engaged = busy >= self.BUSY_OFF
             else:
                 self._busy_looks = self._busy_looks + 1 if busy >= self.BUSY_ON else 0
                 self.engaged = self._busy_looks >= self.SUSTAINED
-            self._sampled_at, self._cpu = wall, cpu
-        if not self.engaged or now - woken_at >= self.window:
+            self._looked_at, self._cpu = wall, cpu
+        if not self.engaged or now - read_at >= self.window:
             return None
-        return woken_at + self.window
+        return read_at + self.window
 
 
 # =============================================================================

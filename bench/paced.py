@@ -5,6 +5,7 @@
     python bench/paced.py --windows 0,12              # this code, per pacing window
     python bench/paced.py --paces 0,30                # this code, per read pacing window
     python bench/paced.py --pin                       # the server alone on CPU 1
+    python bench/paced.py --identity                  # the fake's old framing (see below)
 
 Each configuration: SESSIONS sessions at once, each streaming for SECONDS at
 RATE tokens a second (a fake LLM in a process of its own, below, writes one
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -72,10 +74,11 @@ SENT = re.compile(r"@(\d+\.\d+)")
 # token costing each its own pass through httpcore's and httpx's layers:
 # the figures before that date were measured so (`--identity`).
 
-async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            identity: bool = False) -> None:
     """Answer requests on one connection, kept alive as a provider's is, each
     answer in chunked transfer encoding, a chunk a token, as the providers'
-    HTTP/1.1 streams come (with IDENTITY, the old way: the body until the
+    HTTP/1.1 streams come (`identity`, the old way: the body until the
     connection closes, which costs the client's HTTP layer less a token)."""
     try:
         while True:
@@ -88,7 +91,7 @@ async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.Stream
             reply = default_reply(body, "anthropic")
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                          b"cache-control: no-cache\r\n"
-                         + (b"connection: close\r\n\r\n" if IDENTITY
+                         + (b"connection: close\r\n\r\n" if identity
                             else b"transfer-encoding: chunked\r\n\r\n"))
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -97,8 +100,8 @@ async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.Stream
                     await asyncio.sleep(start + i * reply.delay - loop.time())
                 if SENT_AT in chunk:
                     chunk = chunk.replace(SENT_AT, b"%.6f" % time.time())
-                writer.write(chunk if IDENTITY else b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            if IDENTITY:
+                writer.write(chunk if identity else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if identity:
                 await writer.drain()
                 return
             writer.write(b"0\r\n\r\n")
@@ -109,11 +112,9 @@ async def _serve_llm_stream(reader: asyncio.StreamReader, writer: asyncio.Stream
         writer.close()
 
 
-IDENTITY = False        # --serve-llm --identity
-
-
-async def serve_llm() -> None:
-    server = await asyncio.start_server(_serve_llm_stream, "127.0.0.1", 0, backlog=1024)
+async def serve_llm(identity: bool) -> None:
+    server = await asyncio.start_server(
+        functools.partial(_serve_llm_stream, identity=identity), "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
@@ -231,10 +232,12 @@ async def main() -> None:
     ap.add_argument("--rates", default="20,50,100")
     ap.add_argument("--sessions", default="1,10,50,200")
     ap.add_argument("--against", type=Path, help="another checkout, run in turn with this one")
-    ap.add_argument("--windows", help="pacing windows in ms (AGENT_WEB_COALESCE_MS) to run "
-                    "this checkout with, in turn; default: its own default")
-    ap.add_argument("--paces", help="read pacing windows in ms (AGENT_WEB_READ_PACE_MS; 0 "
-                    "is off) to run this checkout with, in turn; default: its own default")
+    per_setting = ap.add_mutually_exclusive_group()
+    per_setting.add_argument("--windows", help="pacing windows in ms (AGENT_WEB_COALESCE_MS) "
+                             "to run this checkout with, in turn; default: its own default")
+    per_setting.add_argument("--paces", help="read pacing windows in ms "
+                             "(AGENT_WEB_READ_PACE_MS; 0 is off) to run this checkout with, "
+                             "in turn; default: its own default")
     ap.add_argument("--pin", action="store_true", help="the server (all its threads) on "
                     "the last CPU, this client and the fake LLM on the others: one core's "
                     "capacity, not shared with its own load")
@@ -248,9 +251,7 @@ async def main() -> None:
                     "wakes the loop 100 times a second, which the CPU figure then includes)")
     args = ap.parse_args()
     if args.serve_llm:
-        global IDENTITY
-        IDENTITY = args.identity
-        return await serve_llm()
+        return await serve_llm(args.identity)
     rates = [float(r) for r in args.rates.split(",")]
     counts = [int(n) for n in args.sessions.split(",")]
     lag = {"AGENT_WEB_LAG_PROBE": "1"} if args.lag else {}

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 FEEDER = """
 import socket, sys, time
@@ -43,8 +47,6 @@ s.close()
 
 
 async def one(events: int, rate: float, hand_off: bool) -> float:
-    import os
-    import tempfile
     path = os.path.join(tempfile.mkdtemp(), "s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -70,9 +72,6 @@ async def one(events: int, rate: float, hand_off: bool) -> float:
 
 async def streams(n: int, rate: float, seconds: float) -> tuple[float, float]:
     """CPU ms a token and busy share, N streams read by a bare Protocol."""
-    import json
-    import os
-    from pathlib import Path
     # --identity: each answer ends with its connection, which ends a Counter.
     fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("paced.py")),
                              "--serve-llm", "--identity"], stdout=subprocess.PIPE, text=True)
