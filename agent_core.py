@@ -1599,10 +1599,11 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None,
     return min(most, base * (factor ** attempt)) * (0.5 + random.random() / 2)
 
 
-def _transport_error(exc: httpx.TransportError, url: str) -> LLMError:
+def _transport_error(exc: httpx.TransportError, url: str, midway: bool = False) -> LLMError:
     """A failure below HTTP as one LLMError.  Most are transient (a refused
     or dropped connection) and retried; a TLS failure is not: the same
-    certificate fails the same way on every try."""
+    certificate fails the same way on every try.  `midway`: the answer had
+    begun to stream, so the server was reached and the connection lost."""
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -1615,9 +1616,11 @@ def _transport_error(exc: httpx.TransportError, url: str) -> LLMError:
     if isinstance(cause, ssl.SSLError):
         return LLMError(f"the TLS handshake with {url} failed ({cause.reason or cause}); "
                         "check that the base URL's scheme and port speak HTTPS.")
-    what = type(exc).__name__
-    return LLMError(f"cannot reach {url}: {what}{': ' + str(exc) if str(exc) else ''}",
-                    retryable=True)
+    what = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+    if midway:
+        return LLMError(f"the connection to {url} was lost in the middle of the answer "
+                        f"({what})", retryable=True)
+    return LLMError(f"cannot reach {url}: {what}", retryable=True)
 
 
 async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
@@ -1636,7 +1639,7 @@ async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
             return
         except (LLMError, httpx.TransportError) as exc:
             if isinstance(exc, httpx.TransportError):
-                err = _transport_error(exc, getattr(llm, "url", "the LLM"))
+                err = _transport_error(exc, getattr(llm, "url", "the LLM"), yielded)
             else:
                 err = exc
             if not err.retryable or attempt + 1 >= cfg.retry_attempts:

@@ -78,7 +78,7 @@ class Reply:
                  tools: list[tuple[str, str]] = (), delay: float = 0.0, cut_after: int | None = None,
                  fragments: int = 3, status: int = 200, headers: dict | None = None,
                  body: bytes = b"", hang: bool = False, raw: list[bytes] | None = None,
-                 stop: str = "", stall_after: int | None = None):
+                 stop: str = "", stall_after: int | None = None, drop_after: int | None = None):
         self.text, self.thinking, self.signature = text, thinking, signature
         self.stop = stop                    # a stop / finish reason other than the usual
         self.tools = list(tools)            # (name, arguments as raw JSON text)
@@ -87,6 +87,7 @@ class Reply:
             status, headers or {}, body, hang, raw)
         self.input_tokens = 11              # what the usage says (see FakeLLM.count_tokens)
         self.stall_after = stall_after      # after this many chunks, send nothing more
+        self.drop_after = drop_after        # after this many chunks, drop the connection
 
 
 def words(text: str) -> list[str]:
@@ -246,10 +247,16 @@ class Listener(ThreadingHTTPServer):
 
 class FakeLLM:
     """An HTTP server on 127.0.0.1 speaking Anthropic Messages and OpenAI Chat
-    Completions streaming.  `requests` records every request body."""
+    Completions streaming.  `requests` records every request body.
 
-    def __init__(self, tls: "ssl.SSLContext | None" = None, keep_alive: bool = False):
-        self.keep_alive = keep_alive        # as real providers: the connection is pooled
+    A stream is framed as the providers' servers frame it (Anthropic's,
+    OpenAI's, llama.cpp's, vLLM's alike): chunked, a chunk a write, on a
+    connection kept for the next request.  `framing="close"` sends the body
+    until the connection closes instead, as an HTTP/1.0-minded proxy may."""
+
+    def __init__(self, tls: "ssl.SSLContext | None" = None, framing: str = "chunked"):
+        assert framing in ("chunked", "close")
+        self.framing = framing
         self.script: list[Reply] = []
         self.requests: list[dict] = []
         # A model's context, for compaction tests: with `count_tokens` the
@@ -261,6 +268,7 @@ class FakeLLM:
         self.on_summary: list[Reply] = []
         self.refused = 0                    # requests answered "too long"
         self.headers: list[dict] = []
+        self.connections = 0                # TCP connections accepted
         self.lock = threading.Lock()
         fake = self
 
@@ -269,6 +277,17 @@ class FakeLLM:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                with fake.lock:
+                    fake.connections += 1
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):
+                    pass            # the client went away between two requests: it may
 
             def do_POST(self):
                 length = int(self.headers.get("content-length", 0))
@@ -306,30 +325,38 @@ class FakeLLM:
                     return
                 chunks = reply.raw if reply.raw is not None else (
                     anthropic_sse(reply) if protocol == "anthropic" else openai_sse(reply))
-                if reply.cut_after is not None:
+                if reply.cut_after is not None:     # the body ends early, cleanly
                     chunks = chunks[:reply.cut_after]
+                chunked = fake.framing == "chunked"
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("cache-control", "no-cache")
-                if fake.keep_alive:
-                    self.send_header("content-length", str(sum(map(len, chunks))))
-                else:
-                    self.send_header("connection", "close")
+                self.send_header(*(("transfer-encoding", "chunked") if chunked
+                                   else ("connection", "close")))
                 self.end_headers()
+                self.close_connection = True        # unless the body ends as it should
                 try:
                     for i, c in enumerate(chunks):
                         if i == reply.stall_after:
                             time.sleep(30)
                             return
+                        if i == reply.drop_after:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                            return
+                        if chunked and not c:
+                            continue                # an empty chunk would end the body
                         if SENT_AT in c:     # bench/: the moment this token leaves
                             c = c.replace(SENT_AT, b"%.6f" % time.time())
-                        self.wfile.write(c)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(c), c) if chunked else c)
                         self.wfile.flush()
                         if reply.delay:
                             time.sleep(reply.delay)
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                        self.close_connection = False
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                self.close_connection = not fake.keep_alive
 
         self.server = Listener(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -877,6 +904,45 @@ def test_sse_lines_end_only_at_cr_lf_or_crlf_however_the_bytes_are_cut():
     # One byte at a time: CRLF, multi-byte characters and the BOM all cut in two.
     assert parse_sse([body[i:i + 1] for i in range(len(body))]) == want
     assert parse_sse([body[:50], body[50:51], body[51:]]) == want
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_both_http_framings_stream_whole_and_a_chunked_one_keeps_its_connection(
+        tmp_path, framing):
+    """The providers' framing (chunked, kept alive) and a body sent until the
+    connection closes, through a run of two steps (a tool call, then its
+    summary): every token arrives, and with the providers' framing the second
+    step reuses the first's connection (a stream that was not read to its
+    last chunk had its connection dropped: a new handshake every step)."""
+    fake = FakeLLM(framing=framing)
+    try:
+        fake.script += [Reply("Let me look. ", tools=[("bash", json.dumps({"command": "echo hi"}))]),
+                        Reply("one two three four five six seven eight")]
+        events = arun(run_agent(cfg_for(fake), tmp_path, "go"))
+    finally:
+        fake.close()
+    assert events[-1]["status"] == "done" and len(fake.requests) == 2
+    texts = [m["content"] for m in of(events, "message") if m["role"] == "assistant"]
+    assert texts == ["Let me look. ", "one two three four five six seven eight"]
+    deltas = "".join(d["content"] for d in of(events, "delta") if d["channel"] == "text")
+    assert deltas == "".join(texts)
+    assert fake.connections == (1 if framing == "chunked" else 2)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_connection_lost_mid_answer_is_retried_and_said_so(llm, tmp_path, protocol):
+    """The server drops the connection in the middle of a chunked answer (no
+    last chunk): the run says the connection was lost mid-answer, not that
+    the server could not be reached, keeps what came as incomplete, and the
+    next try answers."""
+    llm.script += [Reply("first try words here", drop_after=4), Reply("second try")]
+    events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
+    error, = of(events, "error")
+    assert error["retrying"] and "lost in the middle of the answer" in error["message"]
+    assert "cannot reach" not in error["message"]
+    messages = [m for m in of(events, "message") if m["role"] == "assistant"]
+    assert messages[0]["incomplete"] and messages[0]["content"]
+    assert messages[-1]["content"] == "second try" and events[-1]["status"] == "done"
 
 
 def test_connection_refused_is_retried_then_reported(tmp_path):
@@ -1886,7 +1952,7 @@ def test_the_terminal_exits_cleanly_after_a_pooled_tls_stream(tmp_path):
     (tmp_path / "key.pem").write_text(TEST_KEY)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    fake = FakeLLM(tls=tls, keep_alive=True)
+    fake = FakeLLM(tls=tls)
     try:
         out = subprocess.run(
             [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path / "ws"),
