@@ -1602,8 +1602,9 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None,
 def _transport_error(exc: httpx.TransportError, url: str, midway: bool = False) -> LLMError:
     """A failure below HTTP as one LLMError.  Most are transient (a refused
     or dropped connection) and retried; a TLS failure is not: the same
-    certificate fails the same way on every try.  `midway`: the answer had
-    begun to stream, so the server was reached and the connection lost."""
+    certificate fails the same way on every try.  The message tells a server
+    never reached from one that was, and `midway` (some of the answer had
+    come) one that stopped mid-answer."""
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -1617,10 +1618,13 @@ def _transport_error(exc: httpx.TransportError, url: str, midway: bool = False) 
         return LLMError(f"the TLS handshake with {url} failed ({cause.reason or cause}); "
                         "check that the base URL's scheme and port speak HTTPS.")
     what = type(exc).__name__ + (f": {exc}" if str(exc) else "")
-    if midway:
-        return LLMError(f"the connection to {url} was lost in the middle of the answer "
-                        f"({what})", retryable=True)
-    return LLMError(f"cannot reach {url}: {what}", retryable=True)
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return LLMError(f"cannot reach {url}: {what}", retryable=True)
+    if isinstance(exc, httpx.ReadTimeout):
+        said = "stopped sending in the middle of the answer" if midway else "did not answer in time"
+        return LLMError(f"{url} {said} ({what}; AGENT_LLM_READ_TIMEOUT)", retryable=True)
+    said = " in the middle of the answer" if midway else ""
+    return LLMError(f"the connection to {url} was lost{said} ({what})", retryable=True)
 
 
 async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],

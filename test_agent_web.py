@@ -965,6 +965,7 @@ def test_server_that_never_answers_times_out_and_is_reported(llm, tmp_path):
     cfg = cfg_for(llm, retry_attempts=2, read_timeout=0.5)
     events = arun(run_agent(cfg, tmp_path, "hi"))
     assert events[-1]["status"] == "error" and len(of(events, "error")) == 2
+    assert "did not answer in time" in of(events, "error")[-1]["message"]   # not "cannot reach"
 
 
 def test_read_pacing_holds_a_busy_loops_reads_for_its_window_and_an_idle_ones_not():
@@ -1107,6 +1108,7 @@ def test_a_stream_that_stalls_midway_times_out_by_the_read_time_out(llm, tmp_pat
     events = arun(run_agent(cfg, tmp_path, "hi"))
     assert "".join(e["content"] for e in of(events, "delta")) == "one two three four "
     assert "ReadTimeout" in of(events, "error")[-1]["message"]
+    assert "stopped sending in the middle of the answer" in of(events, "error")[-1]["message"]
     assert events[-1]["status"] == "error"
 
 
