@@ -1102,7 +1102,10 @@ def pending_queue(events: list[dict]) -> list[dict]:
 # entered the conversation.  A run that ends first (done, error, max_steps)
 # starts the next run with what is still queued; after a Stop or a restart
 # it stays queued until the next message, which delivers it first, or until
-# the user drops it (an `unqueued` event).
+# the user drops it (an `unqueued` event).  With many workers only the one
+# that runs the session drops a queued message (its agent may be reading
+# it); another worker asked to waits this long for its answer in the store.
+DROP_ANSWER_WAIT = 3.0      # seconds
 
 class Owners:
     """Which process runs which session.  With SQLite there is one process,
@@ -1201,6 +1204,11 @@ class RunManager:
             await self._start_queued(sid)
 
     async def drop_queued(self, sid: str, message_id: str) -> bool:
+        """Take back a queued message the agent has not read; False if it
+        has (or the message is not queued).  The worker that runs the
+        session decides, as its agent may be taking its inbox this moment:
+        asked elsewhere, the drop is handed to it, and the store tells which
+        came first, its `unqueued` or the agent's message that read it."""
         run = self.runs.get(sid)
         if run is not None:
             if not self._drop_from_inbox(run, message_id):
@@ -1209,9 +1217,24 @@ class RunManager:
             queued = pending_queue(await self.store.read(Store.queue_events, sid))
             if not any(q["message_id"] == message_id for q in queued):
                 return False
-            await self.owners.forward(sid, {"op": "unqueued", "message_id": message_id})
+            if await self.owners.forward(sid, {"op": "unqueued", "message_id": message_id}):
+                return await self._dropped_elsewhere(sid, message_id)
         await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
         return True
+
+    async def _dropped_elsewhere(self, sid: str, message_id: str) -> bool:
+        """The answer of the worker a drop was handed to, as the store has it."""
+        deadline = asyncio.get_running_loop().time() + DROP_ANSWER_WAIT
+        while True:
+            for e in await self.store.read(Store.queue_events, sid):
+                if e["type"] == "unqueued" and e["message_id"] == message_id:
+                    return True
+                if e["type"] == "message" and e.get("queued_id") == message_id:
+                    return False
+            if asyncio.get_running_loop().time() > deadline:
+                raise HTTPError(504, "no_answer", "the worker running this session did not "
+                                "answer in time; the message may still be queued")
+            await asyncio.sleep(0.05)
 
     @staticmethod
     def _drop_from_inbox(run: Run, message_id: str) -> bool:
@@ -1401,8 +1424,8 @@ class RunManager:
                 await self.set_mode(session_id, op["mode"])
             elif op["op"] == "queued":
                 await self._take_queued(session_id, op["event"])
-            elif op["op"] == "unqueued" and session_id in self.runs:
-                self._drop_from_inbox(self.runs[session_id], op["message_id"])
+            elif op["op"] == "unqueued":
+                await self.drop_queued(session_id, op["message_id"])   # it says how it went
         except HTTPError:
             pass          # answered or ended meanwhile, as it could be on one worker
 

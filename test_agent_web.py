@@ -5999,6 +5999,44 @@ def test_approve_queue_and_a_waiting_run_reach_their_owner_from_another_worker(
             x.stop()
 
 
+def test_a_queued_message_is_dropped_by_the_worker_that_runs_its_session(
+        tmp_path, llm, postgres):
+    """Asked on another worker, a drop waits for the run's worker to decide
+    (its agent may be reading the message that moment): while that worker
+    does not answer (stopped), the drop is 504 and nothing is stored; once it
+    answers, it takes the message back itself and the agent never reads it;
+    a second drop is 409."""
+    dsn = postgres.database()
+    (tmp_path / "w0").mkdir(), (tmp_path / "w1").mkdir()
+    w = [ServerProcess(tmp_path / f"w{i}", llm, db=dsn, extra_env={"AGENT_WEB_LEASE": "60"})
+         for i in range(2)]
+    try:
+        sid = w[0].chat("run: sleep 6; echo slept")["session_id"]
+        w[1].wait_event(sid, "tool_call")
+        r = w[1].http("POST", "/agent/chat", {"message": "say: never read", "session_id": sid,
+                                              "queue": True})
+        assert r.status_code == 202
+        mid = r.json()["message_id"]
+        time.sleep(0.5)                              # in w0's inbox by now
+        os.kill(w[0].proc.pid, signal.SIGSTOP)
+        try:
+            path = f"/agent/sessions/{sid}/queue/{mid}"
+            r = w[1].http("DELETE", path)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "no_answer"
+            assert not of(w[1].history(sid)["events"], "unqueued")
+        finally:
+            os.kill(w[0].proc.pid, signal.SIGCONT)
+        w[1].wait_event(sid, "unqueued")
+        assert w[1].http("DELETE", path).status_code == 409
+        h = w[0].wait_status(sid)
+        assert [e["message_id"] for e in of(h["events"], "unqueued")] == [mid]
+        assert not [e for e in of(h["events"], "message") if e.get("queued_id")]
+        assert [e["status"] for e in of(h["events"], "done")] == ["done"]
+    finally:
+        for x in w:
+            x.stop()
+
+
 def test_five_subscribers_on_another_worker_get_the_stream_live_from_its_notices(
         tmp_path, llm, postgres):
     """A run on worker A, five subscribers on worker B: each gets exactly the
