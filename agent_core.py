@@ -681,42 +681,48 @@ async def sse_events(response: httpx.Response,
     # callers); else the garbage collector leaves its closing to an event
     # loop that may be gone by then ("Task was destroyed but it is pending!").
     total = 0
-    async with contextlib.aclosing(response.aiter_bytes()) as chunks:
-        async for chunk in chunks:
-            total += len(chunk)
-            if start:
-                first += chunk
-                if len(first) < 3:
+    try:
+        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+            async for chunk in chunks:
+                total += len(chunk)
+                if start:
+                    first += chunk
+                    if len(first) < 3:
+                        continue
+                    start, chunk = False, first.removeprefix(b"\xef\xbb\xbf")
+                if held_cr:
+                    chunk, held_cr = b"\r" + chunk, False
+                if b"\r" in chunk:
+                    # A CR at the very end may be the first half of a CRLF: hold it.
+                    held_cr = chunk.endswith(b"\r")
+                    chunk = chunk[:-1] if held_cr else chunk
+                    chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                scanned = len(rest)
+                rest += chunk
+                end = rest.rfind(b"\n\n", max(0, scanned - 1))
+                if end < 0:
+                    if max_bytes is not None and total > max_bytes:
+                        raise _too_many_bytes(max_bytes)
+                    if len(rest) > MAX_SSE_EVENT_BYTES:
+                        raise LLMError(f"the model server sent over {MAX_SSE_EVENT_BYTES:,} bytes "
+                                       "without ending an event; the answer was stopped")
                     continue
-                start, chunk = False, first.removeprefix(b"\xef\xbb\xbf")
-            if held_cr:
-                chunk, held_cr = b"\r" + chunk, False
-            if b"\r" in chunk:
-                # A CR at the very end may be the first half of a CRLF: hold it.
-                held_cr = chunk.endswith(b"\r")
-                chunk = chunk[:-1] if held_cr else chunk
-                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            scanned = len(rest)
-            rest += chunk
-            end = rest.rfind(b"\n\n", max(0, scanned - 1))
-            if end < 0:
+                complete = bytes(rest[:end])
+                del rest[:end + 2]
+                for block in complete.split(b"\n\n"):
+                    event = _sse_event(block)
+                    if event is not None:
+                        yield event
+                # Checked after the chunk's events are out, so that the caller's own
+                # finer limit (characters of text) is met first when it applies,
+                # however the bytes happened to be cut into chunks.
                 if max_bytes is not None and total > max_bytes:
                     raise _too_many_bytes(max_bytes)
-                if len(rest) > MAX_SSE_EVENT_BYTES:
-                    raise LLMError(f"the model server sent over {MAX_SSE_EVENT_BYTES:,} bytes "
-                                   "without ending an event; the answer was stopped")
-                continue
-            complete = bytes(rest[:end])
-            del rest[:end + 2]
-            for block in complete.split(b"\n\n"):
-                event = _sse_event(block)
-                if event is not None:
-                    yield event
-            # Checked after the chunk's events are out, so that the caller's own
-            # finer limit (characters of text) is met first when it applies,
-            # however the bytes happened to be cut into chunks.
-            if max_bytes is not None and total > max_bytes:
-                raise _too_many_bytes(max_bytes)
+    except httpx.TransportError as exc:
+        # The server had answered: the connection failed in the middle of
+        # its answer, which the error says (not "cannot reach").
+        raise _transport_error(exc, str(response.request.url.copy_with(query=None)),
+                               midway=True) from exc
     # A last event with no blank line after it.
     tail = bytes(first if start else rest) + (b"\r" if held_cr else b"")
     event = _sse_event(tail.replace(b"\r", b"\n"))
@@ -1603,11 +1609,11 @@ def _transport_error(exc: httpx.TransportError, url: str, midway: bool = False) 
     """A failure below HTTP as one LLMError.  Most are transient (a refused
     or dropped connection) and retried; a TLS failure is not: the same
     certificate fails the same way on every try.  The message tells a server
-    never reached from one that was, and `midway` (some of the answer had
-    come) one that stopped mid-answer."""
+    never reached from one that was, and `midway` (its answer had begun:
+    see sse_events) one that stopped in the middle of it."""
     cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError):
-        cause = cause.__cause__ or cause.__context__
+    while cause is not None and not isinstance(cause, ssl.SSLError) and not midway:
+        cause = cause.__cause__ or cause.__context__      # (midway: the handshake was done)
     if isinstance(cause, ssl.SSLCertVerificationError):
         return LLMError(f"the TLS certificate of {url} is not trusted "
                         f"({cause.verify_message or cause.reason}). This is a certificate "
@@ -1643,7 +1649,7 @@ async def stream_with_retries(llm, cfg: LLMConfig, history: list[dict],
             return
         except (LLMError, httpx.TransportError) as exc:
             if isinstance(exc, httpx.TransportError):
-                err = _transport_error(exc, getattr(llm, "url", "the LLM"), yielded)
+                err = _transport_error(exc, getattr(llm, "url", "the LLM"))
             else:
                 err = exc
             if not err.retryable or attempt + 1 >= cfg.retry_attempts:

@@ -916,7 +916,8 @@ def test_both_http_framings_stream_whole_and_a_chunked_one_keeps_its_connection(
     last chunk had its connection dropped: a new handshake every step)."""
     fake = FakeLLM(framing=framing)
     try:
-        fake.script += [Reply("Let me look. ", tools=[("bash", json.dumps({"command": "echo hi"}))]),
+        call = json.dumps({"command": "echo hi"})
+        fake.script += [Reply("Let me look. ", tools=[("bash", call)]),
                         Reply("one two three four five six seven eight")]
         events = arun(run_agent(cfg_for(fake), tmp_path, "go"))
     finally:
@@ -930,18 +931,22 @@ def test_both_http_framings_stream_whole_and_a_chunked_one_keeps_its_connection(
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_connection_lost_mid_answer_is_retried_and_said_so(llm, tmp_path, protocol):
+@pytest.mark.parametrize("drop_after", [1, 4])
+def test_a_connection_lost_mid_answer_is_retried_and_said_so(llm, tmp_path, protocol,
+                                                             drop_after):
     """The server drops the connection in the middle of a chunked answer (no
-    last chunk): the run says the connection was lost mid-answer, not that
-    the server could not be reached, keeps what came as incomplete, and the
-    next try answers."""
-    llm.script += [Reply("first try words here", drop_after=4), Reply("second try")]
+    last chunk), after its first event or after some text: the run says the
+    connection was lost mid-answer, not that the server could not be
+    reached, keeps the text that came as incomplete, and the next try
+    answers."""
+    llm.script += [Reply("first try words here", drop_after=drop_after), Reply("second try")]
     events = arun(run_agent(cfg_for(llm, protocol), tmp_path, "go"))
     error, = of(events, "error")
     assert error["retrying"] and "lost in the middle of the answer" in error["message"]
     assert "cannot reach" not in error["message"]
     messages = [m for m in of(events, "message") if m["role"] == "assistant"]
-    assert messages[0]["incomplete"] and messages[0]["content"]
+    if drop_after > 1:
+        assert messages[0]["incomplete"] and messages[0]["content"]
     assert messages[-1]["content"] == "second try" and events[-1]["status"] == "done"
 
 
