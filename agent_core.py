@@ -1611,9 +1611,10 @@ def _transport_error(exc: httpx.TransportError, url: str, midway: bool = False) 
     certificate fails the same way on every try.  The message tells a server
     never reached from one that was, and `midway` (its answer had begun:
     see sse_events) one that stopped in the middle of it."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError) and not midway:
-        cause = cause.__cause__ or cause.__context__      # (midway: the handshake was done)
+    # Midway, the TLS handshake was long done: an SSL error then is a lost connection.
+    cause: BaseException | None = None if midway else exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return LLMError(f"the TLS certificate of {url} is not trusted "
                         f"({cause.verify_message or cause.reason}). This is a certificate "

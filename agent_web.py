@@ -1425,7 +1425,7 @@ class RunManager:
             elif op["op"] == "queued":
                 await self._take_queued(session_id, op["event"])
             elif op["op"] == "unqueued":
-                await self.drop_queued(session_id, op["message_id"])   # it says how it went
+                await self.drop_queued(session_id, op["message_id"])   # the asker reads the store
         except HTTPError:
             pass          # answered or ended meanwhile, as it could be on one worker
 
