@@ -820,6 +820,7 @@ class EventLog:
         self._slot = 0.0                         # loop time the next commit may begin
         self._timer: asyncio.TimerHandle | None = None  # wakes the writer at _slot
         self._task: asyncio.Task | None = None
+        self._committing = False                 # a batch is with the store now
         self.commits = 0
         self.lost: dict[str, int] = {}          # session -> streamed fragments not stored
         self.failed_commits = 0                 # in a row, since the last that worked
@@ -878,8 +879,9 @@ class EventLog:
                 self._timer = loop.call_at(self._slot, self._wake.set)
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
-        if self._pending or (self._task and self._wake.is_set()):
+        """Wait until everything queued so far is committed (the batch being
+        committed now included)."""
+        if self._pending or self._committing or (self._task and self._wake.is_set()):
             await self.emit("", {"type": "_flush"})
 
     async def _writer(self) -> None:
@@ -896,6 +898,7 @@ class EventLog:
             for p in batch:
                 if p.more is not None:
                     p.event["content"], p.more = "".join(p.more), None
+            self._committing = True
             try:
                 await self._commit(batch)
             except Exception as exc:
@@ -920,6 +923,7 @@ class EventLog:
                             p.future.set_result(p.event)
                         else:
                             p.future.set_exception(failure)
+            self._committing = False
 
     async def _one_by_one(self, group: list[_Pending], exc: Exception) -> Exception | None:
         """A session's share of a batch failed: each of its events is tried
@@ -1215,6 +1219,10 @@ class RunManager:
                 return False
         else:
             queued = pending_queue(await self.store.read(Store.queue_events, sid))
+            if sid in self.runs:
+                # A run began while the store was read: its start delivers
+                # what is queued (begin), so it decides.
+                return await self.drop_queued(sid, message_id)
             if not any(q["message_id"] == message_id for q in queued):
                 return False
             if await self.owners.forward(sid, {"op": "unqueued", "message_id": message_id}):
@@ -1258,7 +1266,13 @@ class RunManager:
             raise HTTPError(409, "run_in_progress", "a run is already going in this session "
                             "(on another worker); wait for its done or cancel it")
         try:
-            for q in pending_queue(await self.store.read(Store.queue_events, sid)):
+            queued = pending_queue(await self.store.read(Store.queue_events, sid))
+            if queued:
+                # A drop may have queued its `unqueued` just before this run
+                # was reserved: once that is committed, the store is the truth.
+                await self.events.flush()
+                queued = pending_queue(await self.store.read(Store.queue_events, sid))
+            for q in queued:
                 stored = await self.events.emit(sid, user_message(q["content"], q["message_id"]))
             if text is not None:
                 stored = await self.events.emit(sid, user_message(text))

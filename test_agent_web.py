@@ -5141,6 +5141,97 @@ def test_queued_messages_start_the_next_run_or_wait_after_stop_and_restart(serve
     assert users[-2:] == ["say: kept", "say: and now"] and "say: dropped" not in users
 
 
+@pytest.mark.parametrize("paused", ["the drop's read", "the drop's commit"])
+def test_a_drop_racing_the_next_run_either_drops_the_message_or_says_it_was_read(
+        tmp_path, llm, paused):
+    """A message left queued by a Stop, dropped while the next message starts
+    a run that delivers it: never both.  The drop's look at the store is
+    held until the new run has delivered the message (the drop then says
+    409: read), or the drop's `unqueued` is held uncommitted while the new
+    run looks (the run then waits for it and does not deliver the message)."""
+    import agent_web as web
+
+    async def scenario():
+        app = web.create_app(db_path=tmp_path / "a.db", workspace=tmp_path / "ws", token=TOKEN,
+                             llm_config=cfg_for(llm), approve="auto")
+        h = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+        gate, looked, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        holding = {"read": False, "commit": False, "run's look": False}
+
+        async def read(fn, *args):
+            result = await real_read(fn, *args)
+            if fn is web.Store.queue_events:
+                if holding["read"]:                       # the drop's look, then held
+                    holding["read"] = False
+                    looked.set()
+                    await gate.wait()
+                elif holding["run's look"]:               # the new run's look
+                    looked.set()
+            return result
+
+        async def write(fn, *args):
+            if (fn is web.Store.append and holding["commit"]
+                    and any(ev["type"] == "unqueued" for _, ev in args[0])):
+                held.set()
+                await gate.wait()
+            return await real_write(fn, *args)
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                     base_url="http://127.0.0.1", timeout=30) as client:
+            async def events(sid):
+                return (await client.get(f"/agent/chat?session_id={sid}&limit=5000",
+                                         headers=h)).json()
+
+            async def idle(sid):
+                while (await events(sid))["status"] != "idle":
+                    await asyncio.sleep(0.02)
+            sid = (await client.post("/agent/chat", json={"message": "run: sleep 5"},
+                                     headers=h)).json()["session_id"]
+            real_read, real_write = app.store.read, app.store.write    # (opened by now)
+            app.store.read, app.store.write = read, write
+            while not of((await events(sid))["events"], "tool_call"):
+                await asyncio.sleep(0.02)
+            mid = (await client.post("/agent/chat", json={"message": "say: queued",
+                                                           "session_id": sid, "queue": True},
+                                     headers=h)).json()["message_id"]
+            await client.post("/agent/cancel", json={"session_id": sid}, headers=h)
+            await idle(sid)                               # stopped: the message waits
+
+            holding["read" if paused == "the drop's read" else "commit"] = True
+            drop = asyncio.ensure_future(client.delete(f"/agent/sessions/{sid}/queue/{mid}",
+                                                       headers=h))
+            if paused == "the drop's read":
+                await looked.wait()                       # the drop saw it queued ...
+                posted = await client.post("/agent/chat", json={"message": "say: next",
+                                                                "session_id": sid}, headers=h)
+                gate.set()                                # ... and goes on after the run began
+            else:
+                await held.wait()                         # `unqueued` is queued, not committed
+                holding["run's look"] = True
+                post = asyncio.ensure_future(client.post(
+                    "/agent/chat", json={"message": "say: next", "session_id": sid}, headers=h))
+                await looked.wait()                       # the new run looked at the store
+                holding["commit"] = False
+                gate.set()
+                posted = await post
+            dropped = await drop
+            await idle(sid)
+            final = (await events(sid))["events"]
+            await app.stop()
+            return mid, posted, dropped, final
+
+    mid, posted, dropped, final = arun(scenario())
+    assert posted.status_code == 202
+    read = [e for e in of(final, "message") if e.get("queued_id") == mid]
+    unqueued = [e for e in of(final, "unqueued") if e["message_id"] == mid]
+    if paused == "the drop's read":
+        assert dropped.status_code == 409 and read and not unqueued
+    else:
+        assert dropped.status_code == 204 and unqueued and not read
+    users = [e["content"] for e in of(final, "message") if e["role"] == "user"]
+    assert users[-1] == "say: next"
+
+
 def test_page_queues_a_message_sent_during_a_run_and_stop_can_drop_it(server, page_for, llm):
     llm.script += [Reply("Sleeping.", tools=[("bash", json.dumps({"command": "sleep 1.5"}))])]
     page = page_for(server)
