@@ -1219,14 +1219,16 @@ class RunManager:
                 return False
         else:
             queued = pending_queue(await self.store.read(Store.queue_events, sid))
-            if sid in self.runs:
-                # A run began while the store was read: its start delivers
-                # what is queued (begin), so it decides.
-                return await self.drop_queued(sid, message_id)
             if not any(q["message_id"] == message_id for q in queued):
                 return False
             if await self.owners.forward(sid, {"op": "unqueued", "message_id": message_id}):
                 return await self._dropped_elsewhere(sid, message_id)
+            if sid in self.runs:
+                # A run began here while we looked: its start delivers what
+                # is queued (begin), so it decides.  (From here to the emit
+                # below nothing waits: a run reserved later finds this
+                # `unqueued` queued, and begin waits for its commit.)
+                return await self.drop_queued(sid, message_id)
         await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
         return True
 
