@@ -1527,9 +1527,11 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   with SQLite.
 # - Runs.  The row in `runs` is the claim: a second run of a session on any
 #   worker finds it and gets 409.  It goes in the transaction that stores
-#   the run's `done`.  Cancel, approve, a queued message and a mode change
-#   that reach another worker are NOTIFYed on `agent_web_control` to the
-#   owner, which applies them as if they came to it (RunManager.control).
+#   the run's `done`.  Cancel, approve, a queued message, its drop and a
+#   mode change that reach another worker are NOTIFYed on
+#   `agent_web_control` to the owner, which applies them as if they came to
+#   it (RunManager.control); a drop's asker then reads the owner's answer
+#   from the store (RunManager.drop_queued).
 # - Workers die.  Each renews its row in `workers` every LEASE_S / 4; its lease
 #   is LEASE_S on the database's clock.  Every worker, as often, drops
 #   the claims of workers whose lease ran out and recovers their sessions
