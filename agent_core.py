@@ -2411,6 +2411,12 @@ class BackgroundJobs:
     def __init__(self, workspace: Path):
         self.workspace = workspace
         self.jobs: dict[str, Job] = {}
+        # A command lives in the process that started it.  With many server
+        # processes (agent_web on PostgreSQL) a session's next run may be in
+        # another one: `elsewhere(action, args)` then asks the others about
+        # an id this process does not have, and answers as its owner did
+        # (None: nobody has it).  Unset, only this process's commands exist.
+        self.elsewhere: Callable[[str, dict], Awaitable[str | None]] | None = None
 
     async def start(self, command: str) -> str:
         proc = await _shell(command, self.workspace)
@@ -2431,6 +2437,11 @@ class BackgroundJobs:
             del job.tail[:-4000]
         await job.proc.wait()
 
+    async def _ask_elsewhere(self, action: str, args: dict) -> str | None:
+        if self.elsewhere is None or args.get("bash_id") in self.jobs:
+            return None
+        return await self.elsewhere(action, args)
+
     def _job(self, bash_id: str) -> Job:
         job = self.jobs.get(bash_id)
         if job is None or job.owner != TOOL_OWNER.get():
@@ -2439,6 +2450,8 @@ class BackgroundJobs:
         return job
 
     async def output(self, args: dict) -> str:
+        if (answer := await self._ask_elsewhere("output", args)) is not None:
+            return answer
         job = self._job(args["bash_id"])
         await asyncio.sleep(0)                       # let a pending read land
         text = job.unread.decode("utf-8", "replace")
@@ -2457,6 +2470,8 @@ class BackgroundJobs:
                 + (f"\n{text}" if text else "\n(no new output)"))
 
     async def kill(self, args: dict) -> str:
+        if (answer := await self._ask_elsewhere("kill", args)) is not None:
+            return answer
         job = self._job(args["bash_id"])
         if not job.running:
             return f"{job.bash_id} had already finished (exit code {job.proc.returncode})"

@@ -1532,6 +1532,10 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   `agent_web_control` to the owner, which applies them as if they came to
 #   it (RunManager.control); a drop's asker then reads the owner's answer
 #   from the store (RunManager.drop_queued).
+# - Background commands live in the process that started them, while the
+#   session's next run may be another worker's: bash_output, bash_kill and
+#   the page's list of them are asked of every worker at once, and answered
+#   in the `answers` table (Workers.ask).
 # - Workers die.  Each renews its row in `workers` every LEASE_S / 4; its lease
 #   is LEASE_S on the database's clock.  Every worker, as often, drops
 #   the claims of workers whose lease ran out and recovers their sessions
@@ -1557,6 +1561,7 @@ LEASE_S = 10.0           # AGENT_WEB_LEASE: a worker not heard of for this long 
                          # it renews (and sweeps) four times as often
 PG_READERS = 4           # reader threads (and connections) per worker
 NOTIFY_IDS = 300         # session ids per notice (a payload holds < 8,000 bytes)
+ASK_WAIT = 3.0           # seconds a worker waits for the others' answers (Workers.ask)
 
 
 @functools.cache
@@ -1853,6 +1858,19 @@ class PgStore(Store):
                             "FROM unnest(%s::text[]) AS id", (session_ids,)).fetchall())
 
     @staticmethod
+    def answer(conn, ask: str, worker_id: str, body: str) -> None:
+        conn.pg("INSERT INTO answers (ask, worker, body) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING", (ask, worker_id, body))
+
+    @staticmethod
+    def answers(conn, ask: str) -> dict[str, str]:
+        return dict(conn.pg("SELECT worker, body FROM answers WHERE ask = %s", (ask,)).fetchall())
+
+    @staticmethod
+    def forget_answers(conn, ask: str) -> None:
+        conn.pg("DELETE FROM answers WHERE ask = %s OR at < now() - interval '1 minute'", (ask,))
+
+    @staticmethod
     def live_workers(conn) -> list[str]:
         return [r[0] for r in conn.pg("SELECT id FROM workers WHERE lease_until > now()")]
 
@@ -1890,6 +1908,7 @@ class Workers(Owners):
 
     async def start(self, runs: RunManager) -> None:
         self.runs = runs
+        runs.toolbox.jobs.elsewhere = self.job_elsewhere     # see "background commands"
         await self.store.lease(PgStore.renew, self.me, self.lease)
         self._spawn(self._listen(), "agent-web-pg-listen")
         self._spawn(self._keep_alive(), "agent-web-pg-lease")
@@ -1928,6 +1947,73 @@ class Workers(Owners):
             await self.store.write(PgStore.control, to_json(
                 {"to": owner, "session_id": session_id, **op}))
         return owner is not None
+
+    # -- background commands, which live in the worker that started them -------------
+    # A session's next run, or its page, may be served by another worker than
+    # the one whose process runs its background command.  That worker asks
+    # every live worker at once (a notice on agent_web_control, to "*"); each
+    # answers in `answers` (the command's output, an error, its list of the
+    # session's commands, or {} for "not here"), and the asker reads them
+    # until the owner or everyone has answered, or ASK_WAIT has passed.  A
+    # deleted session's commands end on every worker (its `deleted` notice).
+    async def ask(self, session_id: str, action: str, args: dict) -> tuple[list[dict], bool]:
+        """Every other live worker's answer; and whether all of them answered."""
+        others = {w for w in await self.store.read(PgStore.live_workers) if w != self.me}
+        if not others:
+            return [], True
+        ask = secrets.token_hex(8)
+        await self.store.write(PgStore.control, to_json(
+            {"to": "*", "from": self.me, "ask": ask, "session_id": session_id,
+             "op": "jobs", "action": action, "args": args}))
+        # A kill's answer may wait for TERM's grace to pass, then KILL.
+        deadline = asyncio.get_running_loop().time() + ASK_WAIT + (
+            core.BACKGROUND_KILL_GRACE if action == "kill" else 0)
+        try:
+            while True:
+                await asyncio.sleep(0.02)
+                got = await self.store.read(PgStore.answers, ask)
+                bodies = [json.loads(body) for body in got.values()]
+                done = others <= set(got)
+                if done or (action != "list" and any(bodies)):
+                    return bodies, done
+                if asyncio.get_running_loop().time() > deadline:
+                    return bodies, False
+        finally:
+            await self.store.write(PgStore.forget_answers, ask)
+
+    async def job_elsewhere(self, action: str, args: dict) -> str | None:
+        """BackgroundJobs.elsewhere: bash_output or bash_kill of a command
+        another worker runs (the session is the tool's owner)."""
+        answers, everyone = await self.ask(core.TOOL_OWNER.get(), action, args)
+        for body in answers:
+            if "error" in body:
+                raise core.ToolError(body["error"])
+            if "text" in body:
+                return body["text"]
+        if not everyone:
+            raise core.ToolError(f"no answer about {args.get('bash_id')!r}: the server process "
+                                 "that may run it did not answer in time; try again")
+        return None                  # nobody has it: BackgroundJobs says so
+
+    async def jobs_elsewhere(self, session_id: str) -> list[dict]:
+        """The session's background commands in the other workers."""
+        answers, _ = await self.ask(session_id, "list", {})
+        return [job for body in answers for job in body.get("jobs", ())]
+
+    async def _answer(self, op: dict) -> None:
+        jobs, sid, args = self.runs.toolbox.jobs, op["session_id"], op["args"]
+        body: dict = {}
+        if op["action"] == "list":
+            body = {"jobs": jobs.of(sid)}
+        else:
+            job = jobs.jobs.get(args.get("bash_id"))
+            if job is not None and job.owner == sid:
+                core.TOOL_OWNER.set(sid)           # (this task's own context)
+                try:
+                    body = {"text": await getattr(jobs, op["action"])(args)}
+                except core.ToolError as exc:
+                    body = {"error": str(exc)}
+        await self.store.write(PgStore.answer, op["ask"], self.me, to_json(body))
 
     async def orphans(self, store: Store) -> list[dict]:
         gone = [w for w in await self.store.lease(PgStore.live_workers)
@@ -2023,6 +2109,7 @@ class Workers(Owners):
             for session_id in ids:
                 if kind == "deleted":
                     self.registry.end(session_id)
+                    self._spawn(self.runs.toolbox.jobs.end(session_id), "agent-web-jobs-end")
                 elif session_id in self._reading:
                     self._reading[session_id] = True
                 elif self.registry.behind(session_id) is not None:
@@ -2030,7 +2117,10 @@ class Workers(Owners):
                     self._spawn(self._read_for(session_id), "agent-web-catch-up")
         elif channel == "agent_web_control":
             op = json.loads(payload)
-            if op.pop("to") == self.me:
+            if "ask" in op:
+                if op["from"] != self.me:
+                    self._spawn(self._answer(op), "agent-web-answer")
+            elif op.pop("to") == self.me:
                 self._spawn(self.runs.control(op.pop("session_id"), op),
                             "agent-web-control")
 
@@ -2810,10 +2900,12 @@ class AgentWebApp:
     async def get_background(self, req: Request) -> Response:
         """Extension: the session's background commands (bash with
         run_in_background) with their latest output; those its events name
-        that this process does not know ended with a restart: `gone`."""
+        that no live process knows ended with a restart: `gone`."""
         session = await self.session_or_404(req.params["id"])
         sid = session["session_id"]
         jobs = self.toolbox.jobs.of(sid)
+        if self.workers:                     # and those that other workers run
+            jobs += await self.workers.jobs_elsewhere(sid)
         known = {j["bash_id"] for j in jobs}
         for started in await self.store.read(Store.background_starts, sid):
             found = BACKGROUND_STARTED.match(started["output"])

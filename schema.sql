@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS events (
 -- Column for column as above; what differs is spelled in a comment.  Two
 -- more tables hold what one process used to keep in memory: which worker is
 -- alive (`workers`, a lease it renews) and which worker runs which session
--- (`runs`).  See "Many workers: PostgreSQL" in agent_web.py.
+-- (`runs`); a third carries workers' answers to each other (`answers`).
+-- See "Many workers: PostgreSQL" in agent_web.py.
 -- ===========================================================================
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -76,4 +77,16 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS runs (
     session_id  TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
     owner       TEXT NOT NULL
+);
+
+-- What the other workers answered one worker's question (a background
+-- command lives in the process that started it, so its output is asked of
+-- every worker): a row per answering worker.  The asker reads and deletes
+-- them; rows it never read are swept after a minute.
+CREATE TABLE IF NOT EXISTS answers (
+    ask         TEXT NOT NULL,
+    worker      TEXT NOT NULL,
+    body        TEXT NOT NULL,                 -- JSON
+    at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (ask, worker)
 );

@@ -6133,6 +6133,60 @@ def test_a_queued_message_is_dropped_by_the_worker_that_runs_its_session(
             x.stop()
 
 
+def test_background_commands_are_reached_from_any_worker(tmp_path, llm, postgres):
+    """A background command lives in the worker that started it; a later
+    run of its session on another worker reads its output and stops it
+    (bash_output, bash_kill), that worker's page lists it live, and deleting
+    the session through it ends the command.  An id no worker has is said
+    to be unknown, at once."""
+    def start(cmd):
+        return Reply("Starting.", tools=[("bash", json.dumps(
+            {"command": cmd, "run_in_background": True}))])
+    dsn = postgres.database()
+    w = start_workers(tmp_path, llm, dsn, 2)
+    try:
+        llm.script += [start("echo ready; sleep 300"), Reply("Started.")]
+        sid = w[0].chat("one")["session_id"]
+        started = of(w[0].wait_status(sid)["events"], "tool_result")[0]["output"]
+        bash_id = re.search(r"bash_id (bash_\w+)", started).group(1)
+        pid = int(re.search(r"pid (\d+)", started).group(1))
+        deadline = time.time() + 10
+        while True:
+            jobs = w[1].http("GET", f"/agent/sessions/{sid}/background").json()["jobs"]
+            if jobs and "ready" in jobs[0]["output_tail"] or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert [(j["bash_id"], j["running"], "ready" in j["output_tail"], j.get("gone"))
+                for j in jobs] == [(bash_id, True, True, None)]
+
+        llm.script += [Reply("Looking.", tools=[
+            ("bash_output", json.dumps({"bash_id": bash_id})),
+            ("bash_kill", json.dumps({"bash_id": bash_id})),
+            ("bash_output", json.dumps({"bash_id": "bash_nosuchcommand"}))]), Reply("Done.")]
+        w[1].chat("how is it going?", sid)
+        results = of(w[1].wait_status(sid)["events"], "tool_result")[1:]
+        assert "still running" in results[0]["output"] and "ready" in results[0]["output"]
+        assert not results[0]["is_error"]
+        assert "stopped" in results[1]["output"] and not pid_alive(pid)
+        assert results[2]["is_error"] and "no background command" in results[2]["output"]
+        jobs = w[1].http("GET", f"/agent/sessions/{sid}/background").json()["jobs"]
+        assert [(j["bash_id"], j["running"]) for j in jobs] == [(bash_id, False)]
+
+        llm.script += [start("sleep 301"), Reply("Started.")]
+        other = w[0].chat("two")["session_id"]
+        started = of(w[0].wait_status(other)["events"], "tool_result")[0]["output"]
+        pid = int(re.search(r"pid (\d+)", started).group(1))
+        assert pid_alive(pid)
+        assert w[1].http("DELETE", f"/agent/sessions/{other}").status_code == 204
+        deadline = time.time() + 10
+        while pid_alive(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(pid)
+    finally:
+        for x in w:
+            x.stop()
+
+
 def test_five_subscribers_on_another_worker_get_the_stream_live_from_its_notices(
         tmp_path, llm, postgres):
     """A run on worker A, five subscribers on worker B: each gets exactly the
