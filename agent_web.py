@@ -1984,6 +1984,9 @@ class Workers(Owners):
     async def job_elsewhere(self, action: str, args: dict) -> str | None:
         """BackgroundJobs.elsewhere: bash_output or bash_kill of a command
         another worker runs (the session is the tool's owner)."""
+        if len(to_json(args)) > 4000:            # a notice's payload holds < 8,000 bytes
+            raise core.ToolError("the arguments are too long to ask the other server "
+                                 "processes about this command")
         answers, everyone = await self.ask(core.TOOL_OWNER.get(), action, args)
         for body in answers:
             if "error" in body:

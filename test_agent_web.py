@@ -4576,6 +4576,25 @@ def send_in_page(page, text: str) -> None:
     page.press("#input", "Enter")
 
 
+def test_the_page_loads_without_a_console_error(server, browser):
+    """Every request of the page's start-up succeeds: its script, styles,
+    the API calls, the socket, and the icon the browser asks for on its own
+    (it was /favicon.ico, a 404 in every console)."""
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    try:
+        page = context.new_page()
+        said = []
+        page.on("console", lambda m: m.type in ("error", "warning") and said.append(m.text))
+        page.on("pageerror", lambda exc: said.append(str(exc)))
+        page.goto(server.url)
+        page.wait_for_selector("#conn.live")
+        page.wait_for_function("document.querySelector('link[rel=icon]') !== null")
+        page.wait_for_timeout(500)                 # the icon is fetched after load
+        assert said == []
+    finally:
+        context.close()
+
+
 def test_page_says_when_its_session_was_deleted_elsewhere(server, page_for, llm):
     page = page_for(server)
     send_in_page(page, "slow")
