@@ -1979,7 +1979,10 @@ class Workers(Owners):
                 if asyncio.get_running_loop().time() > deadline:
                     return bodies, False
         finally:
-            await self.store.write(PgStore.forget_answers, ask)
+            try:
+                await self.store.write(PgStore.forget_answers, ask)
+            except StoreUnavailable:
+                pass                              # swept by age later
 
     async def job_elsewhere(self, action: str, args: dict) -> str | None:
         """BackgroundJobs.elsewhere: bash_output or bash_kill of a command
@@ -2010,13 +2013,18 @@ class Workers(Owners):
             body = {"jobs": jobs.of(sid)}
         else:
             job = jobs.jobs.get(args.get("bash_id"))
-            if job is not None and job.owner == sid:
+            if job is not None and job.owner == sid and op["action"] in ("output", "kill"):
                 core.TOOL_OWNER.set(sid)           # (this task's own context)
                 try:
                     body = {"text": await getattr(jobs, op["action"])(args)}
-                except core.ToolError as exc:
-                    body = {"error": str(exc)}
-        await self.store.write(PgStore.answer, op["ask"], self.me, to_json(body))
+                except Exception as exc:            # the asker's tool says what went wrong
+                    body = {"error": str(exc) if isinstance(exc, core.ToolError)
+                            else core.tool_failure("bash_" + op["action"], args, exc)}
+        try:
+            await self.store.write(PgStore.answer, op["ask"], self.me, to_json(body))
+        except StoreUnavailable as exc:                 # the asker hears nothing in time
+            log.warning("worker %s: could not answer about a background command: %s",
+                        self.me, exc)
 
     async def orphans(self, store: Store) -> list[dict]:
         gone = [w for w in await self.store.lease(PgStore.live_workers)
