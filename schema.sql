@@ -87,6 +87,6 @@ CREATE TABLE IF NOT EXISTS answers (
     ask         TEXT NOT NULL,
     worker      TEXT NOT NULL,
     body        TEXT NOT NULL,                 -- JSON
-    at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    at          TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
     PRIMARY KEY (ask, worker)
 );
