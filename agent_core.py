@@ -1550,12 +1550,8 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 # and with 200 sessions streaming the loop's thread does little else.
 #
 # So, while the loop is busy, a connection that was handed data less than
-# `window` ago (a stream faster than a token a window) holds what comes next
-# for `window` from its arrival, and one read then carries every token that
-# came meanwhile: no token waits longer than the window, and a read takes
-# all that a wait that long can gather.  (Held until `window` after the
-# last read instead, as at first, a token waited as long at worst, but a
-# read at 50 tok/s carried 1.5 tokens instead of 2: bench/paced.py.)  "Busy" is the loop thread's
+# `window` ago holds what comes next until the window is up, and one read
+# then carries every token that came meanwhile.  "Busy" is the loop thread's
 # own CPU time over the last tenth of a second or so (one `thread_time()` a
 # sample, taken when data comes): on after three looks in a row at 0.7 of
 # it or more, so the burst of many runs starting at once does not engage
@@ -1580,8 +1576,8 @@ class ReadPacer:
         self._cpu = time.thread_time()
 
     def due(self, read_at: float, now: float) -> float | None:
-        """When data that comes `now` to a connection whose reader last took
-        data at `read_at` may be handed over (loop time), or None: at once."""
+        """When a connection whose reader last took data at `read_at` may be
+        handed more (loop time, as `now` is), or None: at once."""
         wall = time.monotonic()
         if wall - self._looked_at >= self.SAMPLE:
             cpu = time.thread_time()
@@ -1594,7 +1590,7 @@ class ReadPacer:
             self._looked_at, self._cpu = wall, cpu
         if not self.engaged or now - read_at >= self.window:
             return None
-        return now + self.window
+        return read_at + self.window
 
 
 # =============================================================================

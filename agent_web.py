@@ -804,9 +804,8 @@ class _Pending:
 
 
 COALESCE_S = 0.0        # seconds; AGENT_WEB_COALESCE_MS
-# While the event loop is busy, what a model's stream sends waits at most
-# this long to be read, so that one read takes several tokens; otherwise it
-# is read as it comes (agent_core's ReadPacer); 0 turns it off.
+# The model's streams are read at most this often while the event loop is
+# busy, and as they come otherwise (agent_core's ReadPacer); 0 turns it off.
 READ_PACE_S = 0.03      # seconds; AGENT_WEB_READ_PACE_MS
 
 
