@@ -2915,13 +2915,16 @@ class AgentWebApp:
         session = await self.session_or_404(req.params["id"])
         sid = session["session_id"]
         jobs = self.toolbox.jobs.of(sid)
-        if self.workers:                     # and those that other workers run
-            jobs += await self.workers.jobs_elsewhere(sid)
+        named = [(found.group(1), started)
+                 for started in await self.store.read(Store.background_starts, sid)
+                 if (found := BACKGROUND_STARTED.match(started["output"]))]
         known = {j["bash_id"] for j in jobs}
-        for started in await self.store.read(Store.background_starts, sid):
-            found = BACKGROUND_STARTED.match(started["output"])
-            if found and found.group(1) not in known:
-                jobs.append({"bash_id": found.group(1), "command": started["command"],
+        if self.workers and any(bash_id not in known for bash_id, _ in named):
+            jobs += await self.workers.jobs_elsewhere(sid)   # other workers may run them
+            known = {j["bash_id"] for j in jobs}
+        for bash_id, started in named:
+            if bash_id not in known:
+                jobs.append({"bash_id": bash_id, "command": started["command"],
                              "started": started["ts"], "running": False, "exit_code": None,
                              "output_tail": "", "gone": True})
         return json_response(200, {"session_id": sid, "jobs": jobs})

@@ -6157,7 +6157,7 @@ def test_background_commands_are_reached_from_any_worker(tmp_path, llm, postgres
     run of its session on another worker reads its output and stops it
     (bash_output, bash_kill), that worker's page lists it live, and deleting
     the session through it ends the command.  An id no worker has is said
-    to be unknown, at once."""
+    to be unknown, at once; a command whose worker stopped is listed gone."""
     def start(cmd):
         return Reply("Starting.", tools=[("bash", json.dumps(
             {"command": cmd, "run_in_background": True}))])
@@ -6201,6 +6201,14 @@ def test_background_commands_are_reached_from_any_worker(tmp_path, llm, postgres
         while pid_alive(pid) and time.time() < deadline:
             time.sleep(0.1)
         assert not pid_alive(pid)
+
+        llm.script += [start("sleep 302"), Reply("Started.")]
+        third = w[0].chat("three")["session_id"]
+        w[0].wait_status(third)
+        w[0].stop()                                    # nothing outlives its worker
+        jobs = w[1].http("GET", f"/agent/sessions/{third}/background").json()["jobs"]
+        assert [(j["command"], j["running"], j.get("gone")) for j in jobs] == \
+            [("sleep 302", False, True)]
     finally:
         for x in w:
             x.stop()
