@@ -1722,6 +1722,15 @@ def tool_failure(tool: str, args: dict, exc: Exception) -> str:
     return f"{tool} failed: {type(exc).__name__}: {exc}"
 
 
+def _is_link(name: str, folder_fd: int) -> bool:
+    """Whether `name` in the folder open as `folder_fd` is a symbolic link
+    (lstat through the descriptor: no path is looked up again)."""
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=folder_fd).st_mode)
+    except OSError:
+        return False
+
+
 class Toolbox:
     """The tools the model sees, bound to one workspace folder."""
 
@@ -1932,8 +1941,7 @@ class Toolbox:
                 try:
                     inner = os.open(part, self._DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(
-                            os.path.join(f"/proc/self/fd/{fd}", part)):
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
                         raise ToolError(f"a folder of {path} became a symbolic link while "
                                         "it was opened; refused") from None
                     raise

@@ -2057,6 +2057,21 @@ def test_file_tools_refuse_a_fifo_instead_of_hanging(tmp_path):
         assert is_error and "not a regular file" in output, output
 
 
+def test_a_folder_found_to_be_a_symlink_when_opened_is_refused_by_name(tmp_path):
+    """The folders of a path are opened one by one, refusing symlinks; one
+    found to be a symlink at that moment (it was swapped in after the path
+    was checked) is named in the error, on any POSIX system (it was looked up
+    through Linux's /proc/self/fd, elsewhere a bare OSError)."""
+    ws = tmp_path / "ws"
+    (ws / "real").mkdir(parents=True)
+    (ws / "link").symlink_to(ws / "real")
+    box = core.Toolbox(ws)
+    with pytest.raises(core.ToolError, match="became a symbolic link"):
+        box._folder_fd(ws.resolve(), ("link",), "link/f.txt", False)
+    fd = box._folder_fd(ws.resolve(), ("real",), "real/f.txt", False)
+    os.close(fd)
+
+
 def test_confinement_holds_while_a_folder_is_swapped_for_a_symlink(tmp_path):
     """The path is checked, then opened: swapping a folder for a symlink out
     in between let read_file read, and write_file write, outside."""
