@@ -1229,8 +1229,8 @@ class RunManager:
                 # below nothing waits: a run reserved later finds this
                 # `unqueued` queued, and begin waits for its commit.)
                 return await self.drop_queued(sid, message_id)
-        await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
-        return True
+        dropped = await self.events.emit(sid, {"type": "unqueued", "message_id": message_id})
+        return "seq" in dropped       # not stored: a run on another worker read it first
 
     async def _dropped_elsewhere(self, sid: str, message_id: str) -> bool:
         """The answer of the worker a drop was handed to, as the store has it."""
@@ -1275,11 +1275,15 @@ class RunManager:
                 await self.events.flush()
                 queued = pending_queue(await self.store.read(Store.queue_events, sid))
             for q in queued:
-                stored = await self.events.emit(sid, user_message(q["content"], q["message_id"]))
+                delivered = await self.events.emit(sid, user_message(q["content"],
+                                                                     q["message_id"]))
+                # Not stored: dropped meanwhile through another worker (or the
+                # session is gone): the conversation read below goes without it.
+                stored = delivered if "seq" in delivered else stored
             if text is not None:
                 stored = await self.events.emit(sid, user_message(text))
-            if stored is not None and "seq" not in stored:
-                raise HTTPError(404, "unknown_session", "the session was deleted")
+                if "seq" not in stored:
+                    raise HTTPError(404, "unknown_session", "the session was deleted")
             prior = await self.store.read(Store.conversation, sid) if stored else []
         except BaseException:
             self.release(run)
@@ -1772,6 +1776,7 @@ class PgStore(Store):
                 if len(keep) < len(items):
                     log.warning("worker %s: %d event(s) not stored: their runs are no "
                                 "longer this worker's", conn.worker_id, len(items) - len(keep))
+                keep = PgStore._undecided(conn, items, keep)
                 kept = [items[i] for i in keep]
                 by_session, changes, ended = Store._effects(kept)
                 kept_results: list[tuple[int, str] | None] = [None] * len(kept)
@@ -1794,6 +1799,39 @@ class PgStore(Store):
             conn.rollback()
             raise
         return results
+
+    @staticmethod
+    def _undecided(conn, items: list[tuple[str, dict]], keep: list[int]) -> list[int]:
+        """A queued message is either dropped (`unqueued`) or read (a user
+        `message` with its `queued_id`), never both.  Each worker decides
+        what it can see, but a drop asked of one worker while a run starts
+        on another for the same session could otherwise store both; the
+        session's row is locked here, so the second to commit finds the
+        first and is not stored (begin and drop_queued then act on that)."""
+        def decides(ev: dict) -> str | None:
+            return (ev.get("queued_id") if ev["type"] == "message"
+                    else ev.get("message_id") if ev["type"] == "unqueued" else None)
+        asked = {items[i][0] for i in keep if decides(items[i][1])}
+        if not asked:
+            return keep                         # the usual batch: no query at all
+        # A statement of its own, after the lock: it sees what a competing
+        # commit stored while we waited for the lock.
+        decided = set(conn.pg(
+            "SELECT session_id, coalesce(data::jsonb ->> 'queued_id', "
+            "data::jsonb ->> 'message_id') FROM events WHERE session_id = ANY(%s) AND "
+            "(type = 'unqueued' OR (type = 'message' AND data::jsonb ? 'queued_id'))",
+            (sorted(asked),)).fetchall())
+        undecided = []
+        for i in keep:
+            sid, ev = items[i]
+            if (x := decides(ev)) is not None:
+                if (sid, x) in decided:
+                    log.info("session %s: queued message %s was decided already; "
+                             "this %s is not stored", sid, x, ev["type"])
+                    continue
+                decided.add((sid, x))
+            undecided.append(i)
+        return undecided
 
     @staticmethod
     def delete_session(conn, session_id: str) -> bool:

@@ -6229,6 +6229,40 @@ def test_background_commands_are_reached_from_any_worker(tmp_path, llm, postgres
             x.stop()
 
 
+def test_a_queued_message_is_stored_dropped_or_read_never_both(postgres):
+    """Two workers can each find a queued message undecided (a drop asked of
+    one while a run starts on another); the store keeps whichever decision
+    commits first and refuses the other, on the session's row lock."""
+    import agent_web as web
+    store = web.PgStore(postgres.database(), "w1")
+
+    async def go():
+        await store.open()
+        sid = "s_queue"
+        await store.write(web.Store.create_session, sid, "auto")
+        await store.write(web.PgStore.claim, sid, "w1")
+
+        def append(*events):
+            return store.write(web.Store.append, [
+                (sid, {"ts": time.time(), **ev}) for ev in events])
+        queued = [{"type": "queued", "message_id": m, "content": m} for m in ("m1", "m2")]
+        assert None not in await append(*queued)
+        read = {"type": "message", "role": "user", "content": "hi", "message_id": "u1"}
+        return [await append({"type": "unqueued", "message_id": "m1"}),
+                await append({**read, "queued_id": "m1"}),          # dropped first
+                await append({**read, "message_id": "u2", "queued_id": "m2"}),
+                await append({"type": "unqueued", "message_id": "m2"}),   # read first
+                await append({"type": "unqueued", "message_id": "m3"},    # one batch:
+                             {**read, "message_id": "u3", "queued_id": "m3"})]  # first wins
+    try:
+        dropped, late_read, read_first, late_drop, batch = arun(go())
+    finally:
+        store.close()
+    assert dropped[0] is not None and late_read == [None]
+    assert read_first[0] is not None and late_drop == [None]
+    assert batch[0] is not None and batch[1] is None
+
+
 def test_five_subscribers_on_another_worker_get_the_stream_live_from_its_notices(
         tmp_path, llm, postgres):
     """A run on worker A, five subscribers on worker B: each gets exactly the
