@@ -1535,7 +1535,9 @@ def allowed_tools_from(events: list[dict]) -> set[str]:
 #   mode change that reach another worker are NOTIFYed on
 #   `agent_web_control` to the owner, which applies them as if they came to
 #   it (RunManager.control); a drop's asker then reads the owner's answer
-#   from the store (RunManager.drop_queued).
+#   from the store (RunManager.drop_queued).  With no owner, a drop and a
+#   run starting elsewhere may race: the store keeps a queued message's
+#   first decision, dropped or read (PgStore._undecided).
 # - Background commands live in the process that started them, while the
 #   session's next run may be another worker's: bash_output, bash_kill and
 #   the page's list of them are asked of every worker at once, and answered
