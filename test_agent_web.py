@@ -6229,7 +6229,7 @@ def test_background_commands_are_reached_from_any_worker(tmp_path, llm, postgres
             x.stop()
 
 
-def test_a_queued_message_is_stored_dropped_or_read_never_both(postgres):
+def test_the_store_keeps_a_queued_messages_first_decision_dropped_or_read(postgres):
     """Two workers can each find a queued message undecided (a drop asked of
     one while a run starts on another); the store keeps whichever decision
     commits first and refuses the other, on the session's row lock."""
