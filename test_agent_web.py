@@ -6263,6 +6263,98 @@ def test_the_store_keeps_a_queued_messages_first_decision_dropped_or_read(postgr
     assert batch[0] is not None and batch[1] is None
 
 
+@pytest.mark.parametrize("here", ["a run starts", "a drop"])
+def test_a_queued_message_decided_by_another_worker_meanwhile_is_left_to_it(
+        tmp_path, llm, postgres, here):
+    """No run anywhere, a message queued: this worker starts a run that
+    delivers it, or drops it, while another worker decides it the other way
+    after this one looked.  The store refuses this worker's decision, and it
+    acts on that: the run goes on without the message (the model never
+    reads it), or the drop says 409.  (The other worker is a store of its
+    own, writing at the racing moment.)"""
+    import agent_web as web
+    dsn = postgres.database()
+
+    async def scenario():
+        app = web.create_app(db_path=dsn, workspace=tmp_path / "ws", token=TOKEN,
+                             llm_config=cfg_for(llm), approve="auto")
+        other = web.PgStore(dsn, "another-worker")
+        h = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                     base_url="http://127.0.0.1", timeout=30) as client:
+            async def events(sid):
+                return (await client.get(f"/agent/chat?session_id={sid}&limit=5000",
+                                         headers=h)).json()
+
+            async def idle(sid):
+                while (await events(sid))["status"] != "idle":
+                    await asyncio.sleep(0.02)
+            sid = (await client.post("/agent/chat", json={"message": "run: sleep 5"},
+                                     headers=h)).json()["session_id"]
+            while not of((await events(sid))["events"], "tool_call"):
+                await asyncio.sleep(0.02)
+            mid = (await client.post("/agent/chat", json={"message": "say: queued-one",
+                                                           "session_id": sid, "queue": True},
+                                     headers=h)).json()["message_id"]
+            await client.post("/agent/cancel", json={"session_id": sid}, headers=h)
+            await idle(sid)                               # stopped: the message waits
+
+            async def other_decides():
+                if here == "a run starts":            # the other worker drops it
+                    await other.write(web.Store.append, [(sid, {
+                        "type": "unqueued", "ts": time.time(), "message_id": mid})])
+                else:                                 # the other worker's run reads it
+                    await other.write(web.PgStore.claim, sid, "another-worker")
+                    await other.write(web.Store.append, [(sid, {
+                        "type": "message", "ts": time.time(), "role": "user",
+                        "content": "say: queued-one", "message_id": "m_other",
+                        "queued_id": mid})])
+                    await other.write(web.PgStore.unclaim, sid, "another-worker")
+            looks = 0
+            real_read, real_forward = app.store.read, app.runs.owners.forward
+
+            async def read(fn, *args):                # begin's second look, then the race
+                nonlocal looks
+                result = await real_read(fn, *args)
+                if fn is web.Store.queue_events and here == "a run starts":
+                    looks += 1
+                    if looks == 2:
+                        await other_decides()
+                return result
+
+            async def forward(session_id, op):        # the drop found no owner, then the race
+                found = await real_forward(session_id, op)
+                if not found:
+                    await other_decides()
+                return found
+            app.store.read, app.runs.owners.forward = read, forward
+            asked = len(llm.requests)
+            if here == "a run starts":
+                posted = await client.post("/agent/chat", json={"message": "say: next",
+                                                                "session_id": sid}, headers=h)
+                assert posted.status_code == 202
+                await idle(sid)
+            else:
+                dropped = await client.delete(f"/agent/sessions/{sid}/queue/{mid}", headers=h)
+                assert dropped.status_code == 409 and dropped.json()["error"]["code"] == \
+                    "not_queued"
+            final = (await events(sid))["events"]
+            await app.stop()
+        other.close()
+        return final, llm.requests[asked:], mid
+    final, requests, mid = arun(scenario())
+    decisions = ([e for e in final if e["type"] == "unqueued"]
+                 + [e for e in final if e.get("queued_id") == mid])
+    assert len(decisions) == 1                         # one decision, the other worker's
+    if here == "a run starts":
+        assert decisions[0]["type"] == "unqueued"
+        assert requests and "queued-one" not in json.dumps(requests[-1]["messages"])
+        assert "say: next" in json.dumps(requests[-1]["messages"])
+        assert of(final, "done")[-1]["status"] == "done"
+    else:
+        assert decisions[0]["message_id"] == "m_other"
+
+
 def test_five_subscribers_on_another_worker_get_the_stream_live_from_its_notices(
         tmp_path, llm, postgres):
     """A run on worker A, five subscribers on worker B: each gets exactly the
