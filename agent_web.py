@@ -38,8 +38,8 @@ What this is not
     commands on this machine.  Keep it on loopback (the default).
 
 Sections, in reading order: configuration → errors → store → event log →
-push registry → runs → HTTP helpers → security → handlers → WebSocket →
-route table → the app → main.
+push registry → runs → many workers (PostgreSQL) → HTTP helpers → security
+→ the app (handlers, WebSocket) → route table → create_app → main.
 """
 from __future__ import annotations
 
