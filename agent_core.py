@@ -2368,7 +2368,9 @@ class Notes:
 # them when the server stops.  Output waiting to be read is capped at
 # BACKGROUND_BUFFER bytes (the oldest is dropped, and the next read says so).
 # Nothing of a command outlives the process, so after a restart its id is
-# unknown and `bash_output` says it is gone.
+# unknown and `bash_output` says it is gone.  With several server processes
+# (agent_web on PostgreSQL) an id this process does not have is asked of
+# the others (`BackgroundJobs.elsewhere`).
 
 BACKGROUND_BUFFER = 1 << 20
 BACKGROUND_KILL_GRACE = 5.0
