@@ -1768,8 +1768,17 @@ class Toolbox:
         self.source["get_skill"] = "skills"
 
     def add_mcp(self, server: "McpServer") -> None:
-        """Offer a started MCP server's tools (see "MCP client")."""
+        """Offer a started MCP server's tools (see "MCP client"), and its new
+        list whenever it says its tools changed."""
         self.mcp.append(server)
+        server.on_tools_changed = self._offer_mcp
+        self._offer_mcp(server)
+
+    def _offer_mcp(self, server: "McpServer") -> None:
+        ours = f"mcp:{server.name}"
+        for name in [n for n, source in self.source.items() if source == ours]:
+            del self.tools[name], self.source[name]
+            self.read_only.discard(name)
         for tool in server.tools:
             name = tool.get("name") or ""
             offered = name
@@ -2524,14 +2533,18 @@ class BackgroundJobs:
 # embedded resources, resource links) becomes one text result, `isError`
 # its error flag.  A call past `execute_timeout`, or stopped by Stop, is
 # followed by `notifications/cancelled`.  A ping from the server is
-# answered; other requests from it are refused (-32601).
+# answered; other requests from it are refused (-32601).  When the server
+# says its tools changed (`notifications/tools/list_changed`) they are
+# listed again, and the toolbox offers the new list from the next step on.
 #
 # Transports: stdio is a child process (its own process group; stderr goes
 # to our log line by line; messages are lines of JSON).  A stdio server that
 # died is started again at the next call.  Streamable HTTP POSTs each
 # message; the answer is JSON or an SSE stream; `Mcp-Session-Id` from the
 # initialize answer goes on every later request (a 404 then means the
-# session is gone: that call fails, and the next one initializes again).  HTTP+SSE reads one GET
+# session is gone: that call fails, and the next one initializes again);
+# a GET stream, open while the server is ready, carries what the server
+# sends unasked (a 405 says it offers none).  HTTP+SSE reads one GET
 # stream whose first event names the URL to POST to.
 #
 # Tools keep their MCP names; one that clashes with a tool already there is
@@ -2616,6 +2629,8 @@ class McpServer:
         self._session_id: str | None = None
         self._post_url = ""                            # HTTP+SSE: where messages go
         self._lock = asyncio.Lock()                    # one (re)start at a time
+        # Called after the server's tools changed and were listed again (Toolbox).
+        self.on_tools_changed: Callable[["McpServer"], None] | None = None
 
     # -- life cycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -2629,6 +2644,8 @@ class McpServer:
             try:
                 await asyncio.wait_for(self._connect(), self.timeouts["connect_timeout"])
                 self.state = "ready"
+                if self.on_tools_changed is not None:    # started again: its list may differ
+                    self.on_tools_changed(self)
             except Exception as exc:
                 await self.close()
                 self.state = "failed"
@@ -2657,14 +2674,31 @@ class McpServer:
                            f"know ({', '.join(MCP_PROTOCOL_VERSIONS)})")
         self.protocol = version
         await self.notify("notifications/initialized")
+        self.tools = await self._list_tools()
+        if self.transport == "http":
+            self._spawn(self._listen_unasked())
+
+    async def _list_tools(self) -> list[dict]:
         tools, cursor = [], None
         while True:
             page = await self.request("tools/list", {"cursor": cursor} if cursor else {})
             tools += page.get("tools") or []
             cursor = page.get("nextCursor")
             if not cursor:
-                break
-        self.tools = tools
+                return tools
+
+    async def _tools_changed(self) -> None:
+        """The server said its tools changed: list them again, and the
+        toolbox offers the new list from the model's next step on."""
+        try:
+            self.tools = await asyncio.wait_for(self._list_tools(),
+                                                self.timeouts["connect_timeout"])
+        except Exception as exc:
+            log.warning("MCP server %s: its tools changed, but listing them failed: %s",
+                        self.name, exc)
+            return
+        if self.on_tools_changed is not None:
+            self.on_tools_changed(self)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -2735,6 +2769,9 @@ class McpServer:
                           else {"jsonrpc": "2.0", "id": m["id"], "error": {
                               "code": -32601, "message": f"{m['method']} is not supported"}})
                 self._spawn(self._send(answer))
+                continue
+            if m.get("method") == "notifications/tools/list_changed":
+                self._spawn(self._tools_changed())
                 continue
             future = self._waiting.get(m.get("id"))
             if future is None or future.done():
@@ -2827,6 +2864,31 @@ class McpServer:
             await response.aclose()              # a notification or an answer: 202
             return
         self._spawn(self._read_answer(response))
+
+    async def _listen_unasked(self) -> None:
+        """Streamable HTTP: the GET stream on which the server sends what
+        nobody asked for (a changed tool list, a ping).  Opened again when
+        it ends or fails (a server error: later), while the server is
+        ready; a 405 says the server offers none, a 404 that its session is
+        gone (its next call starts it again)."""
+        delay = 1.0
+        while True:
+            try:
+                async with self._http.stream(
+                        "GET", self.spec["url"],
+                        headers={**self._headers(), "accept": "text/event-stream"}) as r:
+                    if 400 <= r.status_code < 500:      # 405: none offered; 404: session gone
+                        return
+                    if r.status_code < 400:
+                        delay = 1.0
+                        async with contextlib.aclosing(sse_events(r)) as events:
+                            async for _, data in events:
+                                with contextlib.suppress(ValueError):
+                                    self._received(json.loads(data))
+            except (httpx.HTTPError, LLMError) as exc:   # (sse_events says LLMError)
+                log.info("MCP %s: its stream of unasked messages: %s", self.name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _read_answer(self, response: httpx.Response) -> None:
         try:

@@ -3278,6 +3278,68 @@ def test_an_mcp_stdio_server_that_dies_mid_call_is_reported_and_started_again(tm
     assert state == "stopped" and back == ("echo: back", False) and state_after == "ready"
 
 
+# A server whose tools change: `unlock` offers `secret` in its place and
+# says so (notifications/tools/list_changed), as the official SDK sends it.
+CHANGING_MCP_SERVER = r'''
+import socket, sys
+from mcp.server.mcpserver import MCPServer, Context
+
+srv = MCPServer("changing")
+
+def secret() -> str:
+    return "the secret"
+
+@srv.tool(description="Offer one more tool in place of this one")
+async def unlock(ctx: Context) -> str:
+    srv.add_tool(secret, description="The secret, once unlocked")
+    srv.remove_tool("unlock")
+    await ctx.session.send_tool_list_changed()
+    return "unlocked"
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("http", "sse"):
+        import uvicorn
+        sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
+        print(sock.getsockname()[1], flush=True)
+        app = srv.streamable_http_app() if sys.argv[1] == "http" else srv.sse_app()
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    else:
+        srv.run("stdio")
+'''
+
+
+@pytest.mark.parametrize("kind", ["stdio", "http", "sse"])
+def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
+        tmp_path, kind):
+    """notifications/tools/list_changed: the tools are listed again and the
+    toolbox offers the new list (the model's next step sees it)."""
+    script = tmp_path / "changing.py"
+    script.write_text(CHANGING_MCP_SERVER)
+    servers = mcp_over_http(script, kind) if kind != "stdio" else iter([script])
+    where = next(servers)
+    spec, transport = mcp_spec(kind, where)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, transport)
+        try:
+            before = {n for n, src in box.source.items() if src == "mcp:t"}
+            unlocked = await box.execute("unlock", {})
+            deadline = time.monotonic() + 10
+            while "secret" not in box.tools and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            after = {n for n, src in box.source.items() if src == "mcp:t"}
+            return before, unlocked, after, await box.execute("secret", {}), box.describe()
+        finally:
+            await server.close()
+    try:
+        before, unlocked, after, secret, info = arun(go())
+    finally:
+        next(servers, None)                   # the HTTP server process ends
+    assert before == {"unlock"} and unlocked == ("unlocked", False)
+    assert after == {"secret"} and secret == ("the secret", False)
+    assert info["mcp_servers"][0]["tools"] == 1
+
+
 # A tool that answers only once `n` calls of it are in flight at once.
 TOGETHER_TOOL = r'''
 in_flight, all_in = [0], asyncio.Event()
