@@ -2877,7 +2877,9 @@ class McpServer:
                 async with self._http.stream(
                         "GET", self.spec["url"],
                         headers={**self._headers(), "accept": "text/event-stream"}) as r:
-                    if 400 <= r.status_code < 500:      # 405: none offered; 404: session gone
+                    # 405: none offered; 404: the session is gone.  409: the
+                    # server still holds our last stream (one at a time): later.
+                    if 400 <= r.status_code < 500 and r.status_code != 409:
                         return
                     if r.status_code < 400:
                         delay = 1.0
