@@ -2872,10 +2872,13 @@ class McpServer:
         ready; a 405 says the server offers none, a 404 that its session is
         gone (its next call starts it again)."""
         delay = 1.0
+        # No read time-out: a quiet server is the usual case, and each
+        # reopening would be a gap in which what it sends is lost.
+        timeout = httpx.Timeout(None, connect=self.timeouts["connect_timeout"])
         while True:
             try:
                 async with self._http.stream(
-                        "GET", self.spec["url"],
+                        "GET", self.spec["url"], timeout=timeout,
                         headers={**self._headers(), "accept": "text/event-stream"}) as r:
                     # 405: none offered; 404: the session is gone.  409: the
                     # server still holds our last stream (one at a time): later.

@@ -3312,7 +3312,9 @@ if __name__ == "__main__":
 def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
         tmp_path, kind):
     """notifications/tools/list_changed: the tools are listed again and the
-    toolbox offers the new list (the model's next step sees it)."""
+    toolbox offers the new list (the model's next step sees it).  Over
+    Streamable HTTP it comes on the GET stream, which stays open through a
+    quiet spell longer than sse_read_timeout."""
     script = tmp_path / "changing.py"
     script.write_text(CHANGING_MCP_SERVER)
     servers = mcp_over_http(script, kind) if kind != "stdio" else iter([script])
@@ -3320,9 +3322,12 @@ def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
     spec, transport = mcp_spec(kind, where)
 
     async def go():
-        server, box = await mcp_toolbox(tmp_path, spec, transport)
+        quiet = kind == "http"
+        server, box = await mcp_toolbox(tmp_path, spec, transport,
+                                        **({"sse_read_timeout": 0.5} if quiet else {}))
         try:
             before = {n for n, src in box.source.items() if src == "mcp:t"}
+            await asyncio.sleep(1.5 if quiet else 0)
             unlocked = await box.execute("unlock", {})
             deadline = time.monotonic() + 10
             while "secret" not in box.tools and time.monotonic() < deadline:
