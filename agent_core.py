@@ -2863,7 +2863,7 @@ class McpServer:
         if "id" not in message or "method" not in message:
             await response.aclose()              # a notification or an answer: 202
             return
-        self._spawn(self._read_answer(response))
+        self._spawn(self._read_answer(response, message["id"]))
 
     async def _listen_unasked(self) -> None:
         """Streamable HTTP: the GET stream on which the server sends what
@@ -2891,11 +2891,16 @@ class McpServer:
                                 with contextlib.suppress(ValueError):
                                     self._received(json.loads(data))
             except (httpx.HTTPError, LLMError) as exc:   # (sse_events says LLMError)
-                log.info("MCP %s: its stream of unasked messages: %s", self.name, exc)
+                log.info("MCP %s: its stream of unasked messages: %s", self.name,
+                         exc.__cause__ or exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    async def _read_answer(self, response: httpx.Response) -> None:
+    async def _read_answer(self, response: httpx.Response, rid: int) -> None:
+        """Read one POST's answer; a stream that ends, or is cut, before the
+        answer to its request came fails that request at once (rather than
+        at its time-out: we do not resume a stream)."""
+        why = "ended without an answer"
         try:
             if response.headers.get("content-type", "").startswith("text/event-stream"):
                 async with contextlib.aclosing(sse_events(response)) as events:
@@ -2904,10 +2909,15 @@ class McpServer:
                             self._received(json.loads(data))
             else:
                 self._received(json.loads(await response.aread() or b"null"))
-        except (httpx.HTTPError, ValueError) as exc:
-            log.info("MCP %s: an answer was cut: %s", self.name, exc)
+        except (httpx.HTTPError, LLMError, ValueError) as exc:
+            # (sse_events words a cut stream for the LLM: the cause is plainer)
+            why = f"was cut ({exc.__cause__ or exc})"
+            log.info("MCP %s: an answer %s", self.name, why)
         finally:
             await response.aclose()
+            future = self._waiting.get(rid)
+            if future is not None and not future.done():
+                future.set_exception(McpError(f"the answer from {self.spec['url']} {why}"))
 
     # -- HTTP+SSE (the older transport) ---------------------------------------
     async def _open_sse(self) -> None:

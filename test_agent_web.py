@@ -3262,6 +3262,59 @@ def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_scri
                                     "error": "", "tools": 7}]
 
 
+def test_an_mcp_answer_stream_cut_midway_fails_its_call_at_once(tmp_path):
+    """Streamable HTTP: a tools/call answered with an SSE stream that the
+    server cuts before the answer fails that call with a message saying so,
+    not after execute_timeout (a cut stream is not resumed)."""
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                method = head.split(" ", 1)[0]
+                length = re.search(r"(?i)content-length:\s*(\d+)", head)
+                body = json.loads(await reader.readexactly(int(length.group(1)))) \
+                    if length else None
+                if method != "POST":                 # GET (no stream offered), DELETE
+                    writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                if "id" not in body:                 # a notification
+                    writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                if body["method"] == "tools/call":   # an event, then the connection cut
+                    event = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                                        "params": {"level": "info", "data": "working"}})
+                    chunk = f"data: {event}\n\n".encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n"
+                                 + b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                    writer.transport.abort()
+                    return
+                result = ({"protocolVersion": core.MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
+                           "serverInfo": {"name": "cut", "version": "0"}}
+                          if body["method"] == "initialize" else
+                          {"tools": [{"name": "work", "inputSchema": {"type": "object"}}]})
+                answer = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"mcp-session-id: s1\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(answer), answer.encode()))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def go():
+        listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/mcp"
+        server, box = await mcp_toolbox(tmp_path, {"url": url}, "http", execute_timeout=60)
+        try:
+            return await asyncio.wait_for(box.execute("work", {}), 30)
+        finally:
+            await server.close()
+            listener.close()
+    output, is_error = arun(go())
+    assert is_error and "was cut" in output and "execute_timeout" not in output, output
+
+
 def test_an_mcp_stdio_server_that_dies_mid_call_is_reported_and_started_again(tmp_path,
                                                                                mcp_script):
     spec, transport = mcp_spec("stdio", mcp_script)
