@@ -2924,18 +2924,29 @@ class McpServer:
         endpoint = asyncio.get_running_loop().create_future()
 
         async def listen() -> None:
-            async with self._http.stream("GET", self.spec["url"],
-                                         headers={"accept": "text/event-stream"}) as r:
-                if r.status_code >= 400:
-                    raise McpError(f"HTTP {r.status_code} from {self.spec['url']}")
-                async with contextlib.aclosing(sse_events(r)) as events:
-                    async for kind, data in events:
-                        if kind == "endpoint" and not endpoint.done():
-                            endpoint.set_result(str(httpx.URL(self.spec["url"]).join(data)))
-                        elif kind == "message":
-                            with contextlib.suppress(ValueError):
-                                self._received(json.loads(data))
-            self._fail_waiting(McpError("the server closed its event stream"))
+            why = "the server closed its event stream"
+            try:
+                async with self._http.stream("GET", self.spec["url"],
+                                             headers={"accept": "text/event-stream"}) as r:
+                    if r.status_code >= 400:
+                        raise McpError(f"HTTP {r.status_code} from {self.spec['url']}")
+                    async with contextlib.aclosing(sse_events(r)) as events:
+                        async for kind, data in events:
+                            if kind == "endpoint" and not endpoint.done():
+                                endpoint.set_result(
+                                    str(httpx.URL(self.spec["url"]).join(data)))
+                            elif kind == "message":
+                                with contextlib.suppress(ValueError):
+                                    self._received(json.loads(data))
+            except (httpx.HTTPError, LLMError) as exc:
+                if not endpoint.done():
+                    raise                            # start() says what went wrong
+                why = f"its event stream was cut ({exc.__cause__ or exc})"
+            # The stream is the session: what waits fails now, and the next
+            # call starts the server's session again.
+            self._fail_waiting(McpError(why))
+            if self.state == "ready":
+                self.state, self.error = "stopped", why
 
         task = self._spawn(listen())
         done, _ = await asyncio.wait({endpoint, task}, return_when=asyncio.FIRST_COMPLETED)

@@ -3315,6 +3315,67 @@ def test_an_mcp_answer_stream_cut_midway_fails_its_call_at_once(tmp_path):
     assert is_error and "was cut" in output and "execute_timeout" not in output, output
 
 
+def test_an_mcp_sse_servers_cut_event_stream_fails_the_call_and_the_next_starts_anew(
+        tmp_path):
+    """HTTP+SSE: the GET stream carries the answers and is the session.  Cut
+    while a call waits, the call fails at once saying so, and the next call
+    opens a new session (before, the call waited for execute_timeout and
+    every later call went to the dead session)."""
+    streams: list[asyncio.StreamWriter] = []
+
+    def sse(writer, event: str, data: str) -> None:
+        chunk = f"event: {event}\ndata: {data}\n\n".encode()
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                method, target = head.split(" ")[:2]
+                if method == "GET":                      # a new session's stream
+                    streams.append(writer)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    sse(writer, "endpoint", f"/messages?session={len(streams) - 1}")
+                    await reader.read()                  # until the client goes
+                    return
+                length = int(re.search(r"(?i)content-length:\s*(\d+)", head).group(1))
+                body = json.loads(await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                session = int(target.rsplit("=", 1)[1])
+                stream = streams[session]
+                if "id" not in body:
+                    continue
+                if body["method"] == "tools/call" and session == 0:
+                    stream.transport.abort()             # the first session dies mid-call
+                    continue
+                result = ({"protocolVersion": core.MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
+                           "serverInfo": {"name": "sse", "version": "0"}}
+                          if body["method"] == "initialize" else
+                          {"tools": [{"name": "work", "inputSchema": {"type": "object"}}]}
+                          if body["method"] == "tools/list" else
+                          {"content": [{"type": "text", "text": "done"}]})
+                sse(stream, "message", json.dumps({"jsonrpc": "2.0", "id": body["id"],
+                                                   "result": result}))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def go():
+        listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/sse"
+        server, box = await mcp_toolbox(tmp_path, {"url": url, "type": "sse"}, "sse",
+                                        execute_timeout=60)
+        try:
+            first = await asyncio.wait_for(box.execute("work", {}), 30)
+            return first, await asyncio.wait_for(box.execute("work", {}), 30)
+        finally:
+            await server.close()
+            listener.close()
+    first, second = arun(go())
+    assert first[1] and "event stream" in first[0] and "execute_timeout" not in first[0], first
+    assert second == ("done", False) and len(streams) == 2
+
+
 def test_an_mcp_stdio_server_that_dies_mid_call_is_reported_and_started_again(tmp_path,
                                                                                mcp_script):
     spec, transport = mcp_spec("stdio", mcp_script)
