@@ -2825,11 +2825,16 @@ class McpServer:
                 self._received(json.loads(line))
             except ValueError:
                 log.info("MCP %s (not JSON-RPC): %s", self.name, line[:200])
-        code = await proc.wait()
-        self._fail_waiting(McpError(f"the server exited (code {code}) during the call"))
+        try:
+            code = await asyncio.wait_for(proc.wait(), 3)
+            what = f"exited (code {code})"
+        except asyncio.TimeoutError:
+            # It closed its output but lives on: it can answer nothing more.
+            await end_process_group(proc, 3.0)
+            what = "closed its output (so it was stopped)"
+        self._fail_waiting(McpError(f"the server {what} during the call"))
         if self.state == "ready":
-            self.state, self.error = "stopped", f"exited with code {code}; started again " \
-                "at the next call"
+            self.state, self.error = "stopped", f"{what}; started again at the next call"
 
     async def _read_stderr(self, proc) -> None:
         while line := await proc.stderr.readline():

@@ -3376,6 +3376,45 @@ def test_an_mcp_sse_servers_cut_event_stream_fails_the_call_and_the_next_starts_
     assert second == ("done", False) and len(streams) == 2
 
 
+# A stdio server that closes its output at a call and lives on.
+MUTE_MCP_SERVER = r'''
+import json, os, sys, time
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    if m["method"] == "tools/call":
+        os.close(1)
+        time.sleep(120)
+    result = ({"protocolVersion": m["params"]["protocolVersion"], "capabilities": {},
+               "serverInfo": {"name": "mute", "version": "0"}}
+              if m["method"] == "initialize" else
+              {"tools": [{"name": "hush", "inputSchema": {"type": "object"}}]})
+    print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": result}), flush=True)
+'''
+
+
+def test_an_mcp_stdio_server_that_closes_its_output_mid_call_is_stopped(tmp_path):
+    """Its call fails within seconds, saying so, not at execute_timeout, and
+    the process does not linger."""
+    script = tmp_path / "mute.py"
+    script.write_text(MUTE_MCP_SERVER)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, {"command": sys.executable,
+                                                   "args": [str(script)]}, "stdio",
+                                        execute_timeout=60)
+        pid = server._proc.pid
+        try:
+            said = await asyncio.wait_for(box.execute("hush", {}), 30)
+            return said, pid_alive(pid), server.state      # (before close() ends it)
+        finally:
+            await server.close()
+    (output, is_error), alive, state = arun(go())
+    assert is_error and "closed its output" in output, output
+    assert state == "stopped" and not alive
+
+
 def test_an_mcp_stdio_server_that_dies_mid_call_is_reported_and_started_again(tmp_path,
                                                                                mcp_script):
     spec, transport = mcp_spec("stdio", mcp_script)
