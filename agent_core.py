@@ -660,9 +660,11 @@ class Turn:
 # yields a "turn" for a stream that did not finish: a half-received tool call
 # is never run.
 
-async def sse_events(response: httpx.Response,
-                     max_bytes: int | None = None) -> AsyncIterator[tuple[str, str]]:
-    """Parse a text/event-stream body into (event, data) pairs (WHATWG rules).
+async def sse_events(response: httpx.Response, max_bytes: int | None = None,
+                     cursor: dict[str, str] | None = None) -> AsyncIterator[tuple[str, str]]:
+    """Parse a text/event-stream body into (event, data) pairs (WHATWG rules);
+    `cursor`, when given, keeps the last `id` and `retry` the stream set
+    (MCP takes a stream up again with them; the models' streams set none).
 
     Our own splitting rather than httpx's `aiter_lines()`, for two reasons.
     SSE lines end only at CR, LF or CRLF, while `aiter_lines()` splits like
@@ -710,7 +712,7 @@ async def sse_events(response: httpx.Response,
                 complete = bytes(rest[:end])
                 del rest[:end + 2]
                 for block in complete.split(b"\n\n"):
-                    event = _sse_event(block)
+                    event = _sse_event(block, cursor)
                     if event is not None:
                         yield event
                 # Checked after the chunk's events are out, so that the caller's own
@@ -725,7 +727,7 @@ async def sse_events(response: httpx.Response,
                                midway=True) from exc
     # A last event with no blank line after it.
     tail = bytes(first if start else rest) + (b"\r" if held_cr else b"")
-    event = _sse_event(tail.replace(b"\r", b"\n"))
+    event = _sse_event(tail.replace(b"\r", b"\n"), cursor)
     if event is not None:
         yield event
 
@@ -753,7 +755,7 @@ def _too_many_bytes(limit: int) -> LLMError:
                     "ignores its output limit (AGENT_MAX_TOKENS), so the answer was stopped")
 
 
-def _sse_event(block: bytes) -> tuple[str, str] | None:
+def _sse_event(block: bytes, cursor: dict[str, str] | None = None) -> tuple[str, str] | None:
     """One event's lines (no blank line among them but maybe a leading one)."""
     event, data = "", []
     for line in block.decode("utf-8", "replace").split("\n"):
@@ -766,6 +768,9 @@ def _sse_event(block: bytes) -> tuple[str, str] | None:
             data.append(value)
         elif name == "event":
             event = value
+        elif cursor is not None and (name == "id" and "\0" not in value
+                                     or name == "retry" and value.isdigit()):
+            cursor[name] = value          # (an event with no data sets them too)
     return (event or "message", "\n".join(data)) if data else None
 
 
@@ -2902,24 +2907,48 @@ class McpServer:
             delay = min(delay * 2, 30.0)
 
     async def _read_answer(self, response: httpx.Response, rid: int) -> None:
-        """Read one POST's answer; a stream that ends, or is cut, before the
-        answer to its request came fails that request at once (rather than
-        at its time-out: we do not resume a stream)."""
+        """Read one POST's answer.  A stream that ends, or is cut, before the
+        answer came is taken up again where it was left when its events had
+        ids (a GET with Last-Event-ID, after the `retry` it set: servers may
+        close a long call's stream on purpose, to be polled); otherwise, or
+        if the server cannot, that request fails at once, saying so."""
+        cursor: dict[str, str] = {}
         why = "ended without an answer"
         try:
-            if response.headers.get("content-type", "").startswith("text/event-stream"):
-                async with contextlib.aclosing(sse_events(response)) as events:
-                    async for _, data in events:
-                        with contextlib.suppress(ValueError):
-                            self._received(json.loads(data))
-            else:
-                self._received(json.loads(await response.aread() or b"null"))
-        except (httpx.HTTPError, LLMError, ValueError) as exc:
-            # (sse_events words a cut stream for the LLM: the cause is plainer)
-            why = f"was cut ({exc.__cause__ or exc})"
-            log.info("MCP %s: an answer %s", self.name, why)
+            while True:
+                try:
+                    if response.headers.get("content-type", "").startswith("text/event-stream"):
+                        async with contextlib.aclosing(sse_events(response,
+                                                                  cursor=cursor)) as events:
+                            async for _, data in events:
+                                with contextlib.suppress(ValueError):
+                                    self._received(json.loads(data))
+                    else:
+                        self._received(json.loads(await response.aread() or b"null"))
+                except (httpx.HTTPError, LLMError, ValueError) as exc:
+                    # (sse_events words a cut stream for the LLM: the cause is plainer)
+                    why = f"was cut ({exc.__cause__ or exc})"
+                    log.info("MCP %s: an answer %s", self.name, why)
+                finally:
+                    await response.aclose()
+                future = self._waiting.get(rid)
+                if future is None or future.done() or "id" not in cursor:
+                    return
+                await asyncio.sleep(min(int(cursor.get("retry", 1000)), 10_000) / 1000)
+                try:
+                    response = await self._http.send(self._http.build_request(
+                        "GET", self.spec["url"], headers={
+                            **self._headers(), "accept": "text/event-stream",
+                            "last-event-id": cursor["id"]}), stream=True)
+                except httpx.HTTPError as exc:
+                    why = f"was cut, and taking it up again failed ({exc})"
+                    return
+                if response.status_code >= 400:
+                    await response.aclose()
+                    why = (f"was cut, and the server could not take it up again "
+                           f"(HTTP {response.status_code})")
+                    return
         finally:
-            await response.aclose()
             future = self._waiting.get(rid)
             if future is not None and not future.done():
                 future.set_exception(McpError(f"the answer from {self.spec['url']} {why}"))

@@ -3262,6 +3262,65 @@ def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_scri
                                     "error": "", "tools": 7}]
 
 
+# A Streamable HTTP server that keeps its events (the SDK's EventStore) and
+# closes a long call's stream on purpose, for the client to take it up again.
+RESUMING_MCP_SERVER = r'''
+import asyncio, socket, sys
+import uvicorn
+from mcp.server.mcpserver import MCPServer, Context
+from mcp.server.streamable_http import EventMessage, EventStore
+
+class Kept(EventStore):
+    def __init__(self):
+        self.events = []                          # (stream, id, message)
+    async def store_event(self, stream_id, message):
+        self.events.append((stream_id, str(len(self.events) + 1), message))
+        return self.events[-1][1]
+    async def replay_events_after(self, last_event_id, send_callback):
+        stream = self.events[int(last_event_id) - 1][0]
+        for sid, eid, message in self.events[int(last_event_id):]:
+            if sid == stream and message is not None:
+                await send_callback(EventMessage(message, eid))
+        return stream
+
+srv = MCPServer("resuming")
+
+@srv.tool(description="Work a while, with the answer's stream closed meanwhile")
+async def long(ctx: Context) -> str:
+    await ctx.info("started")
+    await ctx.close_sse_stream()
+    await asyncio.sleep(0.5)
+    return "finished"
+
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
+print(sock.getsockname()[1], flush=True)
+app = srv.streamable_http_app(event_store=Kept(), retry_interval=100)
+uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+'''
+
+
+def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path):
+    """MCP 2025-11-25: a server may close a long call's answer stream after
+    an event with an id; the client takes it up again (GET, Last-Event-ID,
+    after the `retry` the stream set) and the call gets its answer, against
+    the official SDK's server with an event store."""
+    script = tmp_path / "resuming.py"
+    script.write_text(RESUMING_MCP_SERVER)
+    servers = mcp_over_http(script, "http")
+    url = next(servers)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, {"url": url}, "http", execute_timeout=20)
+        try:
+            return await box.execute("long", {})
+        finally:
+            await server.close()
+    try:
+        assert arun(go()) == ("finished", False)
+    finally:
+        next(servers, None)
+
+
 def test_an_mcp_answer_stream_cut_midway_fails_its_call_at_once(tmp_path):
     """Streamable HTTP: a tools/call answered with an SSE stream that the
     server cuts before the answer fails that call with a message saying so,
