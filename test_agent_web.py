@@ -5106,6 +5106,31 @@ def test_page_lists_tools_and_the_sessions_background_commands(tmp_path, llm, pa
         server.stop()
 
 
+def test_page_tools_panel_shows_an_mcp_servers_new_tools_when_opened_again(
+        tmp_path, llm, page_for):
+    """The model calls a tool after which its MCP server offers others (and
+    says so): the Tools panel, opened again, lists the new ones."""
+    script = tmp_path / "changing.py"
+    script.write_text(CHANGING_MCP_SERVER)
+    conf = tmp_path / "mcp.json"
+    conf.write_text(json.dumps({"mcpServers": {
+        "c": {"command": sys.executable, "args": [str(script)]}}}))
+    llm.script += [Reply("Unlocking.", tools=[("unlock", "{}")]), Reply("Done.")]
+    server = ServerProcess(tmp_path, llm, args=["--mcp-config", str(conf)])
+    try:
+        page = page_for(server)
+        page.click("#tools-panel summary")
+        page.wait_for_selector("#tools .tool-name >> text=unlock")
+        page.click("#tools-panel summary")                     # closed
+        send_in_page(page, "unlock it")
+        page.wait_for_selector(".done")
+        page.click("#tools-panel summary")                     # opened again
+        page.wait_for_selector("#tools .tool-name >> text=secret")
+        assert page.locator("#tools .tool-name", has_text="unlock").count() == 0
+    finally:
+        server.stop()
+
+
 def test_page_shows_what_a_file_tool_changed_as_a_coloured_diff(server, page_for, llm):
     (server.workspace / "notes.txt").write_text("keep\nold line\n" + "same\n" * 60)
     llm.script += [Reply("Editing.", tools=[

@@ -1269,6 +1269,8 @@ async function main() {
   }
   connect();
   showTools();
+  // Asked again at each opening: an MCP server's tools and state change.
+  $("tools-panel").addEventListener("toggle", () => { if ($("tools-panel").open) showTools(); });
   await openSession(state.sessionId, { push: false });
   refreshSessions();
   setInterval(refreshSessions, 15000);
