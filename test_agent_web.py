@@ -5479,6 +5479,47 @@ def test_queued_messages_start_the_next_run_or_wait_after_stop_and_restart(serve
     assert users[-2:] == ["say: kept", "say: and now"] and "say: dropped" not in users
 
 
+class InProcess:
+    """An app driven in its own event loop through httpx's ASGI transport,
+    for tests that hold the store at a racing moment (use `async with`)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.h = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                        base_url="http://127.0.0.1", timeout=30)
+
+    async def __aenter__(self) -> "InProcess":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.app.stop()
+        await self.client.aclose()
+
+    def post(self, path: str, body: dict):
+        return self.client.post(path, json=body, headers=self.h)
+
+    async def events(self, sid: str) -> dict:
+        return (await self.client.get(f"/agent/chat?session_id={sid}&limit=5000",
+                                      headers=self.h)).json()
+
+    async def idle(self, sid: str) -> None:
+        while (await self.events(sid))["status"] != "idle":
+            await asyncio.sleep(0.02)
+
+    async def left_queued(self, text: str) -> tuple[str, str]:
+        """A session whose run was stopped with `text` left queued (no run
+        goes): its id and the queued message's."""
+        sid = (await self.post("/agent/chat", {"message": "run: sleep 5"})).json()["session_id"]
+        while not of((await self.events(sid))["events"], "tool_call"):
+            await asyncio.sleep(0.02)
+        mid = (await self.post("/agent/chat", {"message": text, "session_id": sid,
+                                               "queue": True})).json()["message_id"]
+        await self.post("/agent/cancel", {"session_id": sid})
+        await self.idle(sid)                          # stopped: the message waits
+        return sid, mid
+
+
 @pytest.mark.parametrize("paused", ["the drop's read", "the drop's commit"])
 def test_a_drop_racing_the_next_run_either_drops_the_message_or_says_it_was_read(
         tmp_path, llm, paused):
@@ -5492,7 +5533,6 @@ def test_a_drop_racing_the_next_run_either_drops_the_message_or_says_it_was_read
     async def scenario():
         app = web.create_app(db_path=tmp_path / "a.db", workspace=tmp_path / "ws", token=TOKEN,
                              llm_config=cfg_for(llm), approve="auto")
-        h = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
         gate, looked, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
         holding = {"read": False, "commit": False, "run's look": False}
 
@@ -5514,48 +5554,31 @@ def test_a_drop_racing_the_next_run_either_drops_the_message_or_says_it_was_read
                 await gate.wait()
             return await real_write(fn, *args)
 
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
-                                     base_url="http://127.0.0.1", timeout=30) as client:
-            async def events(sid):
-                return (await client.get(f"/agent/chat?session_id={sid}&limit=5000",
-                                         headers=h)).json()
-
-            async def idle(sid):
-                while (await events(sid))["status"] != "idle":
-                    await asyncio.sleep(0.02)
-            sid = (await client.post("/agent/chat", json={"message": "run: sleep 5"},
-                                     headers=h)).json()["session_id"]
-            real_read, real_write = app.store.read, app.store.write    # (opened by now)
+        async with InProcess(app) as it:
+            sid, mid = await it.left_queued("say: queued")
+            real_read, real_write = app.store.read, app.store.write
             app.store.read, app.store.write = read, write
-            while not of((await events(sid))["events"], "tool_call"):
-                await asyncio.sleep(0.02)
-            mid = (await client.post("/agent/chat", json={"message": "say: queued",
-                                                           "session_id": sid, "queue": True},
-                                     headers=h)).json()["message_id"]
-            await client.post("/agent/cancel", json={"session_id": sid}, headers=h)
-            await idle(sid)                               # stopped: the message waits
 
             holding["read" if paused == "the drop's read" else "commit"] = True
-            drop = asyncio.ensure_future(client.delete(f"/agent/sessions/{sid}/queue/{mid}",
-                                                       headers=h))
+            drop = asyncio.ensure_future(it.client.delete(f"/agent/sessions/{sid}/queue/{mid}",
+                                                          headers=it.h))
             if paused == "the drop's read":
                 await looked.wait()                       # the drop saw it queued ...
-                posted = await client.post("/agent/chat", json={"message": "say: next",
-                                                                "session_id": sid}, headers=h)
+                posted = await it.post("/agent/chat", {"message": "say: next",
+                                                       "session_id": sid})
                 gate.set()                                # ... and goes on after the run began
             else:
                 await held.wait()                         # `unqueued` is queued, not committed
                 holding["run's look"] = True
-                post = asyncio.ensure_future(client.post(
-                    "/agent/chat", json={"message": "say: next", "session_id": sid}, headers=h))
+                post = asyncio.ensure_future(it.post("/agent/chat", {"message": "say: next",
+                                                                     "session_id": sid}))
                 await looked.wait()                       # the new run looked at the store
                 holding["commit"] = False
                 gate.set()
                 posted = await post
             dropped = await drop
-            await idle(sid)
-            final = (await events(sid))["events"]
-            await app.stop()
+            await it.idle(sid)
+            final = (await it.events(sid))["events"]
             return mid, posted, dropped, final
 
     mid, posted, dropped, final = arun(scenario())
@@ -6583,25 +6606,8 @@ def test_a_queued_message_decided_by_another_worker_meanwhile_is_left_to_it(
         app = web.create_app(db_path=dsn, workspace=tmp_path / "ws", token=TOKEN,
                              llm_config=cfg_for(llm), approve="auto")
         other = web.PgStore(dsn, "another-worker")
-        h = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
-                                     base_url="http://127.0.0.1", timeout=30) as client:
-            async def events(sid):
-                return (await client.get(f"/agent/chat?session_id={sid}&limit=5000",
-                                         headers=h)).json()
-
-            async def idle(sid):
-                while (await events(sid))["status"] != "idle":
-                    await asyncio.sleep(0.02)
-            sid = (await client.post("/agent/chat", json={"message": "run: sleep 5"},
-                                     headers=h)).json()["session_id"]
-            while not of((await events(sid))["events"], "tool_call"):
-                await asyncio.sleep(0.02)
-            mid = (await client.post("/agent/chat", json={"message": "say: queued-one",
-                                                           "session_id": sid, "queue": True},
-                                     headers=h)).json()["message_id"]
-            await client.post("/agent/cancel", json={"session_id": sid}, headers=h)
-            await idle(sid)                               # stopped: the message waits
+        async with InProcess(app) as it:
+            sid, mid = await it.left_queued("say: queued-one")
 
             async def other_decides():
                 if here == "a run starts":            # the other worker drops it
@@ -6634,16 +6640,15 @@ def test_a_queued_message_decided_by_another_worker_meanwhile_is_left_to_it(
             app.store.read, app.runs.owners.forward = read, forward
             asked = len(llm.requests)
             if here == "a run starts":
-                posted = await client.post("/agent/chat", json={"message": "say: next",
-                                                                "session_id": sid}, headers=h)
+                posted = await it.post("/agent/chat", {"message": "say: next", "session_id": sid})
                 assert posted.status_code == 202
-                await idle(sid)
+                await it.idle(sid)
             else:
-                dropped = await client.delete(f"/agent/sessions/{sid}/queue/{mid}", headers=h)
+                dropped = await it.client.delete(f"/agent/sessions/{sid}/queue/{mid}",
+                                                 headers=it.h)
                 assert dropped.status_code == 409 and dropped.json()["error"]["code"] == \
                     "not_queued"
-            final = (await events(sid))["events"]
-            await app.stop()
+            final = (await it.events(sid))["events"]
         other.close()
         return final, llm.requests[asked:], mid
     final, requests, mid = arun(scenario())
