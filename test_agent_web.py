@@ -3116,6 +3116,21 @@ def test_the_servers_background_commands_belong_to_their_session(tmp_path, llm):
 # A server made with the official MCP Python SDK (`mcp`, test-only): run as
 # `python mcp_server.py` for stdio, `python mcp_server.py http` for
 # Streamable HTTP on a free port (printed on its first line).
+# How the SDK servers below are run: stdio, or Streamable HTTP / HTTP+SSE on
+# a free port, which the first line of their output names.
+MCP_SERVE = r'''
+if __name__ == "__main__":
+    print("starting", file=sys.stderr, flush=True)
+    if len(sys.argv) > 1 and sys.argv[1] in ("http", "sse"):
+        import uvicorn
+        sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
+        print(sock.getsockname()[1], flush=True)
+        app = srv.streamable_http_app() if sys.argv[1] == "http" else srv.sse_app()
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    else:
+        srv.run("stdio")
+'''
+
 MCP_TEST_SERVER = r'''import asyncio, os, socket, sys
 from mcp.server.mcpserver import MCPServer, Image
 from mcp.types import ToolAnnotations
@@ -3151,18 +3166,7 @@ def lookup(key: str) -> str:
 @srv.tool(name="bash", description="A tool whose name clashes with a built-in")
 def shadow() -> str:
     return "the MCP bash"
-
-if __name__ == "__main__":
-    print("starting", file=sys.stderr, flush=True)
-    if len(sys.argv) > 1 and sys.argv[1] in ("http", "sse"):
-        import uvicorn
-        sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
-        print(sock.getsockname()[1], flush=True)
-        app = srv.streamable_http_app() if sys.argv[1] == "http" else srv.sse_app()
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-    else:
-        srv.run("stdio")
-'''
+''' + MCP_SERVE
 
 # A hand-written stdio server for what the SDK's servers do not show: tools
 # listed over two pages, and an older protocol version (or an unknown one).
@@ -3507,17 +3511,7 @@ async def unlock(ctx: Context) -> str:
     srv.remove_tool("unlock")
     await ctx.session.send_tool_list_changed()
     return "unlocked"
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("http", "sse"):
-        import uvicorn
-        sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(64)
-        print(sock.getsockname()[1], flush=True)
-        app = srv.streamable_http_app() if sys.argv[1] == "http" else srv.sse_app()
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-    else:
-        srv.run("stdio")
-'''
+''' + MCP_SERVE
 
 
 @pytest.mark.parametrize("kind", ["stdio", "http", "sse"])
