@@ -2620,6 +2620,13 @@ def mcp_content_text(content: list) -> str:
     return "\n".join(parts)
 
 
+def _cut(exc: Exception) -> BaseException:
+    """What cut an MCP stream: sse_events words a lost connection for the
+    model's streams (an LLMError naming AGENT_LLM_READ_TIMEOUT); its cause
+    is the plainer account here."""
+    return exc.__cause__ or exc
+
+
 class McpServer:
     def __init__(self, name: str, spec: dict, transport: str, timeouts: dict[str, float]):
         self.name, self.spec, self.transport, self.timeouts = name, spec, transport, timeouts
@@ -2875,6 +2882,18 @@ class McpServer:
             return
         self._spawn(self._read_answer(response, message["id"]))
 
+    async def _receive_all(self, response: httpx.Response,
+                           cursor: dict[str, str] | None = None) -> None:
+        """Every JSON-RPC message of a response (an SSE stream, or one JSON
+        body) to `_received`; `cursor` as sse_events keeps it."""
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            async with contextlib.aclosing(sse_events(response, cursor=cursor)) as events:
+                async for _, data in events:
+                    with contextlib.suppress(ValueError):
+                        self._received(json.loads(data))
+        else:
+            self._received(json.loads(await response.aread() or b"null"))
+
     async def _listen_unasked(self) -> None:
         """Streamable HTTP: the GET stream on which the server sends what
         nobody asked for (a changed tool list, a ping).  Opened again when
@@ -2896,13 +2915,9 @@ class McpServer:
                         return
                     if r.status_code < 400:
                         delay = 1.0
-                        async with contextlib.aclosing(sse_events(r)) as events:
-                            async for _, data in events:
-                                with contextlib.suppress(ValueError):
-                                    self._received(json.loads(data))
-            except (httpx.HTTPError, LLMError) as exc:   # (sse_events says LLMError)
-                log.info("MCP %s: its stream of unasked messages: %s", self.name,
-                         exc.__cause__ or exc)
+                        await self._receive_all(r)
+            except (httpx.HTTPError, LLMError) as exc:
+                log.info("MCP %s: its stream of unasked messages: %s", self.name, _cut(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -2917,17 +2932,9 @@ class McpServer:
         try:
             while True:
                 try:
-                    if response.headers.get("content-type", "").startswith("text/event-stream"):
-                        async with contextlib.aclosing(sse_events(response,
-                                                                  cursor=cursor)) as events:
-                            async for _, data in events:
-                                with contextlib.suppress(ValueError):
-                                    self._received(json.loads(data))
-                    else:
-                        self._received(json.loads(await response.aread() or b"null"))
+                    await self._receive_all(response, cursor)
                 except (httpx.HTTPError, LLMError, ValueError) as exc:
-                    # (sse_events words a cut stream for the LLM: the cause is plainer)
-                    why = f"was cut ({exc.__cause__ or exc})"
+                    why = f"was cut ({_cut(exc)})"
                     log.info("MCP %s: an answer %s", self.name, why)
                 finally:
                     await response.aclose()
@@ -2975,7 +2982,7 @@ class McpServer:
             except (httpx.HTTPError, LLMError) as exc:
                 if not endpoint.done():
                     raise                            # start() says what went wrong
-                why = f"its event stream was cut ({exc.__cause__ or exc})"
+                why = f"its event stream was cut ({_cut(exc)})"
             # The stream is the session: what waits fails now, and the next
             # call starts the server's session again.
             self._fail_waiting(McpError(why))

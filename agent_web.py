@@ -1090,11 +1090,18 @@ def user_message(text: str, queued_id: str | None = None) -> dict:
     return ev
 
 
+def decides(event: dict) -> str | None:
+    """The queued message an event decides: read (a user `message` with its
+    `queued_id`) or dropped (`unqueued`); None for any other event."""
+    if event["type"] == "message":
+        return event.get("queued_id")
+    return event.get("message_id") if event["type"] == "unqueued" else None
+
+
 def pending_queue(events: list[dict]) -> list[dict]:
     """The `queued` events no `message` (queued_id) delivered and no
     `unqueued` took back, oldest first."""
-    gone = {e.get("queued_id") for e in events if e["type"] == "message"} | {
-        e["message_id"] for e in events if e["type"] == "unqueued"}
+    gone = {decides(e) for e in events}
     return [e for e in events if e["type"] == "queued" and e["message_id"] not in gone]
 
 
@@ -1237,10 +1244,8 @@ class RunManager:
         deadline = asyncio.get_running_loop().time() + DROP_ANSWER_WAIT
         while True:
             for e in await self.store.read(Store.queue_events, sid):
-                if e["type"] == "unqueued" and e["message_id"] == message_id:
-                    return True
-                if e["type"] == "message" and e.get("queued_id") == message_id:
-                    return False
+                if decides(e) == message_id:
+                    return e["type"] == "unqueued"
             if asyncio.get_running_loop().time() > deadline:
                 raise HTTPError(504, "no_answer", "the worker running this session did not "
                                 "answer in time; the message may still be queued")
@@ -1810,19 +1815,13 @@ class PgStore(Store):
         on another for the same session could otherwise store both; the
         session's row is locked here, so the second to commit finds the
         first and is not stored (begin and drop_queued then act on that)."""
-        def decides(ev: dict) -> str | None:
-            return (ev.get("queued_id") if ev["type"] == "message"
-                    else ev.get("message_id") if ev["type"] == "unqueued" else None)
         asked = {items[i][0] for i in keep if decides(items[i][1])}
         if not asked:
             return keep                         # the usual batch: no query at all
-        # A statement of its own, after the lock: it sees what a competing
+        # Statements of their own, after the lock: they see what a competing
         # commit stored while we waited for the lock.
-        decided = set(conn.pg(
-            "SELECT session_id, coalesce(data::jsonb ->> 'queued_id', "
-            "data::jsonb ->> 'message_id') FROM events WHERE session_id = ANY(%s) AND "
-            "(type = 'unqueued' OR (type = 'message' AND data::jsonb ? 'queued_id'))",
-            (sorted(asked),)).fetchall())
+        decided = {(sid, decides(e)) for sid in sorted(asked)
+                   for e in Store.queue_events(conn, sid)}
         undecided = []
         for i in keep:
             sid, ev = items[i]
