@@ -5703,6 +5703,88 @@ def test_page_shows_a_commands_output_while_it_runs_and_after_a_reload(server, p
     assert page.locator("pre.live").count() == 0 and page.locator(".tool pre.output").count() == 1
 
 
+TERMINAL_COMMAND = (
+    r"printf '\033]0;a title\007\033[1;31mred\033[0m plain \033[38;5;33mblue\033[m\n'; "
+    r"printf 'progress 10%%\rprogress 100%%\n'; printf 'spin|\b/\b-\bdone\n'; "
+    r"printf '\033[3'; sleep 0.8; printf '2mgreen\033[0m\n'")
+
+
+def test_page_shows_a_commands_colours_and_progress_as_a_terminal_would(server, page_for, llm):
+    """A command's SGR colours become styled text, a "\\r" progress meter
+    shows its last state, "\\b" takes back a character, other sequences go;
+    live (with a sequence cut between two pieces of output) and in the result."""
+    llm.script.append(Reply("Colours.", tools=[("bash", json.dumps(
+        {"command": TERMINAL_COMMAND}))]))
+    page = page_for(server)
+    send_in_page(page, "colours")
+    live = page.locator(".tool.running pre.live")
+    page.wait_for_selector(".tool.running pre.live >> text=spindone")
+    assert "[3" not in live.inner_text() and "\x1b" not in live.inner_text()
+    page.wait_for_selector(".done", timeout=15000)
+    out = page.locator(".tool pre.output")
+    assert out.inner_text() == "red plain blue\nprogress 100%\nspindone\ngreen\n"
+    styles = page.evaluate("""() => Object.fromEntries(
+      [...document.querySelectorAll(".tool pre.output span")].map((s) => {
+        const c = getComputedStyle(s);
+        return [s.textContent, [c.color, c.fontWeight]];
+      }))""")
+    assert styles == {"red": ["rgb(192, 28, 40)", "700"], "blue": ["rgb(0, 135, 255)", "400"],
+                      "green": ["rgb(38, 133, 47)", "400"]}
+    # The model read the output as the command printed it.
+    sid = re.search(r"session=([\w-]+)", page.url).group(1)
+    result, = of(server.all_events(sid), "tool_result")
+    assert "\x1b[1;31mred" in result["output"] and "progress 10%\rprogress 100%" in result["output"]
+
+
+def test_terminal_text_is_the_same_however_the_output_is_cut(server, page_for):
+    """The page's terminal writer, fed each text whole and then one code unit
+    at a time: the same text and the same styles (a sequence cut anywhere)."""
+    samples = {
+        "\x1b]0;t\x07\x1b[1;31mred\x1b[0m \x1b[38;5;33mblue\x1b[m\n": "red blue\n",
+        "a\r\nb\rc\n": "a\nc\n",
+        "\x1b]8;;https://example.com\x1b\\link\x1b]8;;\x1b\\ after": "link after",
+        "\x1b[1m\x1b[7minv\x1b[27m bold\x1b[22m plain": "inv bold plain",
+        "x\x1b[2Ky and half\rwhole\x1b[K": "whole",
+        "\x1b[38;2;255;0;0mrgb\x1b[48;5;240mgrey\x1b[49;39m": "rgbgrey",
+        "tab\there nul\x00 bell\x07 del\x7f|\b\b!": "tab\there nul bell de!",
+        "\x1b[2Aup\x1b[?25lhidden cursor\x1b[?25h": "uphidden cursor",
+        "\x1b[4;3;32munder\x1b[24;23;39m": "under",
+    }
+    page = page_for(server)
+    got = page.evaluate("""async (samples) => {
+      const { TermWriter } = await import(new URL("static/terminal.js", document.baseURI));
+      const runs = (pre) => {          // [text, style] with equal neighbours merged
+        const out = [];
+        for (const node of pre.childNodes) {
+          const style = node.nodeType === 1 ? node.getAttribute("style") : "";
+          if (out.length && out.at(-1)[1] === style) out.at(-1)[0] += node.textContent;
+          else out.push([node.textContent, style]);
+        }
+        return out;
+      };
+      return samples.map((text) => {
+        const whole = document.createElement("pre");
+        new TermWriter(whole).write(text);
+        const cut = document.createElement("pre");
+        const writer = new TermWriter(cut);
+        for (let i = 0; i < text.length; i++) writer.write(text[i]);
+        return [whole.textContent, JSON.stringify(runs(whole)) === JSON.stringify(runs(cut)),
+                runs(whole)];
+      });
+    }""", list(samples))
+    for (text, shown), (whole, same, runs) in zip(samples.items(), got):
+        assert whole == shown, (text, whole)
+        assert same, (text, runs)
+    styles = {text: style for text, style in got[0][2] + got[3][2] + got[5][2] + got[8][2]}
+    assert styles["red"] == "color: var(--ansi-1); font-weight: bold;"
+    assert styles["blue"] == "color: rgb(0, 135, 255);"
+    assert styles["inv"] == "color: var(--code); background-color: var(--fg); font-weight: bold;"
+    assert styles[" bold"] == "font-weight: bold;" and styles[" plain"] == ""
+    assert styles["rgb"] == "color: rgb(255, 0, 0);"
+    assert styles["grey"] == "color: rgb(255, 0, 0); background-color: rgb(88, 88, 88);"
+    assert styles["under"] == "color: var(--ansi-2); font-style: italic; text-decoration: underline;"
+
+
 def test_page_demo_banner_and_chinese_labels(tmp_path, page_for):
     demo = ServerProcess(tmp_path, None)
     try:

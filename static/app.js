@@ -10,6 +10,7 @@
 // sees it.  Model output is only ever put on the page as text.
 
 import { renderMarkdown } from "./markdown.js";
+import { TermWriter } from "./terminal.js";
 
 // ---------------------------------------------------------------- labels ---
 const LABELS = {
@@ -263,8 +264,9 @@ class Transcript {
           card.live = document.createElement("pre");
           card.live.className = "output live";
           card.el.append(card.live);
+          card.term = new TermWriter(card.live);
         }
-        card.live.append(ev.content);     // a new text node: never re-copies what is there
+        card.term.write(ev.content);      // new nodes: never re-copies what is there
         card.live.scrollTop = card.live.scrollHeight;      // follow the newest line
         break;
       }
@@ -279,7 +281,7 @@ class Transcript {
         const lines = ev.output.split("\n");
         const pre = document.createElement("pre");
         pre.className = "output";
-        pre.textContent = ev.output;
+        new TermWriter(pre).write(ev.output);
         card.el.append(pre);
         if (lines.length > FOLD_LINES) {
           pre.classList.add("folded");
@@ -921,7 +923,7 @@ async function showBackground() {
     li.append(cmd, st);
     if (job.output_tail) {
       const out = document.createElement("pre");
-      out.textContent = job.output_tail;
+      new TermWriter(out).write(job.output_tail);
       li.append(out);
     }
     return li;
