@@ -1340,7 +1340,7 @@ def make_http_client(cfg: LLMConfig, read_pace: float = 0.0) -> httpx.AsyncClien
 # is anyio's, which for every read enters a cancel scope, asks sniffio which
 # event loop is running and registers, then unregisters, the socket with
 # epoll.  A model sends one token per read, so with 50 sessions streaming
-# that was a fifth of the server's CPU (bench/, py-spy; README, Performance).
+# that was a fifth of the server's CPU (py-spy; bench/RESULTS.md).
 # This backend keeps an asyncio Protocol reading into a buffer and hands the
 # buffer over.  Everything above the socket (HTTP/1.1, TLS set-up, proxies,
 # the pool) is still httpx's.
@@ -1566,7 +1566,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 # latency, as measured at 50-150 sessions.  A lone session or a few never
 # see it: their tokens are handed over as they come.  Events are still
 # stored before they are shown; this only decides how often the LLM's bytes
-# are read (README, Performance, "Read pacing").
+# are read (bench/RESULTS.md, "Read pacing").
 
 class ReadPacer:
     BUSY_ON, BUSY_OFF = 0.7, 0.5       # share of the loop thread's time
@@ -3712,7 +3712,7 @@ class Agent:
 
         No child task reads ahead: a task hop per token (a queue, a wake-up,
         a step of a second task) was a sixth of what reading a token cost the
-        event loop with 200 streams (README, Performance, "Capacity on one
+        event loop with 200 streams (bench/RESULTS.md, "Capacity on one
         core")."""
         tools = self.toolbox.specs() if tools is None else tools
         cut = _StreamCut(asyncio.current_task())

@@ -92,7 +92,7 @@ def event_json(seq: int, session_id: str, event: dict) -> str:
 
     Streamed deltas, most events by far, are written from a template: 0.9
     instead of 2.4 us each, out of the ~11 us it takes to produce an event
-    (see README, Performance).  The text is the same, byte for byte (a test
+    (see bench/RESULTS.md).  The text is the same, byte for byte (a test
     compares them).
     """
     if event["type"] == "delta" and tuple(event) == DELTA_KEYS:
@@ -791,7 +791,7 @@ class Store:
 # (`emit`: messages, tool calls, status) never wait for the slot; they take
 # the fragments queued before them along.  Measured, it saves 10-30 % of
 # the CPU at light load and 5-8 % under load, where group commit batches
-# anyway, while it adds its latency: hence off (README, Performance).
+# anyway, while it adds its latency: hence off (bench/RESULTS.md).
 
 @dataclass
 class _Pending:
@@ -3397,7 +3397,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{env.get('USER', 'you')}.\n" + "!" * 78 + "\n", file=sys.stderr, flush=True)
 
     # No per-message deflate: on loopback it only burns CPU (it was 11% of the
-    # server's time per pushed frame; see README, "Performance").
+    # server's time per pushed frame; see bench/RESULTS.md).
     config = uvicorn.Config(application, ws="wsproto", lifespan="on",
                             log_level=args.log_level, ws_max_size=MAX_WS_FRAME_BYTES,
                             ws_per_message_deflate=False, limit_concurrency=max_connections,

@@ -1,5 +1,5 @@
 """Two pieces of a streamed token's cost, in process, without the noise of a
-whole server: what limits "Capacity on one core" (README, Performance).
+whole server: what limits "Capacity on one core" (bench/RESULTS.md).
 
     python bench/token_costs.py [--tokens 20000] [--commits 2000]
 
