@@ -3898,6 +3898,7 @@ class Terminal:
             pass
         step, started, streaming = 0, {}, None
         shown: set[str] = set()          # calls whose output was printed as it came
+        began = time.monotonic()
         try:
             async for ev in agent.run(self.history):
                 kind = ev["type"]
@@ -3962,7 +3963,8 @@ class Terminal:
                         self.totals[k] += ev["usage"][k]
                     colour = "32" if ev["status"] == "done" else "33"
                     self.say(self.c(colour, f"\n■ {ev['status']} · {ev['steps']} step(s) · "
-                                    + usage_line(ev["usage"])))
+                                    + usage_line(ev["usage"])
+                                    + f" · {time.monotonic() - began:.1f} s"))
         finally:
             self.measured = agent.measured
             try:

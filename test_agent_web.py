@@ -1450,6 +1450,7 @@ def test_terminal_front_end_runs_a_task_on_the_fake_server(llm, tmp_path):
     assert "Allow bash? [y/N/a]" in out.stdout
     assert "from-terminal" in out.stdout.split("$ echo from-terminal", 1)[1]
     assert "■ done" in out.stdout and "runs 1" in out.stdout
+    assert re.search(r"■ done · 2 step\(s\) · .* tokens · \d+\.\d s\n", out.stdout)
 
 
 def test_terminal_denied_tool_is_not_run(llm, tmp_path):
@@ -5698,9 +5699,12 @@ def test_page_shows_a_commands_output_while_it_runs_and_after_a_reload(server, p
     assert page.locator("pre.live").count() == 0         # the result replaced it
     assert page.locator(".tool pre.output").inner_text().split() == [
         f"live{i}" for i in range(1, 7)]
+    took = re.search(r" · (\d+\.\d) s$", page.locator(".done").inner_text())
+    assert took and 2.4 <= float(took[1]) < 60           # the run's time, message to end
     page.reload()                                       # a finished call: result only
     page.wait_for_selector(".done")
     assert page.locator("pre.live").count() == 0 and page.locator(".tool pre.output").count() == 1
+    assert page.locator(".done").inner_text().endswith(f" · {took[1]} s")   # from stored ts
 
 
 TERMINAL_COMMAND = (

@@ -137,6 +137,7 @@ class Transcript {
   reset() {
     this.container.replaceChildren();
     this.lastUser = null;
+    this.runStart = null;         // ts of the message that began the run going, if loaded
     showContext(null);
     this.blocks = new Map();      // message_id -> assistant block
     this.cards = new Map();       // call_id -> tool card
@@ -209,6 +210,7 @@ class Transcript {
           el.textContent = ev.content;
           el.dataset.seq = ev.seq;
           this.lastUser = ev;
+          this.runStart ??= ev.ts;          // a message read mid-run does not restart it
           this.add(actionsRow(actionButton("edit", "✎", () => editMessage(ev))));
         } else {
           const block = this.block(ev.message_id);
@@ -321,7 +323,12 @@ class Transcript {
         const inp = ev.usage?.input_tokens ?? 0, out = ev.usage?.output_tokens ?? 0;
         const line = ev.usage?.reported !== false ? "done_line"
           : inp || out ? "done_partly" : "done_unreported";
-        el.textContent = t(line, { status: ev.status, steps: ev.steps, inp, out })
+        // How long the run took, from its message to its end (not for a run a
+        // crash ended: its end was written at the next start-up).
+        const took = this.runStart !== null && ev.status !== "interrupted"
+          ? ` · ${formatMs(Math.max(0, Math.round((ev.ts - this.runStart) * 1000)))}` : "";
+        this.runStart = null;
+        el.textContent = t(line, { status: ev.status, steps: ev.steps, inp, out }) + took
           + (ev.summary && ev.status !== "done" && !said ? ` — ${ev.summary}` : "");
         const asked = this.lastUser;
         if (asked) this.add(actionsRow(actionButton("regenerate", "↻", () => regenerate(asked))));
