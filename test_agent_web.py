@@ -5734,15 +5734,22 @@ def test_page_shows_a_commands_colours_and_progress_as_a_terminal_would(server, 
       }))""")
     assert styles == {"red": ["rgb(192, 28, 40)", "700"], "blue": ["rgb(0, 135, 255)", "400"],
                       "green": ["rgb(38, 133, 47)", "400"]}
-    # The model read the output as the command printed it.
+    # The model read the output as the command printed it, and so does the
+    # JSON export; the Markdown export shows it as the terminal left it.
     sid = re.search(r"session=([\w-]+)", page.url).group(1)
     result, = of(server.all_events(sid), "tool_result")
     assert "\x1b[1;31mred" in result["output"] and "progress 10%\rprogress 100%" in result["output"]
+    doc = server.http("GET", f"/agent/sessions/{sid}/export?format=json").json()
+    assert of(doc["events"], "tool_result")[0]["output"] == result["output"]
+    md = server.http("GET", f"/agent/sessions/{sid}/export?format=md").text
+    shown = md.split("Result (ok):\n\n", 1)[1].split("\n\n", 1)[0]
+    assert shown == "```\nred plain blue\nprogress 100%\nspindone\ngreen\n```"
 
 
 def test_terminal_text_is_the_same_however_the_output_is_cut(server, page_for):
     """The page's terminal writer, fed each text whole and then one code unit
-    at a time: the same text and the same styles (a sequence cut anywhere)."""
+    at a time: the same text and the same styles (a sequence cut anywhere);
+    and the Markdown export's plain-text rules give the same text."""
     samples = {
         "\x1b]0;t\x07\x1b[1;31mred\x1b[0m \x1b[38;5;33mblue\x1b[m\n": "red blue\n",
         "a\r\nb\rc\n": "a\nc\n",
@@ -5776,9 +5783,11 @@ def test_terminal_text_is_the_same_however_the_output_is_cut(server, page_for):
                 runs(whole)];
       });
     }""", list(samples))
+    import agent_web as web
     for (text, shown), (whole, same, runs) in zip(samples.items(), got):
         assert whole == shown, (text, whole)
         assert same, (text, runs)
+        assert web.terminal_text(text) == shown, text       # the Markdown export's rules
     styles = {text: style for text, style in got[0][2] + got[3][2] + got[5][2] + got[8][2]}
     assert styles["red"] == "color: var(--ansi-1); font-weight: bold;"
     assert styles["blue"] == "color: rgb(0, 135, 255);"
