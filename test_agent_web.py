@@ -5720,6 +5720,8 @@ def test_page_shows_a_commands_colours_and_progress_as_a_terminal_would(server, 
     llm.script.append(Reply("Colours.", tools=[("bash", json.dumps(
         {"command": TERMINAL_COMMAND}))]))
     page = page_for(server)
+    page.evaluate("window.copied = []; navigator.clipboard.writeText = async (t) => "
+                  "{ window.copied.push(t); }; 0")
     send_in_page(page, "colours")
     live = page.locator(".tool.running pre.live")
     page.wait_for_selector(".tool.running pre.live >> text=spindone")
@@ -5734,6 +5736,10 @@ def test_page_shows_a_commands_colours_and_progress_as_a_terminal_would(server, 
       }))""")
     assert styles == {"red": ["rgb(192, 28, 40)", "700"], "blue": ["rgb(0, 135, 255)", "400"],
                       "green": ["rgb(38, 133, 47)", "400"]}
+    page.locator(".tool .output-box .copy").click()              # copies what is shown
+    page.wait_for_function("window.copied.length === 1")
+    assert page.evaluate("window.copied[0]") == "red plain blue\nprogress 100%\nspindone\ngreen\n"
+    assert page.locator(".tool .output-box .copy").inner_text() == "Copied"
     # The model read the output as the command printed it, and so does the
     # JSON export; the Markdown export shows it as the terminal left it.
     sid = re.search(r"session=([\w-]+)", page.url).group(1)

@@ -9,7 +9,7 @@
 // The token lives in an HttpOnly cookie set by the server; this script never
 // sees it.  Model output is only ever put on the page as text.
 
-import { renderMarkdown } from "./markdown.js";
+import { copyButton, renderMarkdown } from "./markdown.js";
 import { TermWriter } from "./terminal.js";
 
 // ---------------------------------------------------------------- labels ---
@@ -284,7 +284,10 @@ class Transcript {
         const pre = document.createElement("pre");
         pre.className = "output";
         new TermWriter(pre).write(ev.output);
-        card.el.append(pre);
+        const box = document.createElement("div");         // the output, and its Copy
+        box.className = "output-box";
+        box.append(pre, copyButton(() => pre.textContent, { copy: t("copy"), copied: t("copied") }));
+        card.el.append(box);
         if (lines.length > FOLD_LINES) {
           pre.classList.add("folded");
           const more = document.createElement("button");

@@ -63,21 +63,27 @@ function codeBlock(code, lang, labels) {
   if (lang) el.dataset.lang = lang;
   el.append(highlight(code, lang));
   pre.append(el);
+  wrap.append(pre, copyButton(() => code, labels));
+  return wrap;
+}
+
+// A "Copy" button for the text `text()` gives when clicked (a code block's,
+// a command's output as shown); it says "Copied" for a moment.
+export function copyButton(text, labels = {}) {
   const copy = document.createElement("button");
   copy.type = "button";
   copy.className = "copy";
   copy.textContent = labels.copy || "Copy";
   copy.addEventListener("click", async () => {
     try {
-      await navigator.clipboard.writeText(code);
+      await navigator.clipboard.writeText(text());
       copy.textContent = labels.copied || "Copied";
     } catch {
       copy.textContent = "✗";
     }
     setTimeout(() => { copy.textContent = labels.copy || "Copy"; }, 1500);
   });
-  wrap.append(pre, copy);
-  return wrap;
+  return copy;
 }
 
 // Syntax colours for the common languages: the code is cut into tokens by
