@@ -4976,6 +4976,79 @@ def test_page_shows_html_in_model_output_as_text_and_runs_nothing(server, page_f
     assert page.evaluate("window.__pwned") is None
 
 
+RICH_ANSWER = """## Plan for `app.py`
+
+1. Read the config
+2. Fix the bug:
+   - in `load()`
+   - and ~~in `save()`~~ not needed
+     continued line
+3. Run the tests
+
+4. Ship it
+
+- [x] tests pass
+- [ ] docs
+
+| file | lines | state |
+| :--- | ---: | :---: |
+| `app.py` | 120 | **changed** |
+| a \\| b | 7 |
+
+> Note: the *old* config
+> stays readable.
+
+---
+Done <b>now</b>."""
+
+
+def test_page_renders_the_markdown_models_write_tables_lists_quotes(server, page_for, llm):
+    """Headings, nested and loose numbered lists, task items, a table with
+    alignment and an escaped pipe, a quote, a rule: as elements holding text
+    (the `<b>` stays text); and drawn piece by piece across any blank line it
+    is what the whole text gives, as the streaming page draws it."""
+    llm.script.append(Reply(RICH_ANSWER))
+    page = page_for(server)
+    send_in_page(page, "plan")
+    page.wait_for_selector(".done")
+    md = page.locator(".assistant .md").last
+    assert md.locator("h2").inner_text() == "Plan for app.py"
+    assert md.locator("h2 code").inner_text() == "app.py"
+    lists = md.locator("ol").evaluate_all("(ls) => ls.map((l) => [l.start, l.children.length])")
+    assert lists == [[1, 3], [4, 1]]            # numbering goes on after a blank line
+    nested = md.locator("ol li ul li")
+    assert nested.all_inner_texts() == ["in load()", "and in save() not needed\ncontinued line"]
+    assert md.locator("ol li ul li del").inner_text() == "in save()"
+    tasks = md.locator("li.task input[type=checkbox]")
+    assert [tasks.nth(n).is_checked() for n in range(2)] == [True, False]
+    assert md.locator("li.task").all_inner_texts() == ["tests pass", "docs"]
+    table = md.locator(".table table")
+    assert table.locator("th").all_inner_texts() == ["file", "lines", "state"]
+    assert [table.locator("tbody tr").nth(n).locator("td").all_inner_texts() for n in range(2)] \
+        == [["app.py", "120", "changed"], ["a | b", "7", ""]]
+    assert table.locator("td").evaluate_all("(tds) => tds.slice(0, 3).map((td) => "
+                                            "getComputedStyle(td).textAlign)") == [
+        "left", "right", "center"]
+    assert md.locator("blockquote p").inner_text() == "Note: the old config\nstays readable."
+    assert md.locator("hr").count() == 1
+    assert md.locator("p").last.inner_text() == "Done <b>now</b>."
+    assert md.locator("b").count() == 0
+    split = page.evaluate("""async (text) => {
+      const { renderMarkdown } = await import(new URL("static/markdown.js", document.baseURI));
+      const html = (...parts) => {
+        const box = document.createElement("div");
+        for (const part of parts) box.append(renderMarkdown(part));
+        return box.innerHTML;
+      };
+      const whole = html(text), differ = [];
+      for (let at = text.indexOf("\\n\\n"); at >= 0; at = text.indexOf("\\n\\n", at + 1)) {
+        if (html(text.slice(0, at + 2), text.slice(at + 2)) !== whole) differ.push(at);
+      }
+      return differ;
+    }""", RICH_ANSWER)
+    assert split == []
+
+
 def test_page_markdown_code_block_has_a_copy_button_and_long_output_folds(server, page_for, llm):
     page = page_for(server)
     llm.script.append(Reply("Here:\n\n```python\nprint('hi')\n```\n\n- one\n- two",

@@ -2,57 +2,159 @@
 //
 // Model output is never given to innerHTML: every piece of text becomes a
 // Text node, so `<img onerror=...>` or `<script>` in an answer shows as those
-// characters and runs nothing.  Supported: paragraphs, fenced code blocks
-// (with a copy button and syntax colours), inline code, **bold**, *italics* / _italics_, bullet
-// and numbered lists, [links](https://...) (http, https and mailto only).
+// characters and runs nothing.  Supported, as models write them: paragraphs,
+// headings, fenced code blocks (with a copy button and syntax colours),
+// bullet and numbered lists (nested by indentation, numbering kept across a
+// blank line, `[ ]` / `[x]` task items), tables (GitHub's pipes, with column
+// alignment), block quotes, rules, and inline code, **bold**, *italics* /
+// _italics_, ~~strikethrough~~ and [links](https://...) (http, https and
+// mailto only).
+//
+// No block reaches over a blank line outside a code fence: the page draws a
+// streaming answer's text before its last such line once and keeps it
+// (app.js, Transcript.draw), which gives what rendering the whole text gives.
+
+const FENCE = /^\s*(```+|~~~+)\s*([\w+-]*)\s*$/;
+const ITEM = /^(\s*)([-*+]|(\d{1,9})[.)])\s+(.*)$/;
+const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$/;
+const RULE = /^\s{0,3}([-*_])(?:\s*\1){2,}\s*$/;
+const QUOTE = /^\s{0,3}>\s?/;
+const TABLE_RULE = /^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?\s*$/;
 
 export function renderMarkdown(text, labels = {}) {
+  return blocks(text.replace(/\r\n?/g, "\n").split("\n"), labels);
+}
+
+function blocks(lines, labels) {
   const root = document.createDocumentFragment();
-  const lines = text.replace(/\r\n?/g, "\n").split("\n");
   let i = 0;
   while (i < lines.length) {
     const line = lines[i];
-    const fence = line.match(/^\s*(```+|~~~+)\s*([\w+-]*)\s*$/);
+    const fence = line.match(FENCE);
     if (fence) {
       const body = [];
       i++;
       while (i < lines.length && !lines[i].trim().startsWith(fence[1])) body.push(lines[i++]);
       i++;   // the closing fence (or the end of a still-streaming answer)
       root.append(codeBlock(body.join("\n"), fence[2], labels));
-      continue;
-    }
-    if (/^\s*([-*+]|\d+[.)])\s+/.test(line)) {
-      const ordered = /^\s*\d/.test(line);
-      const list = document.createElement(ordered ? "ol" : "ul");
-      while (i < lines.length && /^\s*([-*+]|\d+[.)])\s+/.test(lines[i])
-             && /^\s*\d/.test(lines[i]) === ordered) {
-        const li = document.createElement("li");
-        li.append(inline(lines[i].replace(/^\s*([-*+]|\d+[.)])\s+/, "")));
-        list.append(li);
-        i++;
-      }
-      root.append(list);
-      continue;
-    }
-    if (!line.trim()) { i++; continue; }
-    const heading = line.match(/^(#{1,6})\s+(.*)$/);
-    if (heading) {
-      const h = document.createElement("p");
-      const b = document.createElement("strong");
-      b.append(inline(heading[2]));
-      h.append(b);
-      root.append(h);
+    } else if (!line.trim()) {
       i++;
-      continue;
+    } else if (RULE.test(line)) {
+      root.append(document.createElement("hr"));
+      i++;
+    } else if (HEADING.test(line)) {
+      const [, marks, words] = line.match(HEADING);
+      root.append(el(`h${marks.length}`, words));
+      i++;
+    } else if (QUOTE.test(line)) {
+      const inner = [];
+      while (i < lines.length && QUOTE.test(lines[i])) inner.push(lines[i++].replace(QUOTE, ""));
+      const quote = document.createElement("blockquote");
+      quote.append(blocks(inner, labels));
+      root.append(quote);
+    } else if (ITEM.test(line)) {
+      const [list, next] = listAt(lines, i);
+      root.append(list);
+      i = next;
+    } else if (tableAt(lines, i)) {
+      const [table, next] = tableAt(lines, i);
+      root.append(table);
+      i = next;
+    } else {
+      const para = [];
+      while (i < lines.length && lines[i].trim() && !startsBlock(lines, i)) para.push(lines[i++]);
+      const p = document.createElement("p");
+      para.forEach((l, n) => { if (n) p.append(document.createElement("br")); p.append(inline(l)); });
+      root.append(p);
     }
-    const para = [];
-    while (i < lines.length && lines[i].trim() && !/^\s*(```|~~~)/.test(lines[i])
-           && !/^\s*([-*+]|\d+[.)])\s+/.test(lines[i])) para.push(lines[i++]);
-    const p = document.createElement("p");
-    para.forEach((l, n) => { if (n) p.append(document.createElement("br")); p.append(inline(l)); });
-    root.append(p);
   }
   return root;
+}
+
+function startsBlock(lines, i) {
+  const line = lines[i];
+  return FENCE.test(line) || ITEM.test(line) || RULE.test(line) || HEADING.test(line)
+    || QUOTE.test(line) || Boolean(tableAt(lines, i));
+}
+
+// A list from its first item at lines[i]: items of the same kind and
+// indentation; an item indented deeper starts a list inside the item before
+// it; an indented line that is no item continues its item.  A blank line, a
+// fence or a line indented less ends it.  Returns [element, next line].
+function listAt(lines, i) {
+  const first = lines[i].match(ITEM);
+  const indent = first[1].length, ordered = first[3] !== undefined;
+  const list = document.createElement(ordered ? "ol" : "ul");
+  if (ordered && Number(first[3]) !== 1) list.start = Number(first[3]);
+  let item = null;
+  while (i < lines.length && lines[i].trim() && !FENCE.test(lines[i])) {
+    const m = lines[i].match(ITEM);
+    const depth = lines[i].match(/^\s*/)[0].length;
+    if (depth < indent || (depth === indent && (!m || (m[3] !== undefined) !== ordered))) break;
+    if (m && depth === indent) {
+      item = document.createElement("li");
+      const task = m[4].match(/^\[([ xX])\]\s+(.*)$/);
+      if (task) {
+        const box = document.createElement("input");
+        box.type = "checkbox";
+        box.disabled = true;
+        box.checked = task[1] !== " ";
+        item.className = "task";
+        item.append(box, inline(task[2]));
+      } else {
+        item.append(inline(m[4]));
+      }
+      list.append(item);
+      i++;
+    } else if (m && item) {
+      const [inner, next] = listAt(lines, i);
+      item.append(inner);
+      i = next;
+    } else if (item) {
+      item.append(document.createElement("br"), inline(lines[i].trim()));
+      i++;
+    } else break;
+  }
+  return [list, i];
+}
+
+// A table (GitHub's form): a header row, a rule row of as many cells
+// (`---`, `:--`, `:-:`, `--:` for the alignment), then rows until a line
+// without a pipe.  Returns [element, next line], or null when lines[i]
+// starts no table.
+function tableAt(lines, i) {
+  if (!lines[i].includes("|") || i + 1 >= lines.length || !TABLE_RULE.test(lines[i + 1])) return null;
+  const head = cells(lines[i]), rule = cells(lines[i + 1]);
+  if (head.length !== rule.length || (!lines[i + 1].includes("|") && head.length > 1)) return null;
+  const align = rule.map((c) => (c.startsWith(":") && c.endsWith(":") ? "center"
+    : c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : ""));
+  const row = (texts, tag) => {
+    const tr = document.createElement("tr");
+    head.forEach((_, n) => {
+      const cell = el(tag, texts[n] ?? "");
+      if (align[n]) cell.style.textAlign = align[n];
+      tr.append(cell);
+    });
+    return tr;
+  };
+  const thead = document.createElement("thead");
+  thead.append(row(head, "th"));
+  const tbody = document.createElement("tbody");
+  i += 2;
+  while (i < lines.length && lines[i].trim() && lines[i].includes("|") && !FENCE.test(lines[i])) {
+    tbody.append(row(cells(lines[i++]), "td"));
+  }
+  const table = document.createElement("table");
+  table.append(thead, tbody);
+  const wrap = document.createElement("div");     // a wide table scrolls, not the page
+  wrap.className = "table";
+  wrap.append(table);
+  return [wrap, i];
+}
+
+function cells(line) {
+  const inner = line.trim().replace(/^\|/, "").replace(/(?<!\\)\|$/, "");
+  return inner.split(/(?<!\\)\|/).map((c) => c.trim().replace(/\\\|/g, "|"));
 }
 
 function codeBlock(code, lang, labels) {
@@ -134,12 +236,13 @@ export function highlight(code, lang) {
 }
 
 // Inline spans: code first (nothing inside it is formatted), then links,
-// bold (**only**, so snake__case names survive), italics.  Each rule turns a match into an element whose children are
+// bold (**only**, so snake__case names survive), strikethrough, italics.  Each rule turns a match into an element whose children are
 // made by the same function, so nesting works and text stays text.
 const INLINE = [
   [/`([^`]+)`/, (m) => el("code", m[1], true)],
   [/\[([^\]]+)\]\(([^)\s]+)\)/, (m) => link(m[1], m[2])],
   [/\*\*([^*]+)\*\*/, (m) => el("strong", m[1])],
+  [/~~([^~\s](?:[^~]*[^~\s])?)~~/, (m) => el("del", m[1])],
   [/\*([^*\s][^*]*)\*|(?<![\w])_([^_\s][^_]*)_(?![\w])/, (m) => el("em", m[1] || m[2])],
 ];
 
