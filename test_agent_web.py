@@ -5047,6 +5047,41 @@ def test_page_renders_the_markdown_models_write_tables_lists_quotes(server, page
       return differ;
     }""", RICH_ANSWER)
     assert split == []
+    # And for 2,000 random texts of Markdown's pieces: no error, and the same
+    # drawing however it is cut at a blank line outside a fence.
+    bad = page.evaluate(r"""async () => {
+      const { renderMarkdown } = await import(new URL("static/markdown.js", document.baseURI));
+      const html = (...parts) => {
+        const box = document.createElement("div");
+        for (const part of parts) box.append(renderMarkdown(part));
+        return box.innerHTML;
+      };
+      const pieces = ["|", "-", ":", "*", "_", ">", "#", "`", "```", "~~", "~~~", "[", "]", "(",
+        ")", "\n", "\n", "\n\n", " ", "   ", "\t", "1.", "2)", "a", "b c", "\\", "[ ]",
+        "[x]", "http://x", "---", "| a | b |\n| - | - |\n", "> ```", "   ```", "   - ", "## "];
+      let seed = 7;
+      const pick = () => pieces[(seed = (seed * 1103515245 + 12345) % 2147483648) % pieces.length];
+      const bad = [];
+      for (let k = 0; k < 2000 && bad.length < 3; k++) {
+        let text = "";
+        for (let n = 1 + (seed % 40); n > 0; n--) text += pick();
+        try {
+          const whole = html(text);
+          let pos = 0, fence = null;
+          for (const line of text.split("\n").slice(0, -1)) {
+            pos += line.length + 1;
+            const open = line.match(/^\s*(```+|~~~+)\s*([\w+-]*)\s*$/);
+            if (fence) { if (line.trim().startsWith(fence)) fence = null; }
+            else if (open) fence = open[1];
+            else if (!line.trim() && html(text.slice(0, pos), text.slice(pos)) !== whole) {
+              bad.push(["split", text, pos]);
+            }
+          }
+        } catch (e) { bad.push(["error", text, String(e)]); }
+      }
+      return bad;
+    }""")
+    assert bad == []
 
 
 def test_page_markdown_code_block_has_a_copy_button_and_long_output_folds(server, page_for, llm):
