@@ -53,6 +53,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -131,6 +132,7 @@ MAX_UPLOAD_BYTES = 25 << 20         # PUT /agent/files/raw
 UPLOAD_TIMEOUT = 300                # seconds for a whole upload to arrive
 DOWNLOAD_PIECE = 256 << 10          # bytes read and sent at a time
 MAX_TITLE_CHARS = 200               # a session's title, and a search's text
+MAX_SESSION_PAGE = 1_000           # GET /agent/sessions?limit=, at most
 MAX_CONNECTIONS = 1_000             # python agent_web.py: uvicorn answers 503 past this
                                     # (AGENT_WEB_MAX_CONNECTIONS)
 MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
@@ -653,21 +655,28 @@ class Store:
             (session_id,)).fetchone())
 
     @staticmethod
-    def list_sessions(conn) -> list[dict]:
-        rows = conn.execute(f"SELECT {Store.SESSION_COLUMNS} FROM sessions "
-                            "ORDER BY updated_at DESC, id").fetchall()
-        return [Store._session_row(r) for r in rows]
-
-    @staticmethod
-    def search_sessions(conn, text: str) -> list[dict]:
-        """Sessions whose title or any message holds `text` (case-blind for
-        ASCII), newest first."""
-        like = f"%{_like_escaped(text)}%"
+    def list_sessions(conn, text: str = "", limit: int | None = None,
+                      after: tuple[float, str] | None = None) -> list[dict]:
+        """Sessions newest first (by `updated_at`, then id); with `text`, those
+        whose title or any message holds it (case-blind for ASCII); at most
+        `limit` of them, from just after `after` (a session's updated_at and
+        id) in that order."""
+        where, params = [], []
+        if text:
+            like = f"%{_like_escaped(text)}%"
+            where.append("(title LIKE ? ESCAPE '\\' OR id IN (SELECT session_id FROM events "
+                         "WHERE type = 'message' AND json_extract(data, '$.content') LIKE ? "
+                         "ESCAPE '\\'))")
+            params += [like, like]
+        if after is not None:
+            # (the first part lets SQLite walk the updated_at index from there)
+            where.append("updated_at <= ? AND (updated_at < ? OR id > ?)")
+            params += [after[0], after[0], after[1]]
         rows = conn.execute(
-            f"SELECT {Store.SESSION_COLUMNS} FROM sessions WHERE title LIKE ? ESCAPE '\\' "
-            "OR id IN (SELECT session_id FROM events WHERE type = 'message' "
-            "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\') "
-            "ORDER BY updated_at DESC, id", (like, like)).fetchall()
+            f"SELECT {Store.SESSION_COLUMNS} FROM sessions"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY updated_at DESC, id" + (" LIMIT ?" if limit is not None else ""),
+            params + ([limit] if limit is not None else [])).fetchall()
         return [Store._session_row(r) for r in rows]
 
     @staticmethod
@@ -2424,6 +2433,18 @@ class LagProbe:
                 "p99": data[min(len(data) - 1, int(len(data) * 0.99))], "max": data[-1]}
 
 
+def session_cursor(text: str) -> tuple[float, str]:
+    """A `next` cursor of GET /agent/sessions back into (updated_at, id)."""
+    stamp, bar, sid = text.partition("|")
+    try:
+        when = float(stamp)
+    except ValueError:
+        when = math.nan
+    if not bar or not math.isfinite(when) or not sid:
+        raise HTTPError(400, "bad_query", "after must be a `next` cursor from this route")
+    return when, sid
+
+
 def cookie_name(port: int) -> str:
     return f"{TOKEN_COOKIE}_{port}"
 
@@ -2812,13 +2833,27 @@ class AgentWebApp:
         return json_response(202, {"session_id": session["session_id"], "call_id": call_id})
 
     async def list_sessions(self, req: Request) -> Response:
-        """`?q=TEXT` keeps the sessions whose title or messages hold it."""
+        """`?q=TEXT` keeps the sessions whose title or messages hold it.
+        `?limit=N` (1-1000) gives the newest N and, when there are more, a
+        `next` cursor: `?limit=N&after=CURSOR` gives the N after them.  Without
+        `limit`, every session (and `next` null), as before."""
         text = (req.query("q") or "").strip()
         if len(text) > MAX_TITLE_CHARS:
             raise HTTPError(400, "bad_query", f"q is longer than {MAX_TITLE_CHARS} characters")
-        sessions = await (self.store.read(Store.search_sessions, core.storable(text)) if text
-                          else self.store.read(Store.list_sessions))
-        return json_response(200, {"sessions": sessions})
+        limit = (req.query_int("limit", 0, 1, MAX_SESSION_PAGE)
+                 if req.query("limit") is not None else None)
+        after = session_cursor(req.query("after")) if req.query("after") is not None else None
+        if after is not None and limit is None:
+            raise HTTPError(400, "bad_query", "after needs a limit")
+        # One row more than asked says whether there is a next page.
+        sessions = await self.store.read(Store.list_sessions, core.storable(text),
+                                         limit + 1 if limit else None, after)
+        more = limit is not None and len(sessions) > limit
+        if more:
+            del sessions[limit:]
+        last = sessions[-1] if more else None
+        return json_response(200, {"sessions": sessions, "next": last and
+                                   f"{last['updated_at']!r}|{last['session_id']}"})
 
     async def patch_session(self, req: Request) -> Response:
         """`{"approve_mode"}`, `{"title"}`, or both."""

@@ -5255,6 +5255,44 @@ def test_page_shows_what_a_file_tool_changed_as_a_coloured_diff(server, page_for
 
 
 @both_stores
+def test_the_session_list_comes_in_pages_newest_first(server, llm):
+    """`?limit=N` gives the newest N and a `next` cursor; following it gives
+    every session once, in the order of the whole list, ties of updated_at
+    kept apart by id; with `q` too; without `limit`, the whole list."""
+    sids = []
+    for n in range(7):
+        sids.append(server.chat(f"say: item {n}" + (" blue" if n % 2 else ""))["session_id"])
+        server.wait_status(sids[-1])
+    # Three sessions updated in the same instant: only their ids order them.
+    server.sql("UPDATE sessions SET updated_at = 1000.5 WHERE id IN (?, ?, ?)", tuple(sids[1:4]))
+
+    def pages(limit: int, q: str = "") -> tuple[list[str], int]:
+        seen, after, count = [], None, 0
+        while True:
+            query = {"limit": limit, **({"q": q} if q else {}), **({"after": after} if after else {})}
+            r = server.http("GET", "/agent/sessions?" + urllib.parse.urlencode(query))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["sessions"]) <= limit
+            seen += [s["session_id"] for s in body["sessions"]]
+            count += 1
+            if not body["next"]:
+                return seen, count
+            after = body["next"]
+
+    whole = server.http("GET", "/agent/sessions").json()
+    assert whole["next"] is None
+    order = [s["session_id"] for s in whole["sessions"]]
+    assert sorted(order) == sorted(sids)
+    assert order[-3:] == sorted(sids[1:4])              # the oldest, by id among themselves
+    for limit in (1, 2, 3, 7):
+        assert pages(limit) == (order, -(-7 // limit))
+    assert pages(100) == (order, 1)
+    blue = [s["session_id"] for s in server.http("GET", "/agent/sessions?q=blue").json()["sessions"]]
+    assert len(blue) == 3 and pages(2, "blue") == (blue, 2)
+
+
+@both_stores
 def test_sessions_are_renamed_searched_and_exported(server, llm):
     one = server.chat("say: the quick brown fox")["session_id"]
     server.wait_status(one)
@@ -5954,6 +5992,32 @@ def test_page_reconnects_after_the_server_restarts(tmp_path, llm, page_for):
         server.stop()
 
 
+def test_page_lists_sessions_a_page_at_a_time(server, page_for, llm):
+    """With 130 sessions the list shows the newest 100 and "More sessions";
+    the rest come on a click; a new session's run redraws the newest as many
+    as were shown, and the one it pushed out comes with "More sessions"."""
+    now = time.time()
+    server.sql("INSERT INTO sessions (id, title, status, created_at, updated_at) "
+               "VALUES " + ", ".join(["(?, ?, 'idle', ?, ?)"] * 130),
+               tuple(v for n in range(130) for v in (f"s_seed{n:03d}", f"seeded {n}",
+                                                        now - 100 - n, now - 100 - n)))
+    page = page_for(server)
+    items = page.locator("#sessions li")
+    assert items.count() == 100 and page.locator("#more-sessions").is_visible()
+    assert items.first.inner_text().startswith("seeded 0")
+    page.click("#more-sessions")
+    page.wait_for_function("document.querySelectorAll('#sessions li').length === 130")
+    assert page.locator("#more-sessions").is_hidden()
+    assert items.last.inner_text().startswith("seeded 129")
+    send_in_page(page, "say: new one")          # the newest 130 now: one more to come
+    page.wait_for_selector(".done")
+    page.wait_for_selector("#more-sessions:not([hidden])")
+    assert items.count() == 130 and items.first.inner_text().startswith("say: new one")
+    page.click("#more-sessions")
+    page.wait_for_function("document.querySelectorAll('#sessions li').length === 131")
+    assert items.last.inner_text().startswith("seeded 129")
+
+
 def test_page_long_session_opens_newest_first_and_loads_earlier(server, page_for):
     sid = seed_long_session(server.db, 5000)
     page = page_for(server)
@@ -6182,6 +6246,16 @@ HTTP_CORPUS = [
      400, "bad_query"),
     ("history: repeated session_id", "GET", f"/agent/chat?session_id={IDLE}&session_id=s_x", {},
      None, 400, "bad_query"),
+    ("sessions: limit zero", "GET", "/agent/sessions?limit=0", {}, None, 400, "bad_query"),
+    ("sessions: limit over 1000", "GET", "/agent/sessions?limit=1001", {}, None, 400, "bad_query"),
+    ("sessions: limit not a number", "GET", "/agent/sessions?limit=%C2%B2", {}, None, 400,
+     "bad_query"),
+    ("sessions: after not a cursor", "GET", "/agent/sessions?limit=5&after=s_x", {}, None, 400,
+     "bad_query"),
+    ("sessions: after with nan", "GET", "/agent/sessions?limit=5&after=nan%7Cs_x", {}, None, 400,
+     "bad_query"),
+    ("sessions: after without limit", "GET", "/agent/sessions?after=1.5%7Cs_x", {}, None, 400,
+     "bad_query"),
     ("cancel: empty object", "POST", "/agent/cancel", J, b"{}", 400, "bad_session_id"),
     ("cancel: not JSON", "POST", "/agent/cancel", J, b"cancel!", 400, "bad_json"),
     ("cancel: session_id number", "POST", "/agent/cancel", J, b'{"session_id": 7}', 400,

@@ -57,6 +57,7 @@ const LABELS = {
     tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
     src_builtin: "built-in", src_skills: "skills", job_running: "running",
     job_exited: "exited ({code})", job_gone: "gone (the server restarted)",
+    more_sessions: "More sessions",
   },
   zh: {
     sessions: "会话", model: "模型", approvals: "审批", new_session: "+ 新会话",
@@ -100,6 +101,7 @@ const LABELS = {
     tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
     src_builtin: "内置", src_skills: "技能", job_running: "运行中",
     job_exited: "已退出（{code}）", job_gone: "已消失（服务器已重启）",
+    more_sessions: "更多会话",
   },
 };
 const LANG = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
@@ -109,6 +111,7 @@ function t(key, vars = {}) {
 }
 
 const HISTORY_TAIL = 200;           // events shown when a session opens
+const SESSION_PAGE = 100;           // sessions listed at first, and per "More sessions"
 const FOLD_LINES = 20;              // tool output longer than this starts folded
 const $ = (id) => document.getElementById(id);
 const api = (path) => new URL(path, document.baseURI);
@@ -670,44 +673,74 @@ async function loadEarlier() {
   box.scrollTop = box.scrollHeight - fromBottom;      // keep the reader where they were
 }
 
+// The list shows the newest SESSION_PAGE sessions, and "More sessions"
+// brings the next page (GET agent/sessions?limit=&after=): with thousands of
+// sessions, drawing them all at every run's end was a long task of seconds.
+// A refresh keeps as many shown as were.
 async function refreshSessions() {
   const q = $("session-search").value.trim();
-  let data;
-  try { data = await call("GET", "agent/sessions" + (q ? `?q=${encodeURIComponent(q)}` : "")); } catch { return; }
-  if (q !== $("session-search").value.trim()) return;      // a newer search is on its way
-  const list = $("sessions");
-  list.replaceChildren();
-  for (const s of data.sessions) {
-    const li = document.createElement("li");
-    li.dataset.sessionId = s.session_id;
-    const a = document.createElement("a");
-    a.href = `?session=${encodeURIComponent(s.session_id)}`;
-    a.textContent = s.title || t("untitled");
-    a.title = s.title;
-    a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); closeDrawer(); });
-    const status = document.createElement("span");
-    showStatus(status, s.status);
-    const del = document.createElement("button");
-    del.type = "button";
-    del.className = "delete";
-    del.textContent = "✕";
-    del.title = t("delete");
-    del.setAttribute("aria-label", `${t("delete")} ${s.title}`);
-    del.addEventListener("click", () => deleteSession(s.session_id));
-    const ren = document.createElement("button");
-    ren.type = "button";
-    ren.className = "rename";
-    ren.textContent = "✎";
-    ren.title = t("rename");
-    ren.setAttribute("aria-label", `${t("rename")} ${s.title}`);
-    ren.addEventListener("click", () => renameSession(li, a, s.session_id, s.title));
-    const actions = document.createElement("span");
-    actions.className = "actions";
-    actions.append(ren, del);
-    li.append(a, status, actions);
-    list.append(li);
-  }
+  const limit = Math.min(Math.max(SESSION_PAGE, $("sessions").children.length), 1000);
+  const data = await sessionsPage(q, limit);
+  if (!data || q !== $("session-search").value.trim()) return;   // a newer search is on its way
+  $("sessions").replaceChildren(...data.sessions.map(sessionItem));
+  showMoreSessions(data.next);
   highlightSession();
+}
+
+async function moreSessions() {
+  const q = $("session-search").value.trim();
+  const data = await sessionsPage(q, SESSION_PAGE, $("more-sessions").dataset.next);
+  if (!data || q !== $("session-search").value.trim()) return;
+  const list = $("sessions");
+  const shown = new Set([...list.children].map((li) => li.dataset.sessionId));
+  // A session that moved up meanwhile is shown once, where it was.
+  list.append(...data.sessions.filter((s) => !shown.has(s.session_id)).map(sessionItem));
+  showMoreSessions(data.next);
+  highlightSession();
+}
+
+async function sessionsPage(q, limit, after) {
+  const query = new URLSearchParams({ limit });
+  if (q) query.set("q", q);
+  if (after) query.set("after", after);
+  try { return await call("GET", `agent/sessions?${query}`); } catch { return null; }
+}
+
+function showMoreSessions(next) {
+  const more = $("more-sessions");
+  more.hidden = !next;
+  more.dataset.next = next || "";
+}
+
+function sessionItem(s) {
+  const li = document.createElement("li");
+  li.dataset.sessionId = s.session_id;
+  const a = document.createElement("a");
+  a.href = `?session=${encodeURIComponent(s.session_id)}`;
+  a.textContent = s.title || t("untitled");
+  a.title = s.title;
+  a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); closeDrawer(); });
+  const status = document.createElement("span");
+  showStatus(status, s.status);
+  const del = document.createElement("button");
+  del.type = "button";
+  del.className = "delete";
+  del.textContent = "✕";
+  del.title = t("delete");
+  del.setAttribute("aria-label", `${t("delete")} ${s.title}`);
+  del.addEventListener("click", () => deleteSession(s.session_id));
+  const ren = document.createElement("button");
+  ren.type = "button";
+  ren.className = "rename";
+  ren.textContent = "✎";
+  ren.title = t("rename");
+  ren.setAttribute("aria-label", `${t("rename")} ${s.title}`);
+  ren.addEventListener("click", () => renameSession(li, a, s.session_id, s.title));
+  const actions = document.createElement("span");
+  actions.className = "actions";
+  actions.append(ren, del);
+  li.append(a, status, actions);
+  return li;
 }
 
 // Rename in place: the title becomes a field; Enter saves, Escape or
@@ -1226,6 +1259,7 @@ function wire() {
     showNotify();
   });
   $("new-session").addEventListener("click", () => { openSession(null); closeDrawer(); input.focus(); });
+  $("more-sessions").addEventListener("click", moreSessions);
   $("load-earlier").addEventListener("click", loadEarlier);
   $("files-panel").addEventListener("toggle", () => { if ($("files-panel").open) showFiles(); });
   $("files-up").addEventListener("click", () => showFiles(files.path.split("/").slice(0, -1).join("/")));
