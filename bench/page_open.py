@@ -2,6 +2,7 @@
 
     python bench/page_open.py [--events 10000] [--repeat 5] [--against DIR]
     python bench/page_open.py --stream 5000 [--paragraph 40] [--events 10000] [--against DIR]
+    python bench/page_open.py --sessions 20000 [--repeat 5] [--against DIR]
 
 A session of EVENTS events of realistic sizes (bench/resume.py's shapes) is
 written into a fresh database; the real server starts on it; a headless
@@ -9,6 +10,12 @@ Chromium tab opens `/?session=…` and we time, with the page's own clock,
 navigation start -> the newest event drawn (its `done` line in the DOM),
 and count the long tasks (over 50 ms) the main thread ran meanwhile
 (PerformanceObserver).  --against runs another checkout's server in turn.
+
+--sessions N: instead, a database of N sessions, and the page opened on
+it: navigation start -> the session list drawn (its last change), the long
+tasks meanwhile,
+and then what one refresh of the list costs (each run's end asks for it):
+its main-thread time and long tasks.
 
 --stream TOKENS: instead, what streaming an answer of TOKENS tokens (at
 1,000 a second, the tests' fake LLM; a new paragraph every --paragraph
@@ -121,6 +128,92 @@ def signed_in(browser, server):
     return context, page
 
 
+LIST_WATCH = """() => {
+  window.longTasks = [];
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) window.longTasks.push(e.duration);
+  }).observe({ type: "longtask", buffered: true });
+  // The list is drawn when it last changed: the old page appended its items
+  // one by one, so its first item says little.
+  new MutationObserver(() => {
+    if (document.querySelector("#sessions li")) window.drawnAt = performance.now();
+  }).observe(document, { childList: true, subtree: true });
+}"""
+
+
+def seed_sessions(db_path: Path, n: int) -> None:
+    """n sessions of one message each, an hour's worth of minutes apart."""
+    import json
+    import sqlite3
+    import time
+    db = sqlite3.connect(db_path)
+    db.executescript((HERE.parent / "schema.sql").read_text())
+    now = time.time()
+    db.executemany("INSERT INTO sessions (id, title, status, created_at, updated_at) "
+                   "VALUES (?, ?, 'idle', ?, ?)",
+                   [(f"s_{i:06d}", f"session {i}: a task of some words", now - 60 * i,
+                     now - 60 * i) for i in range(n)])
+    db.executemany("INSERT INTO events VALUES (?, 1, 'message', ?)", [
+        (f"s_{i:06d}", json.dumps({"seq": 1, "session_id": f"s_{i:06d}", "ts": now - 60 * i,
+                                   "type": "message", "role": "user",
+                                   "content": f"task {i}", "message_id": f"m{i}"}))
+        for i in range(n)])
+    db.commit()
+    db.close()
+
+
+def main_sessions(args) -> None:
+    from playwright.sync_api import sync_playwright
+    codes = checkouts(args)
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        print(f"{args.sessions:,} sessions; medians of {args.repeat}")
+        print(f"{'code':>8} {'list drawn (ms)':>16} {'long tasks':>11} {'longest':>8} "
+              f"{'refresh task ms':>16} {'refresh long':>13}")
+        for name, script in codes.items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            seed_sessions(folder / "agent.db", args.sessions)
+            server = ServerProcess(folder, None, script=script)
+            try:
+                context, page = signed_in(browser, server)
+                opened, refreshed = [], []
+                for _ in range(args.repeat + 1):
+                    page.goto("about:blank")
+                    page.add_init_script(f"({LIST_WATCH})()")
+                    page.goto(server.base + "/")
+                    page.wait_for_function("window.drawnAt !== undefined", timeout=120_000)
+                    page.wait_for_function("performance.now() - window.drawnAt > 1000",
+                                           timeout=120_000)
+                    tasks = page.evaluate("window.longTasks")
+                    opened.append((page.evaluate("window.drawnAt"), len(tasks), max(tasks, default=0)))
+                    # A refresh of the list, as a run's end asks for it: the
+                    # page's own function, through its search box's input event.
+                    cdp = page.context.new_cdp_session(page)
+                    cdp.send("Performance.enable")
+                    before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+                    page.evaluate("""() => { window.longTasks = []; window.listDone = false;
+                      new MutationObserver((_, obs) => { window.listDone = true; obs.disconnect(); })
+                        .observe(document.getElementById("sessions"), { childList: true }); }""")
+                    page.dispatch_event("#session-search", "input")
+                    page.wait_for_function("window.listDone", timeout=120_000)
+                    page.wait_for_timeout(300)
+                    after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+                    cdp.detach()
+                    refreshed.append(((after["TaskDuration"] - before["TaskDuration"]) * 1000,
+                                      len(page.evaluate("window.longTasks"))))
+                context.close()
+            finally:
+                server.stop()
+            opened, refreshed = opened[1:], refreshed[1:]          # the first warms the cache
+            print(f"{name:>8} {statistics.median(o[0] for o in opened):>16.0f} "
+                  f"{statistics.median(o[1] for o in opened):>11.0f} "
+                  f"{statistics.median(o[2] for o in opened):>8.0f} "
+                  f"{statistics.median(r[0] for r in refreshed):>16.0f} "
+                  f"{statistics.median(r[1] for r in refreshed):>13.0f}", flush=True)
+        browser.close()
+
+
 def main_stream(args) -> None:
     from playwright.sync_api import sync_playwright
     codes = checkouts(args)
@@ -166,9 +259,13 @@ def main() -> None:
                     "tokens into the long session and a short one instead")
     ap.add_argument("--paragraph", type=int, default=40, help="with --stream: words per "
                     "paragraph of the answer (0: all one paragraph)")
+    ap.add_argument("--sessions", type=int, help="measure the session list of a database "
+                    "of this many sessions instead")
     args = ap.parse_args()
     if args.stream:
         return main_stream(args)
+    if args.sessions:
+        return main_sessions(args)
     codes = checkouts(args)
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
