@@ -133,6 +133,7 @@ UPLOAD_TIMEOUT = 300                # seconds for a whole upload to arrive
 DOWNLOAD_PIECE = 256 << 10          # bytes read and sent at a time
 MAX_TITLE_CHARS = 200               # a session's title, and a search's text
 MAX_SESSION_PAGE = 1_000           # GET /agent/sessions?limit=, at most
+FILES_LISTED = 1_000               # GET /agent/files: entries of a folder, at most
 MAX_CONNECTIONS = 1_000             # python agent_web.py: uvicorn answers 503 past this
                                     # (AGENT_WEB_MAX_CONNECTIONS)
 MAX_MESSAGE_CHARS = 100_000         # one user message; more is 413
@@ -2925,12 +2926,17 @@ class AgentWebApp:
         raise exc
 
     async def list_files(self, req: Request) -> Response:
+        """A folder's first FILES_LISTED entries (folders first, then by
+        name), and how many `more` it holds: a cache folder of 100,000 files
+        would be megabytes of JSON, encoded on the event loop, for a list
+        nobody reads."""
         path = req.query("path", "") or ""
         try:
             entries = await asyncio.to_thread(self.toolbox.list_folder, path)
         except (core.ToolError, OSError) as exc:
             raise self._file_error(exc, path) from None
-        return json_response(200, {"path": path, "entries": entries})
+        return json_response(200, {"path": path, "entries": entries[:FILES_LISTED],
+                                   "more": max(0, len(entries) - FILES_LISTED)})
 
     async def download_file(self, req: Request) -> Response:
         path = req.query("path") or ""

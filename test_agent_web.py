@@ -5522,6 +5522,15 @@ def test_workspace_files_are_listed_downloaded_and_uploaded_inside_it_only(serve
     assert server.http("GET", "/agent/files", token=False).status_code == 401
     assert server.http("PUT", "/agent/files/raw?path=a", raw=b"x",
                        headers={"origin": "https://evil.example"}).status_code == 403
+    # A folder of thousands: the first 1,000, folders first, and how many more.
+    many = ws / "many"
+    (many / "zsub").mkdir(parents=True)
+    for n in range(1204):
+        (many / f"f{n:04d}").write_bytes(b"")
+    listed = server.http("GET", "/agent/files?path=many").json()
+    assert len(listed["entries"]) == 1000 and listed["more"] == 205
+    assert [e["name"] for e in listed["entries"][:2]] == ["zsub", "f0000"]
+    assert server.http("GET", "/agent/files?path=src").json()["more"] == 0
 
 
 def test_page_file_panel_browses_downloads_uploads_and_takes_drops(server, page_for, llm,
@@ -5561,6 +5570,15 @@ def test_page_file_panel_browses_downloads_uploads_and_takes_drops(server, page_
     with page.expect_download() as info:
         link.click()
     assert Path(info.value.path()).read_text() == "made by the agent"
+    # A folder of more than 1,000 entries says how many it does not list.
+    (ws / "many").mkdir()
+    for n in range(1003):
+        (ws / "many" / f"f{n:04d}").write_bytes(b"")
+    page.click("#files-up")
+    page.click("#files li button:text('📁 many')")
+    page.wait_for_selector("#files li.more")
+    assert page.locator("#files li").count() == 1001
+    assert page.locator("#files li.more").inner_text().startswith("… and 3 more")
 
 
 @both_stores

@@ -57,7 +57,7 @@ const LABELS = {
     tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
     src_builtin: "built-in", src_skills: "skills", job_running: "running",
     job_exited: "exited ({code})", job_gone: "gone (the server restarted)",
-    more_sessions: "More sessions",
+    more_sessions: "More sessions", files_more: "… and {n} more (ask the agent, or use bash, to see them)",
   },
   zh: {
     sessions: "会话", model: "模型", approvals: "审批", new_session: "+ 新会话",
@@ -101,7 +101,7 @@ const LABELS = {
     tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
     src_builtin: "内置", src_skills: "技能", job_running: "运行中",
     job_exited: "已退出（{code}）", job_gone: "已消失（服务器已重启）",
-    more_sessions: "更多会话",
+    more_sessions: "更多会话", files_more: "……还有 {n} 项（请让智能体或用 bash 查看）",
   },
 };
 const LANG = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
@@ -893,6 +893,12 @@ async function showFiles(path = files.path) {
     }
     return li;
   }));
+  if (data.more) {
+    const li = document.createElement("li");
+    li.className = "more";
+    li.textContent = t("files_more", { n: fmt(data.more) });
+    $("files").append(li);
+  }
 }
 
 async function upload(list) {
