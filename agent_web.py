@@ -2853,8 +2853,12 @@ class AgentWebApp:
         if more:
             del sessions[limit:]
         last = sessions[-1] if more else None
-        return json_response(200, {"sessions": sessions, "next": last and
-                                   f"{last['updated_at']!r}|{last['session_id']}"})
+        answer = {"sessions": sessions,
+                  "next": last and f"{last['updated_at']!r}|{last['session_id']}"}
+        if len(sessions) <= MAX_SESSION_PAGE:
+            return json_response(200, answer)
+        # The whole list of a long-lived server: encoded off the event loop.
+        return Response(200, await asyncio.to_thread(lambda: to_json(answer).encode()))
 
     async def patch_session(self, req: Request) -> Response:
         """`{"approve_mode"}`, `{"title"}`, or both."""
@@ -2999,11 +3003,15 @@ class AgentWebApp:
             raise HTTPError(400, "bad_query", "format must be md or json")
         events = await self.store.read(Store.conversation, session["session_id"])
         name = re.sub(r"[^\w.-]+", "-", session["title"] or session["session_id"]).strip("-")
+        # Written off the event loop: a session of 10,000 events is 20 ms of
+        # JSON, 14 of Markdown, that every other session would wait for.
         if kind == "json":
-            body = to_json({"session": session, "events": events}).encode()
+            body = await asyncio.to_thread(
+                lambda: to_json({"session": session, "events": events}).encode())
             ctype = "application/json"
         else:
-            body = markdown_transcript(session, events).encode()
+            body = await asyncio.to_thread(
+                lambda: markdown_transcript(session, events).encode())
             ctype = "text/markdown; charset=utf-8"
         return Response(200, body, ctype, [
             ("content-disposition", f'attachment; filename="{name[:60] or "session"}.{kind}"')])
