@@ -5865,10 +5865,15 @@ def test_page_shows_a_commands_output_while_it_runs_and_after_a_reload(server, p
         f"live{i}" for i in range(1, 7)]
     took = re.search(r" · (\d+\.\d) s$", page.locator(".done").inner_text())
     assert took and 2.4 <= float(took[1]) < 60           # the run's time, message to end
+    steps = page.locator(".step").all_inner_texts()     # and each step's: its reply and tools
+    first = re.fullmatch(r"Step 1 · (\d+\.\d) s", steps[0])
+    assert first and 2.4 <= float(first[1]) <= float(took[1])
+    assert len(steps) == 2 and re.fullmatch(r"Step 2 · (\d+ ms|\d+\.\d s)", steps[1])
     page.reload()                                       # a finished call: result only
     page.wait_for_selector(".done")
     assert page.locator("pre.live").count() == 0 and page.locator(".tool pre.output").count() == 1
     assert page.locator(".done").inner_text().endswith(f" · {took[1]} s")   # from stored ts
+    assert page.locator(".step").all_inner_texts() == steps
 
 
 TERMINAL_COMMAND = (

@@ -140,7 +140,9 @@ class Transcript {
   reset() {
     this.container.replaceChildren();
     this.lastUser = null;
-    this.runStart = null;         // ts of the message that began the run going, if loaded
+    this.runStart = null;
+    this.stepEl = null;           // the line of the step going, until it ends
+    this.now = this.before = undefined;     // the ts of the last two events applied         // ts of the message that began the run going, if loaded
     showContext(null);
     this.blocks = new Map();      // message_id -> assistant block
     this.cards = new Map();       // call_id -> tool card
@@ -188,6 +190,10 @@ class Transcript {
   unqueue(id) { this.container.querySelector(`:scope > .queued[data-queued="${CSS.escape(id)}"]`)?.remove(); }
 
   apply(ev) {
+    // A step runs from the event before its first one (the user's message,
+    // or the last tool result of the step before) to the event before the
+    // next step's first: the model's wait, its answer and its tools.
+    [this.before, this.now] = [this.now, ev.ts];
     switch (ev.type) {
       case "queued": {
         const el = this.add(div("user queued"));
@@ -209,6 +215,7 @@ class Transcript {
         if (ev.role === "user" && ev.queued_id) this.unqueue(ev.queued_id);
         if (ev.role === "user") {
           this.step = 0;
+          this.stepEl = null;
           const el = this.add(div("user"));
           el.textContent = ev.content;
           el.dataset.seq = ev.seq;
@@ -315,6 +322,7 @@ class Transcript {
         break;
       }
       case "done": {
+        this.endStep(ev.ts);
         this.pending.clear();
         for (const card of this.cards.values()) card.ask.hidden = true;
         for (const block of this.blocks.values()) {
@@ -373,9 +381,11 @@ class Transcript {
   block(messageId) {
     let block = this.blocks.get(messageId);
     if (!block) {
+      this.endStep(this.before);
       this.step += 1;
       const step = this.add(div("step"));
       step.textContent = `${t("step")} ${this.step}`;
+      [this.stepEl, this.stepStart] = [step, this.before];
       const el = this.add(div("assistant streaming"));
       el.dataset.messageId = messageId;
       const md = div("md");
@@ -384,6 +394,14 @@ class Transcript {
       this.blocks.set(messageId, block);
     }
     return block;
+  }
+
+  // When a step ends (the next one starts, or the run does), its line says
+  // how long it took.
+  endStep(ts) {
+    if (!this.stepEl || this.stepStart == null || ts == null) return;
+    this.stepEl.textContent += ` · ${formatMs(Math.max(0, Math.round((ts - this.stepStart) * 1000)))}`;
+    this.stepEl = null;
   }
 
   thinkingBox(block) {
