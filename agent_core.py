@@ -3898,14 +3898,25 @@ class Terminal:
             pass
         step, started, streaming = 0, {}, None
         shown: set[str] = set()          # calls whose output was printed as it came
-        began = time.monotonic()
+        began = step_began = last = time.monotonic()
+
+        def step_took() -> None:
+            # As upstream's CLI says it, and as the page times a step: from
+            # the event before its first to the event before the next step's.
+            if step:
+                self.say(self.c("2", f"⏱ Step {step} took {last - step_began:.1f} s"))
+
+        def new_step() -> None:
+            nonlocal step, step_began
+            step_took()
+            step, step_began = step + 1, last
+            self.say(self.c("1;36", f"\n── Step {step} " + "─" * 40))
         try:
             async for ev in agent.run(self.history):
                 kind = ev["type"]
                 if kind == "delta":
                     if streaming is None:
-                        step += 1
-                        self.say(self.c("1;36", f"\n── Step {step} " + "─" * 40))
+                        new_step()
                     if streaming != ev["channel"]:
                         if streaming:
                             self.say()
@@ -3916,8 +3927,7 @@ class Terminal:
                              else ev["content"], end="")
                 elif kind == "message":
                     if streaming is None:     # nothing streamed: a step all the same
-                        step += 1
-                        self.say(self.c("1;36", f"\n── Step {step} " + "─" * 40))
+                        new_step()
                         if ev["content"]:
                             self.say("🤖 " + ev["content"], end="")
                     if ev.get("incomplete"):
@@ -3957,6 +3967,7 @@ class Terminal:
                 elif kind == "context":
                     self.context = ev
                 elif kind == "done":
+                    step_took()
                     self.totals["runs"] += 1
                     self.totals["steps"] += ev["steps"]
                     for k in ("input_tokens", "output_tokens"):
@@ -3965,6 +3976,7 @@ class Terminal:
                     self.say(self.c(colour, f"\n■ {ev['status']} · {ev['steps']} step(s) · "
                                     + usage_line(ev["usage"])
                                     + f" · {time.monotonic() - began:.1f} s"))
+                last = time.monotonic()
         finally:
             self.measured = agent.measured
             try:

@@ -1451,6 +1451,7 @@ def test_terminal_front_end_runs_a_task_on_the_fake_server(llm, tmp_path):
     assert "from-terminal" in out.stdout.split("$ echo from-terminal", 1)[1]
     assert "■ done" in out.stdout and "runs 1" in out.stdout
     assert re.search(r"■ done · 2 step\(s\) · .* tokens · \d+\.\d s\n", out.stdout)
+    assert re.findall(r"⏱ Step (\d) took \d+\.\d s\n", out.stdout) == ["1", "2"]
 
 
 def test_terminal_denied_tool_is_not_run(llm, tmp_path):
