@@ -140,9 +140,9 @@ class Transcript {
   reset() {
     this.container.replaceChildren();
     this.lastUser = null;
-    this.runStart = null;
+    this.runStart = null;         // ts of the message that began the run going, if loaded
     this.stepEl = null;           // the line of the step going, until it ends
-    this.now = this.before = undefined;     // the ts of the last two events applied         // ts of the message that began the run going, if loaded
+    this.now = this.before = undefined;     // the ts of the last two events applied
     showContext(null);
     this.blocks = new Map();      // message_id -> assistant block
     this.cards = new Map();       // call_id -> tool card
@@ -214,8 +214,8 @@ class Transcript {
       case "message":
         if (ev.role === "user" && ev.queued_id) this.unqueue(ev.queued_id);
         if (ev.role === "user") {
+          this.endStep(this.before);        // (a message read mid-run ends a step)
           this.step = 0;
-          this.stepEl = null;
           const el = this.add(div("user"));
           el.textContent = ev.content;
           el.dataset.seq = ev.seq;
@@ -340,7 +340,7 @@ class Transcript {
         // How long the run took, from its message to its end (not for a run a
         // crash ended: its end was written at the next start-up).
         const took = this.runStart !== null && ev.status !== "interrupted"
-          ? ` · ${formatMs(Math.max(0, Math.round((ev.ts - this.runStart) * 1000)))}` : "";
+          ? ` · ${elapsed(this.runStart, ev.ts)}` : "";
         this.runStart = null;
         el.textContent = t(line, { status: ev.status, steps: ev.steps, inp, out }) + took
           + (ev.summary && ev.status !== "done" && !said ? ` — ${ev.summary}` : "");
@@ -400,7 +400,7 @@ class Transcript {
   // how long it took.
   endStep(ts) {
     if (!this.stepEl || this.stepStart == null || ts == null) return;
-    this.stepEl.textContent += ` · ${formatMs(Math.max(0, Math.round((ts - this.stepStart) * 1000)))}`;
+    this.stepEl.textContent += ` · ${elapsed(this.stepStart, ts)}`;
     this.stepEl = null;
   }
 
@@ -581,6 +581,9 @@ function formatArgs(tool, input) {
 function formatMs(ms) {
   return ms >= 1000 ? `${(ms / 1000).toFixed(1)} s` : `${ms} ms`;
 }
+
+// The time between two events' ts (Unix seconds), as formatMs says it.
+const elapsed = (from, to) => formatMs(Math.max(0, Math.round((to - from) * 1000)));
 
 function approvalButtons(callId, tool) {
   const make = (label, decision, cls) => {
