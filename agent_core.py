@@ -264,7 +264,11 @@ def config_from_env(provider: str | None = None, model: str | None = None,
 # `retry.max_retries` counts retries, our `retry_attempts` tries: one more.
 # `system_prompt.md` replaces the built-in system prompt; its
 # `{SKILLS_METADATA}` placeholder is filled with the skills' names and
-# descriptions (see "Claude Skills").
+# descriptions (see "Claude Skills").  And as upstream's agent does, a prompt
+# that does not say where the agent works gets a "Current Workspace"
+# section naming the workspace's absolute path (`with_workspace`): the
+# model can then read the absolute paths it meets (a skill's files, a
+# command's output) against it.
 
 UPSTREAM_API_BASE = "https://api.minimax.io"
 UPSTREAM_MODEL = "MiniMax-M2.5"
@@ -400,6 +404,16 @@ class ConfigFile:
             log.warning("%s: system_prompt_path %s does not exist; the built-in system "
                         "prompt is used", self.path, prompt)
         return out
+
+
+def with_workspace(prompt: str, workspace: str | Path) -> str:
+    """The system prompt with upstream's "Current Workspace" section, unless
+    it has one of its own."""
+    if "Current Workspace" in prompt:
+        return prompt
+    return (f"{prompt}\n\n## Current Workspace\nYou are currently working in: "
+            f"`{Path(workspace).absolute()}`\nAll relative paths will be resolved relative "
+            "to this directory.")
 
 
 # =============================================================================
@@ -3860,7 +3874,8 @@ class Terminal:
                  tools: dict[str, bool] | None = None, mcp: list[McpServer] | None = None,
                  skills: Skills | None = None):
         skills = skills or Skills(None)
-        self.cfg = dataclasses.replace(cfg, system_prompt=with_skills(cfg.system_prompt, skills))
+        self.cfg = dataclasses.replace(cfg, system_prompt=with_workspace(
+            with_skills(cfg.system_prompt, skills), workspace))
         self.max_steps, self.approve = max_steps, approve
         self.toolbox = Toolbox(workspace, **(tools or {}))
         self.toolbox.add_skills(skills)

@@ -2599,8 +2599,9 @@ class AgentWebApp:
             self.http = core.make_http_client(self.llm_config, self.read_pace)
             self.toolbox = core.Toolbox(self.workspace, **self.tool_options)
             self.toolbox.add_skills(self.skills)
-            self.llm_config = dataclasses.replace(self.llm_config, system_prompt=core.with_skills(
-                self.llm_config.system_prompt, self.skills))
+            prompt = core.with_skills(self.llm_config.system_prompt, self.skills)
+            self.llm_config = dataclasses.replace(
+                self.llm_config, system_prompt=core.with_workspace(prompt, self.workspace))
             # MCP servers start side by side, each within its connect_timeout.
             await core.start_mcp(self.mcp_servers, self.toolbox)
             self.runs = RunManager(self.events, self.store,

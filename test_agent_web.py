@@ -2823,6 +2823,10 @@ def test_every_field_of_config_yaml_is_honoured(tmp_path):
     assert (cfg.retry_attempts, cfg.retry_base_delay, cfg.retry_max_delay,
             cfg.retry_exp_base, cfg.token_limit) == (3, 0.5, 7.0, 3.0, 50000)
     assert core.with_skills(cfg.system_prompt, core.Skills(None)) == "You are Mini-Agent."
+    said = "You are Mini-Agent.\n\n## Current Workspace\nWork in /srv/mine."    # kept as is
+    assert core.with_workspace(said, tmp_path) == said
+    assert core.with_workspace("You are Mini-Agent.", tmp_path).endswith(f"`{tmp_path}`\n"
+        "All relative paths will be resolved relative to this directory.")
     assert file.get("max_steps") == 12 and file.get("workspace_dir") == "./my-workspace"
     openai = core.ConfigFile.read(write_config(tmp_path / "o", MINI_AGENT_YAML.replace(
         'provider: "anthropic"', 'provider: "openai"')))
@@ -3002,6 +3006,11 @@ def test_the_server_offers_skills_to_the_model(tmp_path, llm):
         sid = server.chat("fill the form")["session_id"]
         h = server.wait_status(sid)
         assert "- `pdf`: Work with PDF files" in llm.requests[0]["system"]
+        # As upstream's agent says where it works (after the skills' list),
+        # so the skills' absolute paths can be read against it.
+        assert llm.requests[0]["system"].endswith(
+            f"\n\n## Current Workspace\nYou are currently working in: `{server.workspace}`\n"
+            "All relative paths will be resolved relative to this directory.")
         assert "get_skill" in {t["name"] for t in llm.requests[0]["tools"]}
         result = of(h["events"], "tool_result")[0]
         assert not result["is_error"] and "# Skill: pdf" in result["output"]
