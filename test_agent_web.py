@@ -5092,6 +5092,18 @@ def test_page_renders_the_markdown_models_write_tables_lists_quotes(server, page
       return bad;
     }""")
     assert bad == []
+    # Marks nested thousands deep are drawn (at most 8 levels, the rest as
+    # text), not a recursion that overflows the stack and breaks the page.
+    deep = page.evaluate("""async () => {
+      const { renderMarkdown } = await import(new URL("static/markdown.js", document.baseURI));
+      const box = (text) => { const d = document.createElement("div"); d.append(renderMarkdown(text)); return d; };
+      const quotes = box(">".repeat(5000) + " deep");
+      const lists = box(Array.from({ length: 3000 }, (_, n) => " ".repeat(n) + "- x" + n).join("\\n"));
+      const depth = (el, sel) => { let n = 0; while ((el = el.querySelector(sel))) n++; return n; };
+      return [depth(quotes, ":scope > blockquote, blockquote > blockquote"), quotes.textContent.endsWith("deep"),
+              lists.querySelectorAll("ul").length, lists.textContent.includes("x2999")];
+    }""")
+    assert deep == [8, True, 8, True]
 
 
 def test_page_markdown_code_block_has_a_copy_button_and_long_output_folds(server, page_for, llm):

@@ -20,12 +20,15 @@ const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$/;
 const RULE = /^\s{0,3}([-*_])(?:\s*\1){2,}\s*$/;
 const QUOTE = /^\s{0,3}>\s?/;
 const TABLE_RULE = /^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?\s*$/;
+// Quotes and lists nest at most this deep; deeper marks are text.  (">"
+// five thousand times over was a recursion that overflowed the stack.)
+const MAX_NEST = 8;
 
 export function renderMarkdown(text, labels = {}) {
   return blocks(text.replace(/\r\n?/g, "\n").split("\n"), labels);
 }
 
-function blocks(lines, labels) {
+function blocks(lines, labels, depth = 0) {
   const root = document.createDocumentFragment();
   let i = 0;
   while (i < lines.length) {
@@ -46,14 +49,14 @@ function blocks(lines, labels) {
       const [, marks, words] = line.match(HEADING);
       root.append(el(`h${marks.length}`, words));
       i++;
-    } else if (QUOTE.test(line)) {
+    } else if (depth < MAX_NEST && QUOTE.test(line)) {
       const inner = [];
       while (i < lines.length && QUOTE.test(lines[i])) inner.push(lines[i++].replace(QUOTE, ""));
       const quote = document.createElement("blockquote");
-      quote.append(blocks(inner, labels));
+      quote.append(blocks(inner, labels, depth + 1));
       root.append(quote);
     } else if (ITEM.test(line)) {
-      const [list, next] = listAt(lines, i);
+      const [list, next] = listAt(lines, i, depth);
       root.append(list);
       i = next;
     } else if (tableAt(lines, i)) {
@@ -62,7 +65,9 @@ function blocks(lines, labels) {
       i = next;
     } else {
       const para = [];
-      while (i < lines.length && lines[i].trim() && !startsBlock(lines, i)) para.push(lines[i++]);
+      while (i < lines.length && lines[i].trim() && !startsBlock(lines, i, depth)) {
+        para.push(lines[i++]);
+      }
       const p = document.createElement("p");
       para.forEach((l, n) => { if (n) p.append(document.createElement("br")); p.append(inline(l)); });
       root.append(p);
@@ -71,17 +76,17 @@ function blocks(lines, labels) {
   return root;
 }
 
-function startsBlock(lines, i) {
+function startsBlock(lines, i, depth) {
   const line = lines[i];
   return FENCE.test(line) || ITEM.test(line) || RULE.test(line) || HEADING.test(line)
-    || QUOTE.test(line) || Boolean(tableAt(lines, i));
+    || (depth < MAX_NEST && QUOTE.test(line)) || Boolean(tableAt(lines, i));
 }
 
 // A list from its first item at lines[i]: items of the same kind and
 // indentation; an item indented deeper starts a list inside the item before
 // it; an indented line that is no item continues its item.  A blank line, a
 // fence or a line indented less ends it.  Returns [element, next line].
-function listAt(lines, i) {
+function listAt(lines, i, depth) {
   const first = lines[i].match(ITEM);
   const indent = first[1].length, ordered = first[3] !== undefined;
   const list = document.createElement(ordered ? "ol" : "ul");
@@ -106,8 +111,8 @@ function listAt(lines, i) {
       }
       list.append(item);
       i++;
-    } else if (m && item) {
-      const [inner, next] = listAt(lines, i);
+    } else if (m && item && depth < MAX_NEST) {
+      const [inner, next] = listAt(lines, i, depth + 1);
       item.append(inner);
       i = next;
     } else if (item) {
