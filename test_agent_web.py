@@ -5106,6 +5106,24 @@ def test_page_renders_the_markdown_models_write_tables_lists_quotes(server, page
     assert deep == [8, True, 8, True]
 
 
+def test_page_shows_an_answer_as_text_if_its_markdown_fails(server, page_for, llm):
+    """A renderer failure (staged: the answer's text refuses to be split into
+    lines) costs that answer its formatting, not the page its drawing."""
+    llm.script += [Reply("**BREAK-ME** first\nsecond"), Reply("The *next* one.")]
+    page = page_for(server)
+    page.evaluate("""() => { const split = String.prototype.split;
+      String.prototype.split = function (...args) {
+        if (this.includes("BREAK-ME")) throw new Error("staged");
+        return split.apply(this, args); }; }""")
+    send_in_page(page, "one")
+    page.wait_for_selector(".done")
+    plain = page.locator(".assistant .md p.plain")
+    assert plain.inner_text() == "**BREAK-ME** first\nsecond"
+    send_in_page(page, "two")
+    page.wait_for_selector(".done >> nth=1")
+    assert page.locator(".assistant").last.locator("em").inner_text() == "next"
+
+
 def test_page_markdown_code_block_has_a_copy_button_and_long_output_folds(server, page_for, llm):
     page = page_for(server)
     llm.script.append(Reply("Here:\n\n```python\nprint('hi')\n```\n\n- one\n- two",

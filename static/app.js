@@ -492,18 +492,32 @@ class Transcript {
       block.tail = [];
     }
     if (block.final) {
-      block.md.append(renderMarkdown(block.text, labels));
+      block.md.append(markdown(block.text, labels));
       return;
     }
     for (const node of block.tail) node.remove();
     const end = stableEnd(block.text, block.stable);
     if (end > block.stable) {
-      block.md.append(renderMarkdown(block.text.slice(block.stable, end), labels));
+      block.md.append(markdown(block.text.slice(block.stable, end), labels));
       block.stable = end;
     }
-    const tail = renderMarkdown(block.text.slice(block.stable), labels);
+    const tail = markdown(block.text.slice(block.stable), labels);
     block.tail = [...tail.childNodes];
     block.md.append(tail);
+  }
+}
+
+// An answer as Markdown; should the renderer ever fail on some text, that
+// text is shown as it is rather than the page's drawing stopping there.
+function markdown(text, labels) {
+  try {
+    return renderMarkdown(text, labels);
+  } catch (err) {
+    console.error("Markdown failed; shown as text:", err);
+    const p = document.createElement("p");
+    p.className = "plain";
+    p.textContent = text;
+    return p;
   }
 }
 
