@@ -2901,7 +2901,10 @@ def test_the_server_runs_on_a_mini_agent_config_unchanged(tmp_path, llm):
         assert llm.requests, (h["events"], server.lines)
         body, headers = llm.requests[0], llm.headers[0]
         assert body["model"] == "MiniMax-M2.5"
-        assert body["messages"][0] == {"role": "system", "content": "You are the CLI's own prompt."}
+        assert body["messages"][0] == {"role": "system", "content": (
+            "You are the CLI's own prompt.\n\n## Current Workspace\nYou are currently working "
+            f"in: `{server.workspace}`\nAll relative paths will be resolved relative to this "
+            "directory.")}                                   # (upstream's agent adds it too)
         assert {t["function"]["name"] for t in body["tools"]} == {
             "bash", "bash_output", "bash_kill", "read_file", "write_file", "edit_file"}
         assert {k.lower(): v for k, v in headers.items()}["authorization"] == \
