@@ -5103,21 +5103,26 @@ def test_page_renders_the_markdown_models_write_tables_lists_quotes(server, page
       const quotes = box(">".repeat(5000) + " deep");
       const lists = box(Array.from({ length: 3000 }, (_, n) => " ".repeat(n) + "- x" + n).join("\\n"));
       const depth = (el, sel) => { let n = 0; while ((el = el.querySelector(sel))) n++; return n; };
+      // Six levels two columns apart: the limit counts levels, not columns.
+      const six = box(["a", "b", "c", "d", "e", "f"].map((w, n) => " ".repeat(2 * n) + "- " + w)
+        .join("\\n"));
       return [depth(quotes, ":scope > blockquote, blockquote > blockquote"), quotes.textContent.endsWith("deep"),
-              lists.querySelectorAll("ul").length, lists.textContent.includes("x2999")];
+              lists.querySelectorAll("ul").length, lists.textContent.includes("x2999"),
+              depth(six, "ul"), six.querySelector("ul ul ul ul ul ul li").textContent];
     }""")
-    assert deep == [8, True, 8, True]
+    assert deep == [8, True, 8, True, 6, "f"]
 
 
 def test_page_shows_an_answer_as_text_if_its_markdown_fails(server, page_for, llm):
-    """A renderer failure (staged: the answer's text refuses to be split into
-    lines) costs that answer its formatting, not the page its drawing."""
+    """A renderer failure (staged: the answer's text refuses the renderer's
+    first step, its line ends made one) costs that answer its formatting,
+    while it streams and once whole, not the page its drawing."""
     llm.script += [Reply("**BREAK-ME** first\nsecond"), Reply("The *next* one.")]
     page = page_for(server)
-    page.evaluate("""() => { const split = String.prototype.split;
-      String.prototype.split = function (...args) {
+    page.evaluate("""() => { const replace = String.prototype.replace;
+      String.prototype.replace = function (...args) {
         if (this.includes("BREAK-ME")) throw new Error("staged");
-        return split.apply(this, args); }; }""")
+        return replace.apply(this, args); }; }""")
     send_in_page(page, "one")
     page.wait_for_selector(".done")
     plain = page.locator(".assistant .md p.plain")

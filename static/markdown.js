@@ -59,7 +59,7 @@ function blocks(lines, labels, depth = 0) {
       const [list, next] = listAt(lines, i, depth);
       root.append(list);
       i = next;
-    } else if (tableAt(lines, i)) {
+    } else if (tableStarts(lines, i)) {
       const [table, next] = tableAt(lines, i);
       root.append(table);
       i = next;
@@ -79,7 +79,7 @@ function blocks(lines, labels, depth = 0) {
 function startsBlock(lines, i, depth) {
   const line = lines[i];
   return FENCE.test(line) || ITEM.test(line) || RULE.test(line) || HEADING.test(line)
-    || (depth < MAX_NEST && QUOTE.test(line)) || Boolean(tableAt(lines, i));
+    || (depth < MAX_NEST && QUOTE.test(line)) || tableStarts(lines, i);
 }
 
 // A list from its first item at lines[i]: items of the same kind and
@@ -94,9 +94,9 @@ function listAt(lines, i, depth) {
   let item = null;
   while (i < lines.length && lines[i].trim() && !FENCE.test(lines[i])) {
     const m = lines[i].match(ITEM);
-    const depth = lines[i].match(/^\s*/)[0].length;
-    if (depth < indent || (depth === indent && (!m || (m[3] !== undefined) !== ordered))) break;
-    if (m && depth === indent) {
+    const column = lines[i].match(/^\s*/)[0].length;
+    if (column < indent || (column === indent && (!m || (m[3] !== undefined) !== ordered))) break;
+    if (m && column === indent) {
       item = document.createElement("li");
       const task = m[4].match(/^\[([ xX])\]\s+(.*)$/);
       if (task) {
@@ -111,7 +111,7 @@ function listAt(lines, i, depth) {
       }
       list.append(item);
       i++;
-    } else if (m && item && depth < MAX_NEST) {
+    } else if (m && item && depth + 1 < MAX_NEST) {
       const [inner, next] = listAt(lines, i, depth + 1);
       item.append(inner);
       i = next;
@@ -125,12 +125,18 @@ function listAt(lines, i, depth) {
 
 // A table (GitHub's form): a header row, a rule row of as many cells
 // (`---`, `:--`, `:-:`, `--:` for the alignment), then rows until a line
-// without a pipe.  Returns [element, next line], or null when lines[i]
-// starts no table.
+// without a pipe.
+function tableStarts(lines, i) {
+  if (!lines[i].includes("|") || i + 1 >= lines.length || !TABLE_RULE.test(lines[i + 1])) {
+    return false;
+  }
+  const head = cells(lines[i]).length;
+  return head === cells(lines[i + 1]).length && (head === 1 || lines[i + 1].includes("|"));
+}
+
+// The table that starts at lines[i]: [element, next line].
 function tableAt(lines, i) {
-  if (!lines[i].includes("|") || i + 1 >= lines.length || !TABLE_RULE.test(lines[i + 1])) return null;
   const head = cells(lines[i]), rule = cells(lines[i + 1]);
-  if (head.length !== rule.length || (!lines[i + 1].includes("|") && head.length > 1)) return null;
   const align = rule.map((c) => (c.startsWith(":") && c.endsWith(":") ? "center"
     : c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : ""));
   const row = (texts, tag) => {
