@@ -664,10 +664,14 @@ class Store:
         id) in that order."""
         where, params = [], []
         if text:
+            # EXISTS, not IN: walking the sessions newest first, each one's
+            # messages are looked at through the key until `limit` match (a
+            # common word: 0.6 ms for 20,000 sessions, against 113 ms to
+            # gather every matching session first).
             like = f"%{_like_escaped(text)}%"
-            where.append("(title LIKE ? ESCAPE '\\' OR id IN (SELECT session_id FROM events "
-                         "WHERE type = 'message' AND json_extract(data, '$.content') LIKE ? "
-                         "ESCAPE '\\'))")
+            where.append("(title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM events "
+                         "WHERE session_id = sessions.id AND type = 'message' "
+                         "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\'))")
             params += [like, like]
         if after is not None:
             # (the first part lets SQLite walk the updated_at index from there)
