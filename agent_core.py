@@ -3863,6 +3863,38 @@ def usage_line(usage: dict) -> str:
     return f"{counts} (some steps' usage not reported by the model server)"
 
 
+# What the model writes, and what a command or an MCP server prints, reaches
+# the user's terminal through for_terminal(): an escape sequence there could
+# retitle the terminal, write its clipboard (OSC 52), clear the screen, or
+# move the cursor to draw over what was shown.  A command's own colours
+# (SGR) pass when the terminal shows colours, and its "\r" (a progress
+# meter); every other sequence and control character goes, and the model's
+# text keeps none.  The call a user is asked to allow shows its control
+# characters as visible symbols (visible_controls: ESC as ␛, CR as ␍), so a
+# command cannot draw itself as another before "Allow bash?".
+TERMINAL_CONTROL = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[ -/]*[0-~]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def for_terminal(text: str, printed: bool = False, colours: bool = False) -> str:
+    """`text` without what could steer a terminal; `printed`: a command's
+    output, which keeps its "\r" and, with `colours`, its SGR colours."""
+    def keep(m: re.Match) -> str:
+        seq = m[0]
+        if printed and (seq == "\r" or colours and seq.startswith("\x1b[") and seq.endswith("m")):
+            return seq
+        return ""
+    return TERMINAL_CONTROL.sub(keep, text)
+
+
+def visible_controls(text: str) -> str:
+    """Control characters (but line ends and tabs) as the symbols for them."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]",
+                  lambda m: chr(0x2400 + ord(m[0])) if m[0] < " " else "␡" if m[0] == "\x7f"
+                  else "\ufffd", text)
+
+
 class Terminal:
     """The Mini-Agent experience in a terminal, on the same Agent loop."""
 
@@ -3897,7 +3929,7 @@ class Terminal:
         print(text, end=end, flush=True)
 
     async def ask_approval(self, call: dict) -> str:
-        self.say(self.c("33", f"  Allow {call['name']}? [y/N/a] "), end="")
+        self.say(self.c("33", f"  Allow {visible_controls(call['name'])}? [y/N/a] "), end="")
         answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
         return {"y": "allow", "yes": "allow", "a": "allow_always"}.get(answer, "deny")
 
@@ -3938,13 +3970,13 @@ class Terminal:
                         self.say(self.c("2", "💭 ") if ev["channel"] == "thinking"
                                  else self.c("1", "🤖 "), end="")
                         streaming = ev["channel"]
-                    self.say(self.c("2", ev["content"]) if ev["channel"] == "thinking"
-                             else ev["content"], end="")
+                    text = for_terminal(ev["content"])
+                    self.say(self.c("2", text) if ev["channel"] == "thinking" else text, end="")
                 elif kind == "message":
                     if streaming is None:     # nothing streamed: a step all the same
                         new_step()
                         if ev["content"]:
-                            self.say("🤖 " + ev["content"], end="")
+                            self.say("🤖 " + for_terminal(ev["content"]), end="")
                     if ev.get("incomplete"):
                         self.say(self.c("33", " [cut off]"), end="")
                     if streaming is not None or ev["content"] or ev.get("incomplete"):
@@ -3954,12 +3986,13 @@ class Terminal:
                     started[ev["call_id"]] = time.monotonic()
                     args = (f"$ {ev['input'].get('command', '')}" if ev["tool"] == "bash"
                             else json.dumps(ev["input"], ensure_ascii=False)[:300])
-                    self.say(self.c("1;33", f"🔧 {ev['tool']} ") + args)
+                    self.say(self.c("1;33", f"🔧 {visible_controls(ev['tool'])} ")
+                             + visible_controls(args))
                 elif kind == "tool_output":
                     shown.add(ev["call_id"])
-                    self.say(self.c("2", ev["content"]), end="")
+                    self.say(self.c("2", for_terminal(ev["content"], True, self.color)), end="")
                 elif kind == "tool_result":
-                    out = ev["output"]
+                    out = for_terminal(ev["output"], True, self.color)
                     mark = self.c("31", "✗") if ev["is_error"] else self.c("32", "✓")
                     took = self.c("2", f"{ev['duration_ms']} ms")
                     if ev["call_id"] in shown:        # printed already, as it came
@@ -3974,7 +4007,7 @@ class Terminal:
                 elif kind == "approval":
                     self.say(self.c("2", f"  → {ev['decision']}"))
                 elif kind == "error":
-                    self.say(self.c("31", f"⚠ {ev['message']}"))
+                    self.say(self.c("31", f"⚠ {for_terminal(ev['message'])}"))
                 elif kind == "compaction":
                     self.say(self.c("35", f"⟲ context compacted: {ev['tokens_before']:,} → "
                                           f"{ev['tokens_after']:,} tokens ({ev['messages']} "
@@ -4015,17 +4048,17 @@ class Terminal:
                     self.say(self.c("1", "you: ") + h["content"])
                 elif h["role"] == "assistant":
                     calls = ", ".join(c["name"] for c in h["tool_calls"])
-                    self.say(self.c("1", "agent: ") + h["text"][:200]
-                             + (f" [tools: {calls}]" if calls else ""))
+                    self.say(self.c("1", "agent: ") + for_terminal(h["text"][:200])
+                             + (f" [tools: {visible_controls(calls)}]" if calls else ""))
             self.say(f"({len(self.history)} entries)")
         elif cmd == "/tools":
             info = self.toolbox.describe()
             for tool in info["tools"]:
-                self.say(f"{tool['name']:<24} {tool['source']:<16}"
+                self.say(f"{visible_controls(tool['name']):<24} {tool['source']:<16}"
                          + (" asks first" if tool["asks_first"] else ""))
             for server in info["mcp_servers"]:
                 self.say(f"MCP {server['name']} ({server['transport']}): {server['state']}"
-                         + (f" — {server['error']}" if server["error"] else ""))
+                         + (f" — {for_terminal(server['error'])}" if server["error"] else ""))
         elif cmd == "/stats":
             t = self.totals
             self.say(f"runs {t['runs']} · steps {t['steps']} · tokens in "

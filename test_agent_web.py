@@ -1454,6 +1454,32 @@ def test_terminal_front_end_runs_a_task_on_the_fake_server(llm, tmp_path):
     assert re.findall(r"⏱ Step (\d) took \d+\.\d s\n", out.stdout) == ["1", "2"]
 
 
+def test_terminal_front_end_lets_no_escape_sequence_steer_the_terminal(llm, tmp_path):
+    """The model's text, a command's output and an error pass without what
+    could retitle the terminal, write its clipboard (OSC 52), clear it or
+    move its cursor; the command the user is asked to allow shows its
+    control characters, so it cannot draw itself as another."""
+    hidden = "rm -rf ~/nothing-here \x1b[2K\r# ls"          # would show as "# ls"
+    llm.script += [
+        Reply("Hi \x1b]52;c;SGVsbG8=\x07there \x1b[2Jnow \x1b]0;pwned\x07ok",
+              tools=[("bash", json.dumps({"command": hidden}))]),
+        Reply("Done."),
+        Reply("Printing.", tools=[("bash", json.dumps(
+            {"command": r"printf 'out\033]52;c;eA==\007put \033[31mred\033[0m\n'"}))]),
+        Reply("Done."),
+        Reply(status=400, body=b'{"error": {"message": "bad \\u001b[2J thing"}}')]
+    out = subprocess.run(
+        [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path), "--approve", "ask"],
+        input="go\nn\nagain\ny\nthird\n/exit\n", capture_output=True, text=True, timeout=60,
+        env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, NO_COLOR="1"))
+    assert out.returncode == 0, out.stderr
+    assert "Hi there now ok" in out.stdout
+    assert "$ rm -rf ~/nothing-here ␛[2K␍# ls" in out.stdout
+    assert "\noutput red\n" in out.stdout                    # a command's own output
+    assert "bad  thing" in out.stdout                         # the error, its sequence gone
+    assert "\x1b" not in out.stdout and "\r" not in out.stdout and "\x07" not in out.stdout
+
+
 def test_terminal_denied_tool_is_not_run(llm, tmp_path):
     marker = tmp_path / "nope"
     llm.script.append(Reply("", tools=[("bash", json.dumps({"command": f"touch {marker}"}))]))
