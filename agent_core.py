@@ -3870,8 +3870,9 @@ def usage_line(usage: dict) -> str:
 # (SGR) pass when the terminal shows colours, and its "\r" (a progress
 # meter); every other sequence and control character goes, and the model's
 # text keeps none.  The call a user is asked to allow shows its control
-# characters as visible symbols (visible_controls: ESC as ␛, CR as ␍), so a
-# command cannot draw itself as another before "Allow bash?".
+# characters as visible symbols (visible_controls: ESC as ␛, CR as ␍, a
+# right-to-left override as ⟨U+202E⟩), so a command cannot draw itself as
+# another before "Allow bash?".
 TERMINAL_CONTROL = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
     r"|\x1b[ -/]*[0-~]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -3889,10 +3890,12 @@ def for_terminal(text: str, printed: bool = False, colours: bool = False) -> str
 
 
 def visible_controls(text: str) -> str:
-    """Control characters (but line ends and tabs) as the symbols for them."""
-    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]",
+    """Control characters (but line ends and tabs) as the symbols for them,
+    and the invisible ones that change the text's direction by name (as the
+    page shows a call: app.js, visibleControls)."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]",
                   lambda m: chr(0x2400 + ord(m[0])) if m[0] < " " else "␡" if m[0] == "\x7f"
-                  else "\ufffd", text)
+                  else f"⟨U+{ord(m[0]):04X}⟩", text)
 
 
 class Terminal:

@@ -1459,7 +1459,7 @@ def test_terminal_front_end_lets_no_escape_sequence_steer_the_terminal(llm, tmp_
     could retitle the terminal, write its clipboard (OSC 52), clear it or
     move its cursor; the command the user is asked to allow shows its
     control characters, so it cannot draw itself as another."""
-    hidden = "rm -rf ~/nothing-here \x1b[2K\r# ls"          # would show as "# ls"
+    hidden = "rm -rf ~/nothing-here \u202e \x1b[2K\r# ls"    # would show as "# ls"
     llm.script += [
         Reply("Hi \x1b]52;c;SGVsbG8=\x07there \x1b[2Jnow \x1b]0;pwned\x07ok",
               tools=[("bash", json.dumps({"command": hidden}))]),
@@ -1474,7 +1474,7 @@ def test_terminal_front_end_lets_no_escape_sequence_steer_the_terminal(llm, tmp_
         env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, NO_COLOR="1"))
     assert out.returncode == 0, out.stderr
     assert "Hi there now ok" in out.stdout
-    assert "$ rm -rf ~/nothing-here ␛[2K␍# ls" in out.stdout
+    assert "$ rm -rf ~/nothing-here ⟨U+202E⟩ ␛[2K␍# ls" in out.stdout
     assert "\noutput red\n" in out.stdout                    # a command's own output
     assert "bad  thing" in out.stdout                         # the error, its sequence gone
     assert "\x1b" not in out.stdout and "\r" not in out.stdout and "\x07" not in out.stdout
@@ -6160,6 +6160,23 @@ def seed_long_session(db_path: Path, n: int) -> str:
 
 
 # -- approvals in the page ----------------------------------------------------------
+
+def test_page_shows_the_call_it_asks_about_with_its_hidden_characters(asking, page_for, llm):
+    """A command holding a right-to-left override, an escape and a "\r" is
+    shown with them made visible, in its card and in the approval bar: it
+    cannot show itself as another command."""
+    command = "echo fine \u202e; rm -rf ~/nothing-here #\x1b[2K\r"
+    llm.script += [Reply("Running it.", tools=[("bash", json.dumps({"command": command}))]),
+                   Reply("Not run.")]
+    page = page_for(asking)
+    send_in_page(page, "go")
+    page.wait_for_selector("#approval-bar:not([hidden])")
+    shown = "$ echo fine ⟨U+202E⟩; rm -rf ~/nothing-here #␛[2K␍"
+    assert page.locator(".tool .args").inner_text() == shown
+    assert page.locator("#approval-bar .what").inner_text() == shown
+    page.locator("#approval-bar button[data-decision=deny]").click()
+    page.wait_for_selector(".done")
+
 
 def test_page_approval_allow_from_the_bar(asking, page_for, llm):
     # Slow enough that the sessions list, fetched when the message is sent,

@@ -424,7 +424,7 @@ class Transcript {
     const head = div("head");
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = `🔧 ${ev.tool}`;
+    name.textContent = `🔧 ${visibleControls(ev.tool)}`;
     const meta = document.createElement("span");
     meta.className = "meta";
     meta.textContent = t("running");
@@ -587,9 +587,24 @@ function div(className) {
   return el;
 }
 
+// What a tool call will do, as the user is asked to allow it: its control
+// and direction-changing characters made visible, so that a command holding
+// a "\r" or a right-to-left override cannot show itself as another.
 function formatArgs(tool, input) {
-  if (tool === "bash" && input && typeof input.command === "string") return `$ ${input.command}`;
-  try { return JSON.stringify(input ?? {}, null, 2); } catch { return String(input); }
+  if (tool === "bash" && input && typeof input.command === "string") {
+    return visibleControls(`$ ${input.command}`);
+  }
+  try { return visibleControls(JSON.stringify(input ?? {}, null, 2)); } catch { return String(input); }
+}
+
+// Control characters (but line ends and tabs) as the symbols for them (ESC
+// as ␛), and the invisible ones that change the text's direction by name.
+function visibleControls(text) {
+  return text.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, (c) => {
+    const n = c.charCodeAt(0);
+    return n < 0x20 ? String.fromCharCode(0x2400 + n) : n === 0x7f ? "\u2421"
+      : `⟨U+${n.toString(16).toUpperCase().padStart(4, "0")}⟩`;
+  });
 }
 
 function formatMs(ms) {
@@ -1067,7 +1082,7 @@ function updateApprovalBar() {
   if (bar.dataset.callId === first.call_id && !bar.hidden) return;
   bar.dataset.callId = first.call_id;
   const label = document.createElement("strong");
-  label.textContent = t("approval_bar", { tool: first.tool });
+  label.textContent = t("approval_bar", { tool: visibleControls(first.tool) });
   const what = div("what");
   what.textContent = formatArgs(first.tool, first.input);
   bar.replaceChildren(label, what, ...approvalButtons(first.call_id, first.tool));
