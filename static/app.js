@@ -772,23 +772,20 @@ function sessionItem(s) {
   a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); closeDrawer(); });
   const status = document.createElement("span");
   showStatus(status, s.status);
-  const del = document.createElement("button");
-  del.type = "button";
-  del.className = "delete";
-  del.textContent = "✕";
-  del.title = t("delete");
-  del.setAttribute("aria-label", `${t("delete")} ${s.title}`);
-  del.addEventListener("click", () => deleteSession(s.session_id));
-  const ren = document.createElement("button");
-  ren.type = "button";
-  ren.className = "rename";
-  ren.textContent = "✎";
-  ren.title = t("rename");
-  ren.setAttribute("aria-label", `${t("rename")} ${s.title}`);
-  ren.addEventListener("click", () => renameSession(li, a, s.session_id, s.title));
+  const button = (kind, glyph, onClick) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = kind;
+    b.textContent = glyph;
+    b.title = t(kind);
+    b.setAttribute("aria-label", `${t(kind)} ${s.title}`);
+    b.addEventListener("click", onClick);
+    return b;
+  };
   const actions = document.createElement("span");
   actions.className = "actions";
-  actions.append(ren, del);
+  actions.append(button("rename", "✎", () => renameSession(li, a, s.session_id, s.title)),
+                 button("delete", "✕", () => deleteSession(s.session_id)));
   li.append(a, status, actions);
   return li;
 }
