@@ -5459,6 +5459,11 @@ def test_page_colours_code_without_markup_and_has_keyboard_shortcuts(server, pag
     page.keyboard.press("Control+Shift+Semicolon")
     page.wait_for_function("window.copied.length === 1")
     assert page.evaluate("window.copied[0]").startswith("def f():")
+    page.click(".msg-actions .copy_answer")             # the run's answer, as Markdown
+    page.wait_for_function("window.copied.length === 2")
+    assert page.evaluate("window.copied[1]") == ("Here:\n\n```python\ndef f():\n    return "
+                                                 "'<img src=x onerror=alert(1)>'  # done\n```\n")
+    assert page.locator(".notice.info").last.inner_text() == "Copied the answer, as Markdown."
     page.keyboard.press("Shift+Escape")
     assert page.evaluate("document.activeElement.id") == "input"
     page.locator("body").click()

@@ -45,14 +45,15 @@ const LABELS = {
     rename: "Rename", rename_prompt: "New name for this session",
     files: "Files", files_up: "↑ up", upload: "⬆ upload", uploaded: "Uploaded {name} ({size} bytes) to {path}",
     open_file: "⬇ {path}",
-    edit: "edit", regenerate: "regenerate", drop: "drop", queued_tag: "queued: read at the agent's next step",
+    edit: "edit", regenerate: "regenerate", copy_answer: "copy answer", drop: "drop", queued_tag: "queued: read at the agent's next step",
     keep_queued: "Keep the {n} queued message(s) for the next run? (Cancel drops them.)", forked_from: "⑂ Edited copy of ",
     forked_at: " (the events before #{seq}; the original is unchanged)",
     theme_auto: "Theme: as the system (click for dark)", theme_dark: "Theme: dark (click for light)",
     theme_light: "Theme: light (click to follow the system)",
     notify_on: "Desktop notifications on (click to turn off)", notify_off: "Desktop notifications off (click to turn on)",
     notify_done: "The run finished: {status}", notify_waiting: "Waiting for your approval: {tool}",
-    copied_code: "Copied the last code block.", no_code: "No code block yet.", search: "Search sessions…",
+    copied_code: "Copied the last code block.", no_code: "No code block yet.",
+    copied_answer: "Copied the answer, as Markdown.", not_copied: "The browser did not let the page copy.", search: "Search sessions…",
     export_md: "⬇ Markdown", export_json: "⬇ JSON", export_title: "Download this session",
     tools: "Tools", background: "Background commands", tool_asks: "asks first in ask mode",
     src_builtin: "built-in", src_skills: "skills", job_running: "running",
@@ -89,14 +90,15 @@ const LABELS = {
     rename: "重命名", rename_prompt: "此会话的新名称",
     files: "文件", files_up: "↑ 上级", upload: "⬆ 上传", uploaded: "已上传 {name}（{size} 字节）到 {path}",
     open_file: "⬇ {path}",
-    edit: "编辑", regenerate: "重新生成", drop: "撤回", queued_tag: "排队中：智能体下一步读取",
+    edit: "编辑", regenerate: "重新生成", copy_answer: "复制回答", drop: "撤回", queued_tag: "排队中：智能体下一步读取",
     keep_queued: "保留 {n} 条排队消息到下一次运行吗？（取消则撤回。）", forked_from: "⑂ 编辑的副本，来自 ",
     forked_at: "（#{seq} 之前的事件；原会话不变）",
     theme_auto: "主题：跟随系统（点击切换为深色）", theme_dark: "主题：深色（点击切换为浅色）",
     theme_light: "主题：浅色（点击改为跟随系统）",
     notify_on: "桌面通知已开启（点击关闭）", notify_off: "桌面通知已关闭（点击开启）",
     notify_done: "运行结束：{status}", notify_waiting: "等待你的批准：{tool}",
-    copied_code: "已复制最后一个代码块。", no_code: "还没有代码块。", search: "搜索会话…",
+    copied_code: "已复制最后一个代码块。", no_code: "还没有代码块。",
+    copied_answer: "已复制回答（Markdown）。", not_copied: "浏览器不允许页面复制。", search: "搜索会话…",
     export_md: "⬇ Markdown", export_json: "⬇ JSON", export_title: "下载此会话",
     tools: "工具", background: "后台命令", tool_asks: "ask 模式下先确认",
     src_builtin: "内置", src_skills: "技能", job_running: "运行中",
@@ -141,6 +143,7 @@ class Transcript {
     this.container.replaceChildren();
     this.lastUser = null;
     this.runStart = null;         // ts of the message that began the run going, if loaded
+    this.answer = null;           // the last assistant text of the run going
     this.stepEl = null;           // the line of the step going, until it ends
     this.now = this.before = undefined;     // the ts of the last two events applied
     showContext(null);
@@ -224,6 +227,7 @@ class Transcript {
           this.add(actionsRow(actionButton("edit", "✎", () => editMessage(ev))));
         } else {
           const block = this.block(ev.message_id);
+          if (ev.content) this.answer = ev.content;   // the run's last words, as Markdown
           block.text = ev.content;
           block.final = true;
           block.incomplete = !!ev.incomplete;
@@ -344,8 +348,12 @@ class Transcript {
         this.runStart = null;
         el.textContent = t(line, { status: ev.status, steps: ev.steps, inp, out }) + took
           + (ev.summary && ev.status !== "done" && !said ? ` — ${ev.summary}` : "");
-        const asked = this.lastUser;
-        if (asked) this.add(actionsRow(actionButton("regenerate", "↻", () => regenerate(asked))));
+        const asked = this.lastUser, answer = this.answer;
+        this.answer = null;
+        const actions = [];
+        if (answer) actions.push(actionButton("copy_answer", "⧉", () => copyText(answer)));
+        if (asked) actions.push(actionButton("regenerate", "↻", () => regenerate(asked)));
+        if (actions.length) this.add(actionsRow(...actions));
         this.flush();          // the run is over: show its final state now
         break;
       }
@@ -1237,6 +1245,11 @@ function tellHidden(text) {
   if (notifyOn() && "Notification" in window && Notification.permission === "granted") {
     new Notification("Mini Agent", { body: text, silent: true, tag: state.sessionId || "mini-agent" });
   }
+}
+
+function copyText(text) {
+  navigator.clipboard.writeText(text)
+    .then(() => notice(t("copied_answer")), () => notice(t("not_copied"), "error"));
 }
 
 function copyLastCode() {
