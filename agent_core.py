@@ -3869,24 +3869,53 @@ def usage_line(usage: dict) -> str:
 # move the cursor to draw over what was shown.  A command's own colours
 # (SGR) pass when the terminal shows colours, and its "\r" (a progress
 # meter); every other sequence and control character goes, and the model's
-# text keeps none.  The call a user is asked to allow shows its control
-# characters as visible symbols (visible_controls: ESC as ␛, CR as ␍, a
-# right-to-left override as ⟨U+202E⟩), so a command cannot draw itself as
-# another before "Allow bash?".
+# text keeps none.  terminal_text() is what a terminal leaves on the screen
+# of a command's output, as plain text (the Markdown export's; the page's
+# static/terminal.js follows the same rules, with colours).  The call a user
+# is asked to allow shows its control characters as visible symbols
+# (visible_controls: ESC as ␛, CR as ␍, a right-to-left override as
+# ⟨U+202E⟩), so a command cannot draw itself as another before "Allow bash?".
 TERMINAL_CONTROL = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
-    r"|\x1b[ -/]*[0-~]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+    r"\x1b\[([0-?]*)[ -/]*([@-~])"                       # CSI: colours, erasing, cursor moves
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[PX^_][^\x1b]*\x1b\\"   # OSC, DCS ... to their end
+    r"|\x1b[ -/]*[0-~]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # any other escape; controls
 
 
 def for_terminal(text: str, printed: bool = False, colours: bool = False) -> str:
     """`text` without what could steer a terminal; `printed`: a command's
     output, which keeps its "\r" and, with `colours`, its SGR colours."""
     def keep(m: re.Match) -> str:
-        seq = m[0]
-        if printed and (seq == "\r" or colours and seq.startswith("\x1b[") and seq.endswith("m")):
-            return seq
+        if printed and (m[0] == "\r" or colours and m[2] == "m"):
+            return m[0]
         return ""
     return TERMINAL_CONTROL.sub(keep, text)
+
+
+def terminal_text(text: str) -> str:
+    """A command's output as a terminal would leave it: a "\r" then more text
+    starts the line again, "\b" takes back a character, "ESC [ 2 K" (or
+    "ESC [ K" after a "\r") clears the line, every other control goes."""
+    if not TERMINAL_CONTROL.search(text):
+        return text
+    lines = []
+    for raw in text.split("\n"):
+        line, cr, at = "", False, 0
+        for m in [*TERMINAL_CONTROL.finditer(raw), None]:
+            start = m.start() if m else len(raw)
+            if start > at:
+                line = ("" if cr else line) + raw[at:start]
+                cr = False
+            if m is None:
+                break
+            at = m.end()
+            if m[0] == "\r":
+                cr = True
+            elif m[0] == "\b":
+                line = line[:-1]
+            elif m[2] == "K" and (m[1] == "2" or cr):
+                line = ""
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def visible_controls(text: str) -> str:

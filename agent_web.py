@@ -2472,39 +2472,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-# What a terminal does with a command's output, in plain text, by the rules
-# static/terminal.js follows on the page (without its colours): a "\r" then
-# more text starts the line again, "\b" takes back a character, "ESC [ 2 K"
-# (or "ESC [ K" after a "\r") clears the line, every other control goes.
-TERMINAL_SEQUENCE = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
-                               r"|\x1b[ -/]*[0-~]|\r\n|[\r\n]|[\x00-\x08\x0b-\x1f\x7f]")
-TERMINAL_SPECIAL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def terminal_text(text: str) -> str:
-    """A command's output as a terminal would leave it on the screen."""
-    if not TERMINAL_SPECIAL.search(text):
-        return text
-    lines: list[str] = []
-    line, cr, at = "", False, 0
-    for m in TERMINAL_SEQUENCE.finditer(text + "\n"):
-        if m.start() > at:
-            line = ("" if cr else line) + text[at:m.start()]
-            cr = False
-        at = m.end()
-        seq, params, final = m[0], m[1], m[2]
-        if seq in ("\n", "\r\n"):
-            lines.append(line)
-            line, cr = "", False
-        elif seq == "\r":
-            cr = True
-        elif seq == "\b":
-            line = line[:-1]
-        elif final == "K" and (params == "2" or cr):
-            line = ""
-    return "\n".join(lines)
-
-
 def markdown_transcript(session: dict, events: list[dict]) -> str:
     """A session as Markdown: what was said, each tool call with its result."""
     def fence(text: str, lang: str = "") -> str:
@@ -2526,7 +2493,7 @@ def markdown_transcript(session: dict, events: list[dict]) -> str:
                                                           else "json"), ""]
         elif kind == "tool_result":
             out += [f"Result ({'error' if ev['is_error'] else 'ok'}):", "",
-                    fence(terminal_text(ev["output"])), ""]
+                    fence(core.terminal_text(ev["output"])), ""]
         elif kind == "compaction":
             out += [f"*Context compacted: {ev['tokens_before']:,} → {ev['tokens_after']:,} "
                     "tokens.*", ""]

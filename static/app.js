@@ -602,7 +602,9 @@ function formatArgs(tool, input) {
   if (tool === "bash" && input && typeof input.command === "string") {
     return visibleControls(`$ ${input.command}`);
   }
-  try { return visibleControls(JSON.stringify(input ?? {}, null, 2)); } catch { return String(input); }
+  let text;
+  try { text = JSON.stringify(input ?? {}, null, 2); } catch { text = String(input); }
+  return visibleControls(text);
 }
 
 // Control characters (but line ends and tabs) as the symbols for them (ESC

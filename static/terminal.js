@@ -11,7 +11,8 @@
 // last character, "ESC [ K" after a "\r" (or "ESC [ 2 K") clears the line,
 // and every other control character or sequence (cursor moves, window
 // titles, hyperlink markers) is dropped.  The text itself is never changed:
-// the model reads the output as the command printed it.
+// the model reads the output as the command printed it.  (agent_core's
+// terminal_text follows the same rules in plain text, for the Markdown export.)
 //
 // A running command's output comes in pieces that may cut a sequence in
 // two: the writer keeps an unfinished one (up to 4 KiB; a terminal would
@@ -22,9 +23,9 @@ const TOKEN = new RegExp([
   "\\x1b\\[([0-?]*)[ -/]*([@-~]|$)",                 // CSI: colours, erase line, cursor moves
   "\\x1b\\][^\\x07\\x1b]*(\\x07|\\x1b\\\\|\\x1b?$)",  // OSC, ended by BEL or ESC \: titles, links
   "\\x1b[ -/]*([0-~]|$)",                             // any other escape
-  "\\r\\n|\\r|\\n|[\\x00-\\x08\\x0b-\\x1f\\x7f]",     // line ends, backspace, other controls
+  "\\r\\n|\\r|\\n|[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]",  // line ends, backspace, other controls
 ].join("|"), "g");
-const SPECIAL = /[\x00-\x08\x0b-\x1f\x7f]/;           // what plain text has none of
+const SPECIAL = /[\x00-\x08\x0b-\x1f\x7f-\x9f]/;       // what plain text has none of
 const HELD_AT_MOST = 4096;
 
 export class TermWriter {
