@@ -1159,6 +1159,29 @@ class Owners:
         return await store.read(Store.sessions_with_status, ("running", "awaiting_approval"))
 
 
+@dataclass
+class Conversation:
+    """A session's stored conversation and what a run starts from: the
+    model's view of it, the messages still queued, the tools allowed for the
+    session.  Each is a pass over every event, ~10 ms for a session of
+    10,000, so `read_conversation` works them out on the reader thread, not
+    on the loop, where every other session's stream would wait for them."""
+    events: list[dict]
+    history: list[dict]
+    measured: dict               # history_from_events' counts (the context meter)
+    queued: list[dict]
+    allowed_tools: set[str]
+
+
+def read_conversation(conn, session_id: str) -> Conversation:
+    """On the reader thread: Store.conversation, and what a run needs of it."""
+    events = Store.conversation(conn, session_id)
+    measured: dict = {}
+    history = core.history_from_events(events, measured)
+    return Conversation(events, history, measured, pending_queue(events),
+                        allowed_tools_from(events))
+
+
 class RunManager:
     def __init__(self, events: EventLog, store: Store, llm, cfg: core.LLMConfig,
                  toolbox: core.Toolbox, max_steps: int, owners: Owners | None = None):
@@ -1184,10 +1207,10 @@ class RunManager:
         if self.runs.get(run.session_id) is run:
             del self.runs[run.session_id]
 
-    def start(self, run: Run, approve_mode: str, prior: list[dict], asked: set[str] = frozenset()
-              ) -> None:
+    def start(self, run: Run, approve_mode: str, prior: Conversation,
+              asked: set[str] = frozenset()) -> None:
         """Build the agent for a reserved run and start its task.  `prior` is
-        the session's stored (non-delta) events, the user's message included."""
+        the session's stored conversation, the user's message included."""
         async def approver(call: dict) -> str:
             future = run.approvals.setdefault(
                 call["id"], asyncio.get_running_loop().create_future())
@@ -1196,16 +1219,15 @@ class RunManager:
             finally:
                 run.approvals.pop(call["id"], None)
 
-        measured: dict = {}
-        history = core.history_from_events(prior, measured)
-        run.inbox = pending_queue(prior)
+        run.inbox = prior.queued
         run.agent = core.Agent(self.llm, self.cfg, self.toolbox, max_steps=self.max_steps,
                                approval_mode=approve_mode, approver=approver, asked=asked,
-                               allowed_tools=allowed_tools_from(prior), measured=measured,
+                               allowed_tools=prior.allowed_tools, measured=prior.measured,
                                owner=run.session_id, inbox=lambda: self._take_inbox(run))
         for call_id in asked:       # answers may come before the agent gets there
             run.approvals[call_id] = asyncio.get_running_loop().create_future()
-        run.task = asyncio.create_task(self._drive(run, history), name=f"run-{run.session_id}")
+        run.task = asyncio.create_task(self._drive(run, prior.history),
+                                       name=f"run-{run.session_id}")
 
     async def running(self, sid: str) -> bool:
         """A run goes in the session, here or on another worker."""
@@ -1303,7 +1325,7 @@ class RunManager:
                 stored = await self.events.emit(sid, user_message(text))
                 if "seq" not in stored:
                     raise HTTPError(404, "unknown_session", "the session was deleted")
-            prior = await self.store.read(Store.conversation, sid) if stored else []
+            prior = await self.store.read(read_conversation, sid) if stored else None
         except BaseException:
             self.release(run)
             await self.owners.unclaim(sid)
@@ -1385,8 +1407,7 @@ class RunManager:
         bug): every tool call left open gets a result that says so (with
         what its command printed, from its stored `tool_output`), then an
         `error` if one is given, then `done`."""
-        prior = await self.store.read(Store.conversation, sid)
-        pending = core.pending_tool_calls(core.history_from_events(prior))
+        pending = core.pending_tool_calls((await self.store.read(read_conversation, sid)).history)
         printed = await self.store.read(Store.output_so_far, sid) if pending else {}
         for call in pending:
             await self.events.emit(sid, {
@@ -1481,10 +1502,10 @@ class RunManager:
             sid = s["session_id"]
             if sid in self.runs or not await self.owners.claim(sid):
                 continue                      # ours, or another worker took it first
-            prior = await self.store.read(Store.conversation, sid)
             if s["status"] == "awaiting_approval":
-                answered = {e["call_id"] for e in prior if e["type"] == "approval"}
-                asked = {e["call_id"] for e in prior
+                prior = await self.store.read(read_conversation, sid)
+                answered = {e["call_id"] for e in prior.events if e["type"] == "approval"}
+                asked = {e["call_id"] for e in prior.events
                          if e["type"] == "approval_request" and e["call_id"] not in answered}
                 try:
                     self.start(self.reserve(sid), s["approve_mode"], prior, asked)

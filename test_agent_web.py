@@ -5831,6 +5831,37 @@ def test_a_drop_racing_the_next_run_either_drops_the_message_or_says_it_was_read
     assert users[-1] == "say: next"
 
 
+def test_a_runs_start_reads_the_conversation_off_the_event_loop(tmp_path, llm, monkeypatch):
+    """Rebuilding the model's view of a session is a pass over every event
+    (~10 ms at 10,000), so it is done on the reader thread beside the read,
+    never on the loop every other session's stream goes through."""
+    import agent_web as web
+    calls: list[bool] = []                    # True: called on a running event loop
+    real = core.history_from_events
+
+    def history_from_events(events, measure=None):
+        calls.append(asyncio._get_running_loop() is not None)
+        return real(events, measure)
+    monkeypatch.setattr(core, "history_from_events", history_from_events)
+    llm.script.append(Reply("First.", tools=[("bash", '{"command": "echo one"}')]))
+    llm.script.append(Reply("Second."))
+    llm.script.append(Reply("Third, with the first turn in view."))
+
+    async def scenario():
+        app = web.create_app(db_path=tmp_path / "a.db", workspace=tmp_path / "ws", token=TOKEN,
+                             llm_config=cfg_for(llm), approve="auto")
+        async with InProcess(app) as it:
+            sid = (await it.post("/agent/chat", {"message": "go"})).json()["session_id"]
+            await it.idle(sid)
+            await it.post("/agent/chat", {"message": "again", "session_id": sid})
+            await it.idle(sid)
+            return (await it.events(sid))["events"]
+    events = arun(scenario())
+    assert [e["status"] for e in of(events, "done")] == ["done", "done"]
+    assert "echo one" in json.dumps(llm.requests[-1])      # the model saw the whole session
+    assert len(calls) >= 2 and not any(calls)
+
+
 def test_page_queues_a_message_sent_during_a_run_and_stop_can_drop_it(server, page_for, llm):
     llm.script += [Reply("Sleeping.", tools=[("bash", json.dumps({"command": "sleep 1.5"}))])]
     page = page_for(server)
