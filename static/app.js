@@ -351,7 +351,7 @@ class Transcript {
         const asked = this.lastUser, answer = this.answer;
         this.answer = null;
         const actions = [];
-        if (answer) actions.push(actionButton("copy_answer", "⧉", () => copyText(answer)));
+        if (answer) actions.push(actionButton("copy_answer", "❐", () => copyText(answer)));
         if (asked) actions.push(actionButton("regenerate", "↻", () => regenerate(asked)));
         if (actions.length) this.add(actionsRow(...actions));
         this.flush();          // the run is over: show its final state now
