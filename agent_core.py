@@ -130,7 +130,7 @@ MINIMAX_BASE_URL = "https://api.minimax.io/anthropic"
 DEFAULT_MODELS = {
     "anthropic": "claude-sonnet-4-5",
     "openai": "gpt-4.1-mini",
-    "minimax": "MiniMax-M2",
+    "minimax": "MiniMax-M2.5",          # upstream Mini-Agent's default since its M2.5 release
     "demo": "demo (offline)",
 }
 

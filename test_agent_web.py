@@ -1519,6 +1519,7 @@ def test_config_reads_the_sdk_environment_variables():
                                 ).base_url == "http://x/v1"
     mm = core.config_from_env(env={"MINIMAX_API_KEY": "k"})
     assert mm.provider == "anthropic" and "minimax" in mm.base_url
+    assert mm.model == "MiniMax-M2.5"                 # upstream Mini-Agent's default
     assert core.config_from_env("openai", "m1", env={"ANTHROPIC_API_KEY": "a"}).model == "m1"
     assert core.config_from_env(env={"AGENT_MAX_TOKENS": "1000"}).max_tokens == 1000
     assert core.config_from_env(env={}).max_tokens == core.DEFAULT_MAX_TOKENS
