@@ -93,6 +93,11 @@ try:
     import fcntl                      # POSIX: session notes lock their folder
 except ImportError:                   # pragma: no cover (Windows: one writer at a time)
     fcntl = None
+try:
+    import termios                    # POSIX: Esc stops a task in the terminal front end
+    import tty
+except ImportError:                   # pragma: no cover (Windows: Ctrl+C only)
+    termios = tty = None
 
 log = logging.getLogger("agent_core")
 
@@ -3927,12 +3932,57 @@ def visible_controls(text: str) -> str:
                   else f"⟨U+{ord(m[0]):04X}⟩", text)
 
 
+class EscToStop:
+    """Esc stops the running task, as in upstream's CLI.  While a task runs
+    the terminal hands over each key at once, unechoed (cbreak mode), and a
+    lone ESC cancels the agent; an arrow key's sequence, which starts with
+    ESC, comes in the same read and does not.  Other keys typed meanwhile
+    are dropped, as upstream drops them.  An approval's question gets the
+    line mode back for its answer (`line_mode`).  Does nothing where stdin
+    is not a terminal (a pipe, a test's input) or there is no termios."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_esc: Callable[[], None]):
+        self.loop, self.on_esc = loop, on_esc
+        self.fd = sys.stdin.fileno() if termios and sys.stdin.isatty() else None
+        self.saved: list | None = None        # the terminal's settings, while listening
+
+    def start(self) -> None:
+        if self.fd is not None and self.saved is None:
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)             # Ctrl+C still signals (ISIG stays on)
+            self.loop.add_reader(self.fd, self._read)
+
+    def stop(self) -> None:
+        if self.saved is not None:
+            self.loop.remove_reader(self.fd)
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+    def _read(self) -> None:
+        try:
+            keys = os.read(self.fd, 64)
+        except OSError:
+            return
+        if keys == b"\x1b":
+            self.on_esc()
+
+    @contextlib.contextmanager
+    def line_mode(self):
+        listening = self.saved is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if listening:
+                self.start()
+
+
 class Terminal:
     """The Mini-Agent experience in a terminal, on the same Agent loop."""
 
     HELP = ("/help  this help      /clear  new conversation   /history  the conversation\n"
             "/stats  token usage   /tools  what the model may use\n"
-            "/exit   quit          Ctrl+C  stop the running task")
+            "/exit   quit          Esc or Ctrl+C  stop the running task")
 
     def __init__(self, cfg: LLMConfig, workspace: str, max_steps: int, approve: str,
                  tools: dict[str, bool] | None = None, mcp: list[McpServer] | None = None,
@@ -3953,6 +4003,7 @@ class Terminal:
         self.allowed: set[str] = set()
         self.context: dict | None = None      # the last `context` event
         self.measured: dict | None = None     # carried from run to run
+        self.keys: EscToStop | None = None    # while a task runs
 
     def c(self, code: str, text: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -3961,8 +4012,11 @@ class Terminal:
         print(text, end=end, flush=True)
 
     async def ask_approval(self, call: dict) -> str:
-        self.say(self.c("33", f"  Allow {visible_controls(call['name'])}? [y/N/a] "), end="")
-        answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
+        # Line mode first: a key typed once the question shows is echoed.
+        with self.keys.line_mode() if self.keys else contextlib.nullcontext():
+            self.say(self.c("33", f"  Allow {visible_controls(call['name'])}? [y/N/a] "),
+                     end="")
+            answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
         return {"y": "allow", "yes": "allow", "a": "allow_always"}.get(answer, "deny")
 
     async def run_task(self, text: str) -> None:
@@ -3975,6 +4029,8 @@ class Terminal:
             self.loop.add_signal_handler(signal.SIGINT, agent.cancel)
         except (NotImplementedError, RuntimeError):
             pass
+        self.keys = EscToStop(self.loop, agent.cancel)
+        self.keys.start()
         step, started, streaming = 0, {}, None
         shown: set[str] = set()          # calls whose output was printed as it came
         began = step_began = last = time.monotonic()
@@ -4058,6 +4114,8 @@ class Terminal:
                                     + f" · {time.monotonic() - began:.1f} s"))
                 last = time.monotonic()
         finally:
+            self.keys.stop()
+            self.keys = None
             self.measured = agent.measured
             try:
                 self.loop.remove_signal_handler(signal.SIGINT)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -1478,6 +1479,63 @@ def test_terminal_front_end_lets_no_escape_sequence_steer_the_terminal(llm, tmp_
     assert "\noutput red\n" in out.stdout                    # a command's own output
     assert "bad  thing" in out.stdout                         # the error, its sequence gone
     assert "\x1b" not in out.stdout and "\r" not in out.stdout and "\x07" not in out.stdout
+
+
+def test_terminal_esc_stops_the_running_task_and_an_approval_still_reads_a_line(llm, tmp_path):
+    """In a real terminal (a pty), as in upstream's CLI: Esc stops the task
+    that runs and the program goes on; while a task runs the keys come one
+    by one, but the approval's question reads a whole line; an arrow key
+    (ESC [ A) stops nothing; and the terminal's settings are back after."""
+    import pty
+    import termios
+    llm.script += [Reply("Asking.", tools=[("bash", '{"command": "echo approved-ran"}')]),
+                   Reply(" ".join(["slow"] * 400), delay=0.05),
+                   Reply("Second task done.")]
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path), "--approve", "ask"],
+        stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+        env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, NO_COLOR="1"))
+    os.close(slave)
+    seen = b""
+
+    def until(text: str, times: int = 1, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(text.encode()) < times:
+            assert time.monotonic() < deadline, f"no {text!r} in {seen.decode(errors='replace')}"
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                seen += os.read(master, 65536)
+    try:
+        until("You ›")
+        os.write(master, b"go\n")
+        until("Allow bash? [y/N/a]")
+        os.write(master, b"y\n")                       # a line, echoed as it is typed
+        until("Allow bash? [y/N/a] y")
+        until("approved-ran")
+        until("slow slow slow")
+        os.write(master, b"\x1b[A")                    # an arrow key: nothing stops
+        time.sleep(0.3)
+        assert b"cancelled" not in seen
+        os.write(master, b"\x1b")                      # Esc
+        until("■ cancelled")
+        until("You ›", times=2)
+        # Back in line mode: what is typed now is echoed, and read as a line.
+        os.write(master, b"again\n")
+        until("Second task done.")
+        until("■ done")
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=30) == 0
+        assert termios.tcgetattr(master) == before          # the terminal as it was
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert seen.count(b"slow") < 400                  # stopped well before the end
+    assert b"again" in seen                           # echoed, as a line is
+    assert len(llm.requests) == 3
 
 
 def test_terminal_denied_tool_is_not_run(llm, tmp_path):
