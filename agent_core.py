@@ -4125,7 +4125,7 @@ class Terminal:
     def command(self, line: str) -> bool:
         """Handle a slash command; False means quit."""
         cmd = line.split()[0].lower()
-        if cmd in ("/exit", "/quit"):
+        if cmd in ("/exit", "/quit", "/q"):                 # upstream's three
             return False
         if cmd == "/help":
             self.say(self.HELP)

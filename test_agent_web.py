@@ -1444,9 +1444,10 @@ def test_terminal_front_end_runs_a_task_on_the_fake_server(llm, tmp_path):
     llm.script.append(Reply("Running.", tools=[("bash", '{"command": "echo from-terminal"}')]))
     out = subprocess.run(
         [sys.executable, str(HERE / "agent_core.py"), "-w", str(tmp_path), "--approve", "ask"],
-        input="do it\ny\n/stats\n/exit\n", capture_output=True, text=True, timeout=60,
+        input="do it\ny\n/stats\n/q\n/help\n", capture_output=True, text=True, timeout=60,
         env=free_env(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=llm.url, NO_COLOR="1"))
     assert out.returncode == 0, out.stderr
+    assert "/exit   quit" not in out.stdout          # /q quit (upstream's alias) before /help
     assert "$ echo from-terminal" in out.stdout
     assert "Allow bash? [y/N/a]" in out.stdout
     assert "from-terminal" in out.stdout.split("$ echo from-terminal", 1)[1]
