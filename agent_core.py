@@ -788,7 +788,7 @@ def _sse_event(block: bytes, cursor: dict[str, str] | None = None) -> tuple[str,
         elif name == "event":
             event = value
         elif cursor is not None and (name == "id" and "\0" not in value
-                                     or name == "retry" and value.isdigit()):
+                                     or name == "retry" and value.isascii() and value.isdigit()):
             cursor[name] = value          # (an event with no data sets them too)
     return (event or "message", "\n".join(data)) if data else None
 
@@ -2918,26 +2918,36 @@ class McpServer:
         nobody asked for (a changed tool list, a ping).  Opened again when
         it ends or fails (a server error: later), while the server is
         ready; a 405 says the server offers none, a 404 that its session is
-        gone (its next call starts it again)."""
+        gone (its next call starts it again).  Once its events have had
+        ids, it is opened again with the last one (Last-Event-ID), so that a
+        server that keeps its events sends what came in the gap; servers
+        may close the stream on purpose, to be polled."""
         delay = 1.0
+        cursor: dict[str, str] = {}            # sse_events keeps the last id and retry
         # No read time-out: a quiet server is the usual case, and each
-        # reopening would be a gap in which what it sends is lost.
+        # reopening would be a gap.
         timeout = httpx.Timeout(None, connect=self.timeouts["connect_timeout"])
         while True:
+            headers = {**self._headers(), "accept": "text/event-stream"}
+            if "id" in cursor:
+                headers["last-event-id"] = cursor["id"]
             try:
-                async with self._http.stream(
-                        "GET", self.spec["url"], timeout=timeout,
-                        headers={**self._headers(), "accept": "text/event-stream"}) as r:
+                async with self._http.stream("GET", self.spec["url"], timeout=timeout,
+                                             headers=headers) as r:
                     # 405: none offered; 404: the session is gone.  409: the
                     # server still holds our last stream (one at a time): later.
                     if 400 <= r.status_code < 500 and r.status_code != 409:
                         return
                     if r.status_code < 400:
                         delay = 1.0
-                        await self._receive_all(r)
+                        await self._receive_all(r, cursor)
             except (httpx.HTTPError, LLMError) as exc:
                 log.info("MCP %s: its stream of unasked messages: %s", self.name, _cut(exc))
-            await asyncio.sleep(delay)
+            # The stream's own `retry` when it set one (a server that closes
+            # it to be polled says when to come back; at least 0.1 s), else
+            # backing off.
+            await asyncio.sleep(min(max(int(cursor["retry"]), 100), 30_000) / 1000
+                                if "retry" in cursor else delay)
             delay = min(delay * 2, 30.0)
 
     async def _read_answer(self, response: httpx.Response, rid: int) -> None:

@@ -907,6 +907,20 @@ def test_sse_lines_end_only_at_cr_lf_or_crlf_however_the_bytes_are_cut():
     assert parse_sse([body[:50], body[50:51], body[51:]]) == want
 
 
+def test_an_sse_streams_id_and_retry_are_kept_and_a_retry_not_in_ascii_digits_is_not():
+    """The cursor a cut stream is taken up again from (MCP's resumption):
+    the last `id`, and `retry` only in the ASCII digits the SSE standard
+    allows ("²" is a digit to Python's isdigit, and int() refuses it)."""
+    async def go(body: bytes) -> dict:
+        cursor: dict[str, str] = {}
+        response = httpx.Response(200, stream=_Chunks([body]))
+        _ = [event async for event in core.sse_events(response, cursor=cursor)]
+        return cursor
+    assert arun(go(b"id: 4\nretry: 250\ndata: x\n\nid: 5\ndata: y\n\n")) == {
+        "id": "5", "retry": "250"}
+    assert arun(go("retry: \u00b2\nretry: \u0663\nid: 9\ndata: x\n\n".encode())) == {"id": "9"}
+
+
 @pytest.mark.parametrize("framing", ["chunked", "close"])
 def test_both_http_framings_stream_whole_and_a_chunked_one_keeps_its_connection(
         tmp_path, framing):
@@ -3389,6 +3403,19 @@ class Kept(EventStore):
 
 srv = MCPServer("resuming")
 
+def added() -> str:
+    return "added in the gap"
+
+@srv.tool(description="Change the tool list on the stream of unasked messages, close that "
+                      "stream, and change the list again while it is closed")
+async def announce(ctx: Context) -> str:
+    await ctx.session.send_tool_list_changed()    # kept, with an id, and sent
+    await asyncio.sleep(0.5)                      # the client lists the tools again
+    await ctx.close_standalone_sse_stream()
+    srv.add_tool(added, description="Offered while the client was away")
+    await ctx.session.send_tool_list_changed()    # kept, for the client to ask for
+    return "announced"
+
 @srv.tool(description="Work a while, with the answer's stream closed meanwhile")
 async def long(ctx: Context) -> str:
     await ctx.info("started")
@@ -3649,6 +3676,37 @@ def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
     assert before == {"unlock"} and unlocked == ("unlocked", False)
     assert after == {"secret"} and secret == ("the secret", False)
     assert info["mcp_servers"][0]["tools"] == 1
+
+
+def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(tmp_path):
+    """Streamable HTTP: a server may close its GET stream (the messages
+    nobody asked for) on purpose, to be polled.  The client opens it again
+    with the last event's id (Last-Event-ID), so a tool list that changed
+    in the gap reaches it: against the official SDK's server with an event
+    store, whose `announce` changes the list once on the open stream and
+    once more after closing it."""
+    script = tmp_path / "resuming.py"
+    script.write_text(RESUMING_MCP_SERVER)
+    servers = mcp_over_http(script, "http")
+    url = next(servers)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, {"url": url}, "http")
+        try:
+            await asyncio.sleep(0.5)                      # the GET stream is open
+            announced = await box.execute("announce", {})
+            deadline = time.monotonic() + 10
+            while "added" not in box.tools and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return announced, await box.execute("added", {}) if "added" in box.tools else None
+        finally:
+            await server.close()
+    try:
+        announced, added = arun(go())
+    finally:
+        next(servers, None)
+    assert announced == ("announced", False)
+    assert added == ("added in the gap", False)
 
 
 # A tool that answers only once `n` calls of it are in flight at once.
