@@ -16,7 +16,9 @@ How to run it
 How one message flows through this file
     1. `POST /agent/chat` → `AgentWebApp.post_chat` checks the body, reserves the
        session's one run slot in `RunManager` (409 if taken) and hands the
-       user's text to `RunManager.start`.
+       user's text to `RunManager.begin`, which stores it as the session's
+       next event, reads the conversation back (`read_conversation`) and
+       starts the run (`RunManager.start`).
     2. The run is an asyncio task (`RunManager._drive`) iterating
        `agent_core.Agent.run()`.  Each event it yields goes to `EventLog`.
     3. `EventLog` is the only writer: it batches pending events (a streamed
