@@ -2582,7 +2582,17 @@ MCP_DEFAULT_TIMEOUTS = {"connect_timeout": 10.0, "execute_timeout": 60.0,
 
 
 class McpError(Exception):
-    pass
+    def __init__(self, message: str, error: dict | None = None):
+        super().__init__(message)
+        self.error = error or {}         # the JSON-RPC error, when the server sent one
+
+
+# MCP 2026-07-28 dropped `initialize` (a stateless core: `server/discover`,
+# the version in each request's _meta).  A server that speaks only that
+# revision refuses the handshake with this code and its versions in
+# `data.supported`; this client speaks the handshake revisions above, so it
+# says which side speaks what instead of passing the refusal on as it came.
+UNSUPPORTED_PROTOCOL_VERSION = -32022
 
 
 def mcp_servers_from_file(path: Path, timeouts: dict[str, float] | None = None
@@ -2696,9 +2706,21 @@ class McpServer:
                     read=self.timeouts["sse_read_timeout"]))
             if self.transport == "sse":
                 await self._open_sse()
-        result = await self.request("initialize", {
-            "protocolVersion": MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
-            "clientInfo": {"name": "mini-agent-web", "version": "1"}})
+        try:
+            result = await self.request("initialize", {
+                "protocolVersion": MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
+                "clientInfo": {"name": "mini-agent-web", "version": "1"}})
+        except McpError as exc:
+            data = exc.error.get("data")
+            supported = data.get("supported") if isinstance(data, dict) else None
+            if exc.error.get("code") != UNSUPPORTED_PROTOCOL_VERSION or not isinstance(
+                    supported, list):
+                raise
+            newer = any(str(v) > MCP_PROTOCOL_VERSIONS[0] for v in supported)
+            raise McpError(f"the server speaks only MCP {', '.join(map(str, supported))}; this "
+                           f"client speaks {', '.join(MCP_PROTOCOL_VERSIONS)}" + (
+                               " (the handshake revisions: 2026-07-28 dropped `initialize`)"
+                               if newer else "")) from None
         version = result.get("protocolVersion")
         if version not in MCP_PROTOCOL_VERSIONS:
             raise McpError(f"the server speaks MCP {version!r}, which this client does not "
@@ -2810,7 +2832,7 @@ class McpServer:
             if "error" in m:
                 err = m["error"] if isinstance(m["error"], dict) else {"message": m["error"]}
                 future.set_exception(McpError(f"{err.get('message', 'error')} "
-                                              f"(code {err.get('code', '?')})"))
+                                              f"(code {err.get('code', '?')})", err))
             else:
                 future.set_result(m.get("result") or {})
 
@@ -2893,9 +2915,15 @@ class McpServer:
             self.state, self.error = "stopped", "the server ended the session"
             raise McpError("the server ended the session; it is started again at the next call")
         if response.status_code >= 400:
-            body = (await response.aread()).decode("utf-8", "replace")[:300]
+            body = (await response.aread()).decode("utf-8", "replace")
             await response.aclose()
-            raise McpError(f"HTTP {response.status_code} from {self.spec['url']}: {body}")
+            try:                                 # a JSON-RPC error, as MCP servers send
+                error = json.loads(body)["error"]
+                error = error if isinstance(error, dict) else None
+            except (ValueError, KeyError, TypeError):
+                error = None
+            raise McpError(f"HTTP {response.status_code} from {self.spec['url']}: {body[:300]}",
+                           error)
         if "id" not in message or "method" not in message:
             await response.aclose()              # a notification or an answer: 202
             return

@@ -3452,6 +3452,69 @@ def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path):
         next(servers, None)
 
 
+# A server of MCP 2026-07-28 only: no `initialize` (the stateless revision),
+# refused as that revision says, -32022 with the versions it speaks; over
+# HTTP with status 400.  Run as `modern.py stdio` or `modern.py http`.
+MODERN_ONLY_MCP_SERVER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def answer(message):
+    error = {"code": -32022, "message": "Unsupported protocol version",
+             "data": {"supported": ["2026-07-28"], "requested": "2025-11-25"}}
+    return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
+
+if sys.argv[1] == "stdio":
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "id" in message:
+            print(json.dumps(answer(message)), flush=True)
+else:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+        def do_POST(self):
+            message = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            body = json.dumps(answer(message)).encode()
+            self.send_response(400)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+'''
+
+
+@pytest.mark.parametrize("kind", ["stdio", "http"])
+def test_a_server_of_the_stateless_mcp_revision_only_is_reported_as_such(tmp_path, kind):
+    """MCP 2026-07-28 has no initialize handshake; a server that speaks only
+    that revision refuses ours with -32022 and its versions.  The server is
+    reported as failed, saying which side speaks which revisions, not with
+    the refusal's raw text."""
+    script = tmp_path / "modern.py"
+    script.write_text(MODERN_ONLY_MCP_SERVER)
+    servers = mcp_over_http(script, kind) if kind == "http" else iter([None])
+    where = next(servers)
+    spec = ({"command": sys.executable, "args": [str(script), "stdio"]} if kind == "stdio"
+            else {"url": where.replace("/mcp", "/")})
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, kind)
+        await server.close()
+        return server, box.describe()
+    try:
+        server, info = arun(go())
+    finally:
+        next(servers, None)
+    assert server.state == "failed"
+    assert server.error == ("the server speaks only MCP 2026-07-28; this client speaks "
+                            + ", ".join(core.MCP_PROTOCOL_VERSIONS) + " (the handshake "
+                            "revisions: 2026-07-28 dropped `initialize`)")
+    assert info["mcp_servers"][0]["state"] == "failed"
+
+
 def test_an_mcp_answer_stream_cut_midway_fails_its_call_at_once(tmp_path):
     """Streamable HTTP: a tools/call answered with an SSE stream that the
     server cuts before the answer fails that call with a message saying so,
