@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import codecs
 import contextlib
 import contextvars
@@ -2549,27 +2550,30 @@ class BackgroundJobs:
 # `connect_timeout`/`execute_timeout`/`sse_read_timeout`.
 #
 # One `McpServer` per entry speaks JSON-RPC 2.0 as the MCP specification
-# says.  Start: `initialize` (our newest protocol version; the server's
-# answer must be one we know), then `notifications/initialized`, then
-# `tools/list` page by page (`nextCursor`), all within `connect_timeout`; a
-# server that fails is reported (its state and error) and never holds up
-# the rest.  A call is `tools/call`; its `content` (text, image, audio,
-# embedded resources, resource links) becomes one text result, `isError`
-# its error flag.  A call past `execute_timeout`, or stopped by Stop, is
-# followed by `notifications/cancelled`.  A ping from the server is
-# answered; other requests from it are refused (-32601).  When the server
-# says its tools changed (`notifications/tools/list_changed`) they are
-# listed again, and the toolbox offers the new list from the next step on.
+# says, in either of its two eras (below).  Start: `server/discover`, and
+# for a server of the handshake era `initialize` (our newest protocol
+# version; the server's answer must be one we know) and
+# `notifications/initialized`; then `tools/list` page by page
+# (`nextCursor`), all within `connect_timeout`; a server that fails is
+# reported (its state and error) and never holds up the rest.  A call is
+# `tools/call`; its `content` (text, image, audio, embedded resources,
+# resource links) becomes one text result, `isError` its error flag.  A
+# call past `execute_timeout`, or stopped by Stop, is followed by
+# `notifications/cancelled` (a modern HTTP call: its stream is closed
+# instead).  A ping from the server is answered; other requests from it
+# are refused (-32601).  When the server says its tools changed
+# (`notifications/tools/list_changed`) they are listed again, and the
+# toolbox offers the new list from the next step on.
 #
 # Transports: stdio is a child process (its own process group; stderr goes
 # to our log line by line; messages are lines of JSON).  A stdio server that
 # died is started again at the next call.  Streamable HTTP POSTs each
-# message; the answer is JSON or an SSE stream; `Mcp-Session-Id` from the
-# initialize answer goes on every later request (a 404 then means the
-# session is gone: that call fails, and the next one initializes again);
-# a GET stream, open while the server is ready, carries what the server
-# sends unasked (a 405 says it offers none).  HTTP+SSE reads one GET
-# stream whose first event names the URL to POST to.
+# message; the answer is JSON or an SSE stream; in the handshake era
+# `Mcp-Session-Id` from the initialize answer goes on every later request
+# (a 404 then means the session is gone: that call fails, and the next one
+# initializes again), and a GET stream, open while the server is ready,
+# carries what the server sends unasked (a 405 says it offers none).
+# HTTP+SSE reads one GET stream whose first event names the URL to POST to.
 #
 # Tools keep their MCP names; one that clashes with a tool already there is
 # named `<server>_<tool>` (logged).  In `ask` mode an MCP tool asks first
@@ -2587,12 +2591,89 @@ class McpError(Exception):
         self.error = error or {}         # the JSON-RPC error, when the server sent one
 
 
-# MCP 2026-07-28 dropped `initialize` (a stateless core: `server/discover`,
-# the version in each request's _meta).  A server that speaks only that
-# revision refuses the handshake with this code and its versions in
-# `data.supported`; this client speaks the handshake revisions above, so it
-# says which side speaks what instead of passing the refusal on as it came.
-UNSUPPORTED_PROTOCOL_VERSION = -32022
+# The two eras.  MCP 2026-07-28 is stateless: no `initialize`, no session;
+# every request carries the protocol version, the client's identity and its
+# capabilities in its `_meta`, and over HTTP in headers too (`MCP-Protocol-
+# Version`, `Mcp-Method`, `Mcp-Name`, and `Mcp-Param-*` for the arguments a
+# tool's schema marks `x-mcp-header`).  The earlier revisions above open
+# with the handshake.  This client speaks both ("dual-era"), as the spec
+# says to tell them apart: over stdio and Streamable HTTP it first asks
+# `server/discover` in the modern revision.  A `DiscoverResult` naming a
+# version we speak, or a modern error (the codes below) naming one, makes
+# the server modern for as long as it runs; any other answer (an unknown
+# method, a 4xx without a modern error, no answer in time) makes it legacy:
+# `initialize` then, as before.  HTTP+SSE is legacy only.  A modern server's
+# tool list changes arrive on a `subscriptions/listen` stream (in place of
+# the GET stream), a call is stopped by closing its stream (HTTP) or by
+# `notifications/cancelled` (stdio), and a call that asks for input this
+# client cannot give (`resultType: input_required`: elicitation, sampling,
+# roots) fails, saying so.
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_CLIENT_INFO = {"name": "mini-agent-web", "version": "1"}
+HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION = -32020, -32021, -32022
+MODERN_ERRORS = (HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION)
+
+
+def mcp_header_value(value: Any) -> str | None:
+    """A value as an MCP request header carries it (2026-07-28, "Value
+    Encoding"): an integer in decimal, a boolean as true/false, a string as
+    it is when it is visible ASCII with no space at either end, else as
+    =?base64?...?=; None: no header (null, or not a primitive)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if not isinstance(value, str):
+        return None
+    if (value and value == value.strip() and all(" " <= c <= "~" for c in value)
+            and not (value.startswith("=?base64?") and value.endswith("?="))):
+        return value
+    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
+
+
+# The schema keywords that hold subschemas: an `x-mcp-header` under any of
+# them is off the chain of `properties` the spec allows it on.
+_SUBSCHEMA_KEYS = ("items", "prefixItems", "additionalProperties", "patternProperties", "oneOf",
+                   "anyOf", "allOf", "not", "if", "then", "else", "$defs", "definitions",
+                   "contains", "propertyNames", "dependentSchemas", "unevaluatedProperties",
+                   "unevaluatedItems")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def mcp_param_headers(schema: Any) -> dict[str, tuple[str, ...]]:
+    """A tool's `x-mcp-header` annotations: header name → the path of
+    properties its value is read at.  ValueError (why) when one breaks the
+    spec's rules, which makes the whole tool one a client must not offer."""
+    found: dict[str, tuple[str, ...]] = {}
+
+    def walk(node: Any, path: tuple[str, ...] | None) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, None)
+            return
+        if not isinstance(node, dict):
+            return
+        if "x-mcp-header" in node:
+            name = node["x-mcp-header"]
+            if path is None or not path:
+                raise ValueError("x-mcp-header off the chain of properties from the root")
+            if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                raise ValueError(f"x-mcp-header {name!r} is not a header name token")
+            if node.get("type") not in ("string", "integer", "boolean"):
+                raise ValueError(f"x-mcp-header {name!r} on a {node.get('type')!r} property")
+            if name.lower() in (n.lower() for n in found):
+                raise ValueError(f"x-mcp-header {name!r} twice")
+            found[name] = path
+        for key, value in node.items():
+            if key == "properties" and isinstance(value, dict):
+                for prop, sub in value.items():
+                    walk(sub, None if path is None else path + (prop,))
+            elif key in _SUBSCHEMA_KEYS:
+                walk(list(value.values()) if key in ("patternProperties", "$defs",
+                                                     "definitions", "dependentSchemas")
+                     and isinstance(value, dict) else value, None)
+    walk(schema, ())
+    return found
 
 
 def mcp_servers_from_file(path: Path, timeouts: dict[str, float] | None = None
@@ -2662,8 +2743,12 @@ class McpServer:
         self.state, self.error = "stopped", ""      # stopped, starting, ready, failed
         self.tools: list[dict] = []
         self.protocol = ""
+        self.modern = False                          # 2026-07-28 and on: see "The two eras"
+        self.capabilities: dict = {}                 # a modern server's, from server/discover
+        self._params: dict[str, dict] = {}           # tool → its x-mcp-header paths (modern HTTP)
         self._ids = 0
         self._waiting: dict[int, asyncio.Future] = {}
+        self._answering: dict[int, asyncio.Task] = {}  # HTTP: the task reading each answer
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: set[asyncio.Task] = set()       # readers, answers; each leaves when done
         self._http: httpx.AsyncClient | None = None
@@ -2696,6 +2781,7 @@ class McpServer:
                 log.warning("MCP server %s failed to start: %s", self.name, self.error)
 
     async def _connect(self) -> None:
+        self.modern, self.protocol, self.capabilities = False, "", {}
         if self.transport == "stdio":
             await self._open_stdio()
         else:
@@ -2706,6 +2792,11 @@ class McpServer:
                     read=self.timeouts["sse_read_timeout"]))
             if self.transport == "sse":
                 await self._open_sse()
+        if self.transport != "sse" and MCP_MODERN_VERSIONS and await self._discover():
+            self.tools = await self._list_tools()
+            if (self.capabilities.get("tools") or {}).get("listChanged"):
+                self._spawn(self._listen())
+            return
         try:
             result = await self.request("initialize", {
                 "protocolVersion": MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
@@ -2731,6 +2822,48 @@ class McpServer:
         if self.transport == "http":
             self._spawn(self._listen_unasked())
 
+    async def _discover(self) -> bool:
+        """The era probe (see "The two eras"): True, and the server is
+        modern from now on; False: it is legacy, `initialize` it."""
+        self.modern, self.protocol = True, MCP_MODERN_VERSIONS[0]
+        # A legacy stdio server may not answer a request before initialize
+        # at all: half the time to connect is its answer's.
+        probe = self.timeouts["connect_timeout"] / 2
+        try:
+            result = await asyncio.wait_for(self.request("server/discover", {}), probe)
+        except McpError as exc:
+            code, data = exc.error.get("code"), exc.error.get("data")
+            supported = data.get("supported") if isinstance(data, dict) else None
+            if code == UNSUPPORTED_PROTOCOL_VERSION and isinstance(supported, list):
+                mutual = [v for v in MCP_MODERN_VERSIONS if v in supported]
+                if mutual:
+                    self.protocol = mutual[0]
+                    return True
+                if not any(v in MCP_PROTOCOL_VERSIONS for v in supported):
+                    raise McpError(f"the server speaks only MCP {', '.join(map(str, supported))}"
+                                   "; this client speaks "
+                                   f"{', '.join(MCP_MODERN_VERSIONS + MCP_PROTOCOL_VERSIONS)}"
+                                   ) from None
+            elif code in MODERN_ERRORS:
+                raise McpError(f"server/discover was refused: {exc}") from None
+            if self.transport == "stdio" and (self._proc is None
+                                              or self._proc.returncode is not None):
+                await self.close()                  # it ended over a request it did not know
+                await self._open_stdio()
+        except asyncio.TimeoutError:
+            pass
+        else:
+            versions = result.get("supportedVersions")
+            mutual = [v for v in MCP_MODERN_VERSIONS if isinstance(versions, list)
+                      and v in versions]
+            if mutual:
+                self.protocol = mutual[0]
+                caps = result.get("capabilities")
+                self.capabilities = caps if isinstance(caps, dict) else {}
+                return True
+        self.modern, self.protocol = False, ""
+        return False
+
     async def _list_tools(self) -> list[dict]:
         tools, cursor = [], None
         while True:
@@ -2738,7 +2871,38 @@ class McpServer:
             tools += page.get("tools") or []
             cursor = page.get("nextCursor")
             if not cursor:
-                return tools
+                break
+        if not (self.modern and self.transport == "http"):
+            return tools
+        # Over HTTP a modern client mirrors the arguments a tool marks
+        # `x-mcp-header` into headers, and must not offer a tool whose marks
+        # break the rules (one bad tool, not the whole server).
+        offered, self._params = [], {}
+        for tool in tools:
+            try:
+                self._params[tool.get("name")] = mcp_param_headers(tool.get("inputSchema"))
+                offered.append(tool)
+            except ValueError as why:
+                log.warning("MCP server %s: tool %r not offered: %s", self.name,
+                            tool.get("name"), why)
+        return offered
+
+    async def _listen(self) -> None:
+        """Modern: a `subscriptions/listen` stream for the tool list's
+        changes, open while the server is ready (opened again when it ends;
+        the notifications go through `_received` as any other message)."""
+        delay = 1.0
+        while True:
+            try:
+                await self.request("subscriptions/listen",
+                                   {"notifications": {"toolsListChanged": True}})
+                delay = 1.0                        # the server ended it on purpose
+            except McpError as exc:
+                if exc.error.get("code") == -32601:
+                    return                         # it offers none after all
+                log.info("MCP %s: its subscription stream: %s", self.name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _tools_changed(self) -> None:
         """The server said its tools changed: list them again, and the
@@ -2790,14 +2954,22 @@ class McpServer:
         rid = self._ids
         future = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
+        if self.modern:
+            params = {**params, "_meta": {
+                "io.modelcontextprotocol/protocolVersion": self.protocol,
+                "io.modelcontextprotocol/clientInfo": MCP_CLIENT_INFO,
+                "io.modelcontextprotocol/clientCapabilities": {}}}
         async def exchange() -> dict:
             await self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
             return await future
         try:
             return await asyncio.wait_for(exchange(), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
+            reading = self._answering.get(rid)
+            if self.modern and reading is not None:
+                reading.cancel()                 # modern HTTP: closing its stream stops it
             # The spec: tell the server it may stop working on it.
-            if self.state == "ready" and method != "initialize":
+            elif self.state == "ready" and method != "initialize":
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.notify("notifications/cancelled", {
                         "requestId": rid, "reason": "stopped by the user" if
@@ -2805,6 +2977,7 @@ class McpServer:
             raise
         finally:
             self._waiting.pop(rid, None)
+            self._answering.pop(rid, None)
 
     async def notify(self, method: str, params: dict | None = None) -> None:
         message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
@@ -2894,19 +3067,35 @@ class McpServer:
             log.info("MCP %s: %s", self.name, line.decode("utf-8", "replace").rstrip())
 
     # -- Streamable HTTP ----------------------------------------------------
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, message: dict | None = None) -> dict[str, str]:
         h = {"accept": "application/json, text/event-stream"}
         if self._session_id:
             h["mcp-session-id"] = self._session_id
         if self.protocol:
             h["mcp-protocol-version"] = self.protocol
+        if self.modern and message is not None:
+            # What the body says, mirrored for gateways (the server checks them).
+            h["mcp-method"] = message.get("method", "")
+            params = message.get("params") or {}
+            if message.get("method") == "tools/call":
+                h["mcp-name"] = mcp_header_value(params.get("name")) or ""
+                args = params.get("arguments") or {}
+                for header, path in self._params.get(params.get("name"), {}).items():
+                    value: Any = args
+                    for key in path:
+                        value = value.get(key) if isinstance(value, dict) else None
+                    if (encoded := mcp_header_value(value)) is not None:
+                        h[f"mcp-param-{header}"] = encoded
         return h
 
     async def _post(self, message: dict) -> None:
         """POST one message; its answer (JSON or an SSE stream) is read in
         a task of its own, so a slow answer never blocks another."""
+        # A subscription stream is quiet for as long as nothing changes.
+        timeout = (httpx.Timeout(None, connect=self.timeouts["connect_timeout"])
+                   if message.get("method") == "subscriptions/listen" else self._http.timeout)
         request = self._http.build_request("POST", self.spec["url"], json=message,
-                                           headers=self._headers())
+                                           headers=self._headers(message), timeout=timeout)
         response = await self._http.send(request, stream=True)
         if message.get("method") == "initialize":
             self._session_id = response.headers.get("mcp-session-id") or None
@@ -2927,7 +3116,7 @@ class McpServer:
         if "id" not in message or "method" not in message:
             await response.aclose()              # a notification or an answer: 202
             return
-        self._spawn(self._read_answer(response, message["id"]))
+        self._answering[message["id"]] = self._spawn(self._read_answer(response, message["id"]))
 
     async def _receive_all(self, response: httpx.Response,
                            cursor: dict[str, str] | None = None) -> None:
@@ -3068,6 +3257,13 @@ class McpServer:
                             f"{limit:g} s (execute_timeout); it was told to stop") from None
         except McpError as exc:
             raise ToolError(f"{tool} (MCP server {self.name}): {exc}") from None
+        if result.get("resultType") == "input_required":
+            requests = result.get("inputRequests")
+            asked = ", ".join(sorted({str(r.get("method", "?")) for r in (
+                requests.values() if isinstance(requests, dict) else ()) if isinstance(r, dict)}))
+            raise ToolError(f"{tool} (MCP server {self.name}) asked for input this client "
+                            f"cannot give ({asked or 'unsaid'}): elicitation, sampling and "
+                            "roots are not offered here")
         text = mcp_content_text(result.get("content") or [])
         if not text and result.get("structuredContent") is not None:
             text = json.dumps(result["structuredContent"], ensure_ascii=False)

@@ -3343,9 +3343,26 @@ async def mcp_toolbox(tmp_path: Path, spec: dict, transport: str, **timeouts):
     return server, box
 
 
-@pytest.mark.parametrize("kind", ["stdio", "http", "sse"])
-def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_script, kind,
-                                                              request):
+# The official SDK's servers speak both eras of MCP (see agent_core, "The two
+# eras"): the client takes the modern one, unless told it knows none.
+ERAS = [("stdio", "modern"), ("stdio", "legacy"), ("http", "modern"), ("http", "legacy"),
+        ("sse", "legacy")]
+
+
+def legacy_only(monkeypatch) -> None:
+    monkeypatch.setattr(core, "MCP_MODERN_VERSIONS", ())
+
+
+@pytest.mark.parametrize("kind,era", ERAS)
+def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_script, kind, era,
+                                                              request, monkeypatch):
+    """Every transport and era against the official SDK's server: a modern
+    client asks server/discover and carries its version in each request
+    (and, over HTTP, in the headers the SDK checks); a legacy one opens
+    with initialize.  Calls, errors, content kinds, a call past
+    execute_timeout stopped (its stream closed, or notifications/cancelled)."""
+    if era == "legacy":
+        legacy_only(monkeypatch)
     where = mcp_script if kind == "stdio" else request.getfixturevalue(f"mcp_{kind}")
     spec, transport = mcp_spec(kind, where)
 
@@ -3363,7 +3380,9 @@ def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_scri
         finally:
             await server.close()
     server, info, out = arun(go())
-    assert server.protocol in core.MCP_PROTOCOL_VERSIONS
+    assert server.protocol == "2026-07-28" if era == "modern" else (
+        server.protocol in core.MCP_PROTOCOL_VERSIONS)
+    assert server.modern == (era == "modern")
     assert out["echo"] == ("echo: hi", False)
     assert out["fail"][1] and "it failed: on purpose" in out["fail"][0]
     assert out["picture"] == ("[image: image/png, 108 bytes]", False)
@@ -3430,11 +3449,12 @@ uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 '''
 
 
-def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path):
+def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path, monkeypatch):
     """MCP 2025-11-25: a server may close a long call's answer stream after
     an event with an id; the client takes it up again (GET, Last-Event-ID,
     after the `retry` the stream set) and the call gets its answer, against
     the official SDK's server with an event store."""
+    legacy_only(monkeypatch)          # resumption is the handshake era's (2026-07-28 has none)
     script = tmp_path / "resuming.py"
     script.write_text(RESUMING_MCP_SERVER)
     servers = mcp_over_http(script, "http")
@@ -3452,16 +3472,126 @@ def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path):
         next(servers, None)
 
 
-# A server of MCP 2026-07-28 only: no `initialize` (the stateless revision),
-# refused as that revision says, -32022 with the versions it speaks; over
-# HTTP with status 400.  Run as `modern.py stdio` or `modern.py http`.
+# A server of the handshake era only, written by hand as such servers behave
+# when a request comes before `initialize`: over stdio it answers -32601
+# (`error`), says nothing (`silent`) or exits (`exit`); over HTTP it answers
+# 400 in plain text, having no session (as the SDK's 1.x servers do).
+# Run as `legacy.py stdio error|silent|exit` or `legacy.py http`.
+LEGACY_MCP_SERVER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def answer(message, initialized):
+    method, rid = message.get("method"), message.get("id")
+    if method == "initialize":
+        return {"jsonrpc": "2.0", "id": rid, "result": {
+            "protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+            "serverInfo": {"name": "legacy", "version": "1"}}}
+    if not initialized:
+        return "before"
+    if "_meta" in (message.get("params") or {}):
+        return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "_meta?"}}
+    if method == "tools/list":
+        return {"jsonrpc": "2.0", "id": rid, "result": {"tools": [
+            {"name": "echo", "inputSchema": {"type": "object"}}]}}
+    if method == "tools/call":
+        text = "echo: " + message["params"]["arguments"].get("text", "")
+        return {"jsonrpc": "2.0", "id": rid, "result": {"content": [
+            {"type": "text", "text": text}]}}
+    return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "unknown"}}
+
+if sys.argv[1] == "stdio":
+    initialized = False
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "id" not in message:
+            continue
+        reply = answer(message, initialized)
+        if reply == "before":
+            if sys.argv[2] == "exit":
+                sys.exit(1)
+            if sys.argv[2] == "silent":
+                continue
+            reply = {"jsonrpc": "2.0", "id": message["id"],
+                     "error": {"code": -32601, "message": "Method not found"}}
+        initialized = initialized or message["method"] == "initialize"
+        print(json.dumps(reply), flush=True)
+else:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *args):
+            pass
+        def send(self, status, body, kind="application/json", session=False):
+            self.send_response(status)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            if session:
+                self.send_header("mcp-session-id", "s-1")
+            self.end_headers()
+            self.wfile.write(body)
+        def do_GET(self):
+            self.send(405, b"")
+        def do_DELETE(self):
+            self.send(200, b"")
+        def do_POST(self):
+            message = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            has_session = self.headers.get("mcp-session-id") == "s-1"
+            if "id" not in message:
+                return self.send(202, b"")
+            reply = answer(message, has_session)
+            if reply == "before":
+                return self.send(400, b"Bad Request: Missing session ID", "text/plain")
+            self.send(200, json.dumps(reply).encode(), session=message["method"] == "initialize")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+'''
+
+
+@pytest.mark.parametrize("kind,before", [("stdio", "error"), ("stdio", "silent"),
+                                         ("stdio", "exit"), ("http", "400")])
+def test_a_server_of_the_handshake_era_only_is_spoken_to_with_initialize(tmp_path, kind, before):
+    """The era probe (server/discover) to a legacy server: whatever it does
+    with a request before initialize (an error, silence until half the
+    connect time, exiting, an HTTP 400 with no modern error), the client
+    falls back to initialize and the server's tools work, no _meta sent."""
+    script = tmp_path / "legacy.py"
+    script.write_text(LEGACY_MCP_SERVER)
+    servers = mcp_over_http(script, "http") if kind == "http" else iter([None])
+    where = next(servers)
+    spec = ({"command": sys.executable, "args": [str(script), "stdio", before]}
+            if kind == "stdio" else {"url": where.replace("/mcp", "/")})
+
+    async def go():
+        started = time.monotonic()
+        server, box = await mcp_toolbox(tmp_path, spec, kind, connect_timeout=2.0)
+        took = time.monotonic() - started
+        try:
+            return (server.state, server.error), server, took, await box.execute(
+                "echo", {"text": "hi"})
+        finally:
+            await server.close()
+    try:
+        state, server, took, echoed = arun(go())
+    finally:
+        next(servers, None)
+    assert state == ("ready", "")
+    assert not server.modern and server.protocol == "2025-11-25"
+    assert echoed == ("echo: hi", False)
+    if before == "silent":
+        assert took >= 1.0                   # it waited half the connect time for an answer
+
+
+# A modern server of a revision this client does not speak (a later one):
+# every request refused as 2026-07-28 says, -32022 with the versions it
+# speaks; over HTTP with status 400.  Run as `modern.py stdio|http`.
 MODERN_ONLY_MCP_SERVER = r'''
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def answer(message):
     error = {"code": -32022, "message": "Unsupported protocol version",
-             "data": {"supported": ["2026-07-28"], "requested": "2025-11-25"}}
+             "data": {"supported": ["2027-03-30"], "requested": "2026-07-28"}}
     return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
 
 if sys.argv[1] == "stdio":
@@ -3487,12 +3617,15 @@ else:
 '''
 
 
-@pytest.mark.parametrize("kind", ["stdio", "http"])
-def test_a_server_of_the_stateless_mcp_revision_only_is_reported_as_such(tmp_path, kind):
-    """MCP 2026-07-28 has no initialize handshake; a server that speaks only
-    that revision refuses ours with -32022 and its versions.  The server is
-    reported as failed, saying which side speaks which revisions, not with
-    the refusal's raw text."""
+@pytest.mark.parametrize("kind,era", [(k, e) for k, e in ERAS if k != "sse"])
+def test_a_server_of_a_revision_the_client_does_not_speak_is_reported_as_such(
+        tmp_path, kind, era, monkeypatch):
+    """A modern server refuses a version it does not speak with -32022 and
+    its own: whether the client probed with server/discover (modern) or
+    opened with initialize (legacy only), the server is reported failed,
+    saying which side speaks which revisions, not with the raw refusal."""
+    if era == "legacy":
+        legacy_only(monkeypatch)
     script = tmp_path / "modern.py"
     script.write_text(MODERN_ONLY_MCP_SERVER)
     servers = mcp_over_http(script, kind) if kind == "http" else iter([None])
@@ -3509,9 +3642,10 @@ def test_a_server_of_the_stateless_mcp_revision_only_is_reported_as_such(tmp_pat
     finally:
         next(servers, None)
     assert server.state == "failed"
-    assert server.error == ("the server speaks only MCP 2026-07-28; this client speaks "
-                            + ", ".join(core.MCP_PROTOCOL_VERSIONS) + " (the handshake "
-                            "revisions: 2026-07-28 dropped `initialize`)")
+    assert server.error == "the server speaks only MCP 2027-03-30; this client speaks " + (
+        "2026-07-28, " + ", ".join(core.MCP_PROTOCOL_VERSIONS) if era == "modern" else
+        ", ".join(core.MCP_PROTOCOL_VERSIONS) + " (the handshake revisions: 2026-07-28 "
+        "dropped `initialize`)")
     assert info["mcp_servers"][0]["state"] == "failed"
 
 
@@ -3699,18 +3833,26 @@ def secret() -> str:
 async def unlock(ctx: Context) -> str:
     srv.add_tool(secret, description="The secret, once unlocked")
     srv.remove_tool("unlock")
-    await ctx.session.send_tool_list_changed()
+    try:                                   # a legacy client: its session's own channel
+        await ctx.session.send_tool_list_changed()
+    except Exception:
+        pass
+    await ctx.notify_tools_changed()       # a modern one: its subscriptions/listen stream
     return "unlocked"
 ''' + MCP_SERVE
 
 
-@pytest.mark.parametrize("kind", ["stdio", "http", "sse"])
+@pytest.mark.parametrize("kind,era", ERAS)
 def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
-        tmp_path, kind):
+        tmp_path, kind, era, monkeypatch):
     """notifications/tools/list_changed: the tools are listed again and the
     toolbox offers the new list (the model's next step sees it).  Over
-    Streamable HTTP it comes on the GET stream, which stays open through a
-    quiet spell longer than sse_read_timeout."""
+    Streamable HTTP it comes on the GET stream (legacy) or the
+    subscriptions/listen stream (modern), either staying open through a
+    quiet spell longer than sse_read_timeout; over stdio, modern, on the
+    subscription opened for it."""
+    if era == "legacy":
+        legacy_only(monkeypatch)
     script = tmp_path / "changing.py"
     script.write_text(CHANGING_MCP_SERVER)
     servers = mcp_over_http(script, kind) if kind != "stdio" else iter([script])
@@ -3741,13 +3883,15 @@ def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
     assert info["mcp_servers"][0]["tools"] == 1
 
 
-def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(tmp_path):
+def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(tmp_path,
+                                                                                  monkeypatch):
     """Streamable HTTP: a server may close its GET stream (the messages
     nobody asked for) on purpose, to be polled.  The client opens it again
     with the last event's id (Last-Event-ID), so a tool list that changed
     in the gap reaches it: against the official SDK's server with an event
     store, whose `announce` changes the list once on the open stream and
     once more after closing it."""
+    legacy_only(monkeypatch)          # the GET stream is the handshake era's
     script = tmp_path / "resuming.py"
     script.write_text(RESUMING_MCP_SERVER)
     servers = mcp_over_http(script, "http")
@@ -3770,6 +3914,137 @@ def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(
         next(servers, None)
     assert announced == ("announced", False)
     assert added == ("added in the gap", False)
+
+
+# A modern stdio server whose one tool asks the client for input (MRTR's
+# InputRequiredResult), and which refuses a request without the version in
+# its _meta, as 2026-07-28 says a server must.
+ASKING_MCP_SERVER = r'''
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    meta = (m.get("params") or {}).get("_meta") or {}
+    if meta.get("io.modelcontextprotocol/protocolVersion") != "2026-07-28":
+        result = None
+        error = {"code": -32022, "message": "Unsupported protocol version",
+                 "data": {"supported": ["2026-07-28"]}}
+    elif m["method"] == "server/discover":
+        result = {"resultType": "complete", "supportedVersions": ["2026-07-28"],
+                  "capabilities": {"tools": {}}, "serverInfo": {"name": "asking"}}
+    elif m["method"] == "tools/list":
+        result = {"resultType": "complete", "ttlMs": 0, "cacheScope": "private",
+                  "tools": [{"name": "ask", "inputSchema": {"type": "object"}}]}
+    else:
+        result = {"resultType": "input_required", "inputRequests": {"who": {
+            "method": "elicitation/create", "params": {"message": "Your name?"}}}}
+    reply = {"jsonrpc": "2.0", "id": m["id"]}
+    reply.update({"result": result} if result is not None else {"error": error})
+    print(json.dumps(reply), flush=True)
+'''
+
+
+def test_a_modern_tool_that_asks_for_input_fails_saying_so(tmp_path):
+    """MCP 2026-07-28 over stdio, by hand: every request carries the version
+    in its _meta (the server refuses one without), and a call answered with
+    `input_required` (elicitation, here) fails saying what was asked and
+    that this client does not give it."""
+    (tmp_path / "asking.py").write_text(ASKING_MCP_SERVER)
+    spec = {"command": sys.executable, "args": [str(tmp_path / "asking.py")]}
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, spec, "stdio")
+        try:
+            return server.modern, server.state, await box.execute("ask", {})
+        finally:
+            await server.close()
+    modern, state, asked = arun(go())
+    assert modern and state == "ready"
+    assert asked == ("Error: ask (MCP server t) asked for input this client cannot give "
+                     "(elicitation/create): elicitation, sampling and roots are not offered "
+                     "here", True)
+
+
+# Tools whose arguments go in headers too (2026-07-28's x-mcp-header), which
+# the SDK's server checks against the body; and one a client must not offer.
+HEADERS_MCP_SERVER = r'''
+import socket, sys
+from typing import Annotated
+from pydantic import Field
+from mcp.server.mcpserver import MCPServer
+
+srv = MCPServer("headers")
+
+@srv.tool(description="Where a query runs")
+def where(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})],
+          shard: Annotated[int, Field(json_schema_extra={"x-mcp-header": "Shard"})] = 0,
+          query: str = "") -> str:
+    return f"{query} in {region} on {shard}"
+''' + MCP_SERVE
+
+
+def test_a_tools_arguments_marked_x_mcp_header_go_in_headers_the_sdks_server_checks(tmp_path):
+    """Modern Streamable HTTP: an argument the tool's schema marks
+    `x-mcp-header` is mirrored into `Mcp-Param-*` (a non-ASCII value, or
+    one with spaces at its ends, as =?base64?...?=), and the SDK's server,
+    which rejects a call whose headers do not match its body, answers."""
+    script = tmp_path / "headers.py"
+    script.write_text(HEADERS_MCP_SERVER)
+    servers = mcp_over_http(script, "http")
+    url = next(servers)
+
+    async def go():
+        server, box = await mcp_toolbox(tmp_path, {"url": url}, "http")
+        try:
+            return server.modern, [await box.execute("where", args) for args in (
+                {"region": "us-west1", "shard": 3, "query": "q"},
+                {"region": "東京 ", "query": "q"},
+                {"region": "=?base64?looks-encoded?=", "shard": 0})]
+        finally:
+            await server.close()
+    try:
+        modern, answers = arun(go())
+    finally:
+        next(servers, None)
+    assert modern
+    assert answers == [("q in us-west1 on 3", False), ("q in 東京  on 0", False),
+                       (" in =?base64?looks-encoded?= on 0", False)]
+
+
+def test_x_mcp_header_marks_and_values_follow_the_specs_rules():
+    """Where a mark may be (a chain of `properties` from the root), on what
+    (a string, integer or boolean), named how (a header token, once), and
+    how a value is written (as it is, or base64 between the sentinels)."""
+    ok = {"type": "object", "properties": {
+        "region": {"type": "string", "x-mcp-header": "Region"},
+        "opts": {"type": "object", "properties": {"n": {"type": "integer",
+                                                        "x-mcp-header": "N"}}},
+        "x-mcp-header": {"type": "string"}}}               # a property of that name: fine
+    assert core.mcp_param_headers(ok) == {"Region": ("region",), "N": ("opts", "n")}
+    bad = {
+        "under items": {"type": "object", "properties": {"list": {"type": "array", "items": {
+            "type": "string", "x-mcp-header": "Item"}}}},
+        "under anyOf": {"anyOf": [{"type": "object", "properties": {"a": {
+            "type": "string", "x-mcp-header": "A"}}}]},
+        "on a number": {"type": "object", "properties": {"f": {"type": "number",
+                                                               "x-mcp-header": "F"}}},
+        "not a token": {"type": "object", "properties": {"a": {"type": "string",
+                                                               "x-mcp-header": "A B"}}},
+        "twice": {"type": "object", "properties": {
+            "a": {"type": "string", "x-mcp-header": "Same"},
+            "b": {"type": "string", "x-mcp-header": "same"}}},
+        "on the root": {"type": "string", "x-mcp-header": "Root"}}
+    for why, schema in bad.items():
+        with pytest.raises(ValueError):
+            core.mcp_param_headers(schema)
+            pytest.fail(why)
+    assert [core.mcp_header_value(v) for v in ("us-west1", 42, -7, True, False, None, 3.0,
+                                               [1], "Hello, 世界", " padded ", "a\nb",
+                                               "=?base64?literal?=")] == [
+        "us-west1", "42", "-7", "true", "false", None, "3", None,
+        "=?base64?SGVsbG8sIOS4lueVjA==?=", "=?base64?IHBhZGRlZCA=?=", "=?base64?YQpi?=",
+        "=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?="]
 
 
 # A tool that answers only once `n` calls of it are in flight at once.
