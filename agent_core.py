@@ -1829,7 +1829,8 @@ class Toolbox:
                            "asks_first": self.writes(name)}
                           for name, (schema, _) in self.tools.items()],
                 "mcp_servers": [{"name": s.name, "transport": s.transport, "state": s.state,
-                                 "error": s.error, "tools": len(s.tools)} for s in self.mcp]}
+                                 "error": s.error, "tools": len(s.tools),
+                                 "protocol": s.protocol} for s in self.mcp]}
 
     def writes(self, name: str) -> bool:
         """Whether a tool may change things (so `ask` asks first)."""
@@ -4381,7 +4382,9 @@ class Terminal:
                 self.say(f"{visible_controls(tool['name']):<24} {tool['source']:<16}"
                          + (" asks first" if tool["asks_first"] else ""))
             for server in info["mcp_servers"]:
-                self.say(f"MCP {server['name']} ({server['transport']}): {server['state']}"
+                self.say(f"MCP {server['name']} ({server['transport']}"
+                         + (f", MCP {server['protocol']}" if server["protocol"] else "")
+                         + f"): {server['state']}"
                          + (f" — {for_terminal(server['error'])}" if server["error"] else ""))
         elif cmd == "/stats":
             t = self.totals

@@ -3396,7 +3396,7 @@ def test_mcp_tools_are_listed_and_called_over_every_transport(tmp_path, mcp_scri
     asks = {t["name"]: t["asks_first"] for t in info["tools"]}
     assert asks["echo"] and not asks["lookup"]               # readOnlyHint: never asks
     assert info["mcp_servers"] == [{"name": "t", "transport": transport, "state": "ready",
-                                    "error": "", "tools": 7}]
+                                    "error": "", "tools": 7, "protocol": server.protocol}]
 
 
 # A Streamable HTTP server that keeps its events (the SDK's EventStore) and
@@ -4263,6 +4263,7 @@ def test_the_terminal_gets_all_of_it_config_mcp_skills_tools_and_stats(tmp_path,
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr
     assert "Skills (" in out and "MCP t (stdio): 7 tool(s)" in out
+    assert "MCP t (stdio, MCP 2026-07-28): ready" in out            # the SDK's: modern
     assert re.search(r"^echo +mcp:t +asks first$", out, re.M)
     assert re.search(r"^lookup +mcp:t *$", out, re.M)                 # read-only: no asking
     assert re.search(r"^get_skill +skills", out, re.M) and re.search(r"^bash_output +built-in",

@@ -1000,7 +1000,8 @@ async function showTools() {
   }
   for (const server of info.mcp_servers) {
     const el = div(`server ${server.state}`);
-    el.textContent = `MCP ${server.name} (${server.transport}): ${server.state}` + (server.error ? ` — ${server.error}` : "");
+    const spoken = server.protocol ? `, MCP ${server.protocol}` : "";
+    el.textContent = `MCP ${server.name} (${server.transport}${spoken}): ${server.state}` + (server.error ? ` — ${server.error}` : "");
     box.append(el);
   }
 }
