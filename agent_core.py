@@ -2615,6 +2615,20 @@ HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION = -3202
 MODERN_ERRORS = (HEADER_MISMATCH, MISSING_CLIENT_CAPABILITY, UNSUPPORTED_PROTOCOL_VERSION)
 
 
+def refused_versions(exc: "McpError") -> list | None:
+    """The versions a server speaks, when it refused ours with them
+    (UnsupportedProtocolVersionError's `data.supported`); else None."""
+    data = exc.error.get("data")
+    supported = data.get("supported") if isinstance(data, dict) else None
+    return (supported if exc.error.get("code") == UNSUPPORTED_PROTOCOL_VERSION
+            and isinstance(supported, list) else None)
+
+
+def no_shared_version(supported: list) -> "McpError":
+    return McpError(f"the server speaks only MCP {', '.join(map(str, supported))}; this client "
+                    f"speaks {', '.join(MCP_MODERN_VERSIONS + MCP_PROTOCOL_VERSIONS)}")
+
+
 def mcp_header_value(value: Any) -> str | None:
     """A value as an MCP request header carries it (2026-07-28, "Value
     Encoding"): an integer in decimal, a boolean as true/false, a string as
@@ -2793,26 +2807,27 @@ class McpServer:
                     read=self.timeouts["sse_read_timeout"]))
             if self.transport == "sse":
                 await self._open_sse()
-        if self.transport != "sse" and MCP_MODERN_VERSIONS and await self._discover():
+        modern = self.transport != "sse" and MCP_MODERN_VERSIONS and await self._discover()
+        if not modern:
+            try:
+                result = await self.request("initialize", {
+                    "protocolVersion": MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
+                    "clientInfo": MCP_CLIENT_INFO})
+            except McpError as exc:
+                supported = refused_versions(exc)
+                if supported is None:
+                    raise
+                # A modern server after all (a probe it was too slow to
+                # answer, say): once more in a version it names, if we can.
+                if not (any(v in MCP_MODERN_VERSIONS for v in supported)
+                        and self.transport != "sse" and await self._discover()):
+                    raise no_shared_version(supported) from None
+                modern = True
+        if modern:
             self.tools = await self._list_tools()
             if (self.capabilities.get("tools") or {}).get("listChanged"):
                 self._spawn(self._listen())
             return
-        try:
-            result = await self.request("initialize", {
-                "protocolVersion": MCP_PROTOCOL_VERSIONS[0], "capabilities": {},
-                "clientInfo": {"name": "mini-agent-web", "version": "1"}})
-        except McpError as exc:
-            data = exc.error.get("data")
-            supported = data.get("supported") if isinstance(data, dict) else None
-            if exc.error.get("code") != UNSUPPORTED_PROTOCOL_VERSION or not isinstance(
-                    supported, list):
-                raise
-            newer = any(str(v) > MCP_PROTOCOL_VERSIONS[0] for v in supported)
-            raise McpError(f"the server speaks only MCP {', '.join(map(str, supported))}; this "
-                           f"client speaks {', '.join(MCP_PROTOCOL_VERSIONS)}" + (
-                               " (the handshake revisions: 2026-07-28 dropped `initialize`)"
-                               if newer else "")) from None
         version = result.get("protocolVersion")
         if version not in MCP_PROTOCOL_VERSIONS:
             raise McpError(f"the server speaks MCP {version!r}, which this client does not "
@@ -2833,19 +2848,15 @@ class McpServer:
         try:
             result = await asyncio.wait_for(self.request("server/discover", {}), probe)
         except McpError as exc:
-            code, data = exc.error.get("code"), exc.error.get("data")
-            supported = data.get("supported") if isinstance(data, dict) else None
-            if code == UNSUPPORTED_PROTOCOL_VERSION and isinstance(supported, list):
+            supported = refused_versions(exc)
+            if supported is not None:
                 mutual = [v for v in MCP_MODERN_VERSIONS if v in supported]
                 if mutual:
                     self.protocol = mutual[0]
                     return True
                 if not any(v in MCP_PROTOCOL_VERSIONS for v in supported):
-                    raise McpError(f"the server speaks only MCP {', '.join(map(str, supported))}"
-                                   "; this client speaks "
-                                   f"{', '.join(MCP_MODERN_VERSIONS + MCP_PROTOCOL_VERSIONS)}"
-                                   ) from None
-            elif code in MODERN_ERRORS:
+                    raise no_shared_version(supported) from None
+            elif exc.error.get("code") in MODERN_ERRORS:
                 raise McpError(f"server/discover was refused: {exc}") from None
             if self.transport == "stdio" and (self._proc is None
                                               or self._proc.returncode is not None):
@@ -3186,8 +3197,8 @@ class McpServer:
                 finally:
                     await response.aclose()
                 future = self._waiting.get(rid)
-                if future is None or future.done() or "id" not in cursor:
-                    return
+                if future is None or future.done() or "id" not in cursor or self.modern:
+                    return                       # (2026-07-28 streams are not taken up again)
                 await asyncio.sleep(min(int(cursor.get("retry", 1000)), 10_000) / 1000)
                 try:
                     response = await self._http.send(self._http.build_request(
