@@ -2977,9 +2977,12 @@ class McpServer:
         try:
             return await asyncio.wait_for(exchange(), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
-            reading = self._answering.get(rid)
-            if self.modern and reading is not None:
-                reading.cancel()                 # modern HTTP: closing its stream stops it
+            if self.modern and self.transport == "http":
+                # Closing its stream stops it (the POST itself, if still
+                # waiting, was cut with this task): no notification.
+                reading = self._answering.get(rid)
+                if reading is not None:
+                    reading.cancel()
             # The spec: tell the server it may stop working on it.
             elif self.state == "ready" and method != "initialize":
                 with contextlib.suppress(Exception):

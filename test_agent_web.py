@@ -3986,6 +3986,56 @@ def test_a_modern_server_that_missed_the_probe_is_asked_again_when_it_refuses_in
     assert arun(go()) == (True, "ready", "", ["ask"])
 
 
+def test_a_modern_http_call_past_its_time_is_stopped_by_closing_its_stream(tmp_path):
+    """MCP 2026-07-28 over Streamable HTTP: a call is cancelled by closing
+    its response stream, with no notifications/cancelled POST (the revision
+    defines none over HTTP).  A hand-written modern server that opens the
+    call's SSE stream and then waits sees its connection closed."""
+    seen: dict = {"methods": [], "closed": asyncio.Event}
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                length = int(re.search(r"(?i)content-length:\s*(\d+)", head).group(1))
+                body = json.loads(await reader.readexactly(length))
+                seen["methods"].append(body.get("method"))
+                if body.get("method") == "tools/call":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    await writer.drain()
+                    await reader.read()              # until the client closes it
+                    seen["closed"].set()
+                    return
+                result = ({"resultType": "complete", "supportedVersions": ["2026-07-28"],
+                           "capabilities": {"tools": {}}}
+                          if body["method"] == "server/discover" else
+                          {"resultType": "complete", "ttlMs": 0, "cacheScope": "private",
+                           "tools": [{"name": "wait", "inputSchema": {"type": "object"}}]})
+                answer = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(answer), answer.encode()))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def go():
+        seen["closed"] = asyncio.Event()
+        listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/mcp"
+        server, box = await mcp_toolbox(tmp_path, {"url": url}, "http", execute_timeout=0.5)
+        try:
+            called = await box.execute("wait", {})
+            await asyncio.wait_for(seen["closed"].wait(), 5)
+            await asyncio.sleep(0.3)                 # a notification would come now
+            return server.modern, called
+        finally:
+            await server.close()
+            listener.close()
+    modern, called = arun(go())
+    assert modern and called[1] and "within 0.5 s (execute_timeout)" in called[0]
+    assert seen["methods"] == ["server/discover", "tools/list", "tools/call"]
+
+
 # Tools whose arguments go in headers too (2026-07-28's x-mcp-header), which
 # the SDK's server checks against the body; and one a client must not offer.
 HEADERS_MCP_SERVER = r'''
