@@ -2773,6 +2773,14 @@ class McpServer:
         # Called after the server's tools changed and were listed again (Toolbox).
         self.on_tools_changed: Callable[["McpServer"], None] | None = None
 
+    def summary(self) -> str:
+        """One line for a front end's start: the server, how it is spoken
+        to, and its tools or what failed."""
+        spoken = f", MCP {self.protocol}" if self.protocol else ""
+        return f"MCP {self.name} ({self.transport}{spoken}): " + (
+            f"{len(self.tools)} tool(s)" if self.state == "ready"
+            else f"{self.state}: {self.error}")
+
     # -- life cycle ---------------------------------------------------------
     async def start(self) -> None:
         """Connect, initialize and list the tools, within connect_timeout;
@@ -2789,7 +2797,7 @@ class McpServer:
                     self.on_tools_changed(self)
             except Exception as exc:
                 await self.close()
-                self.state = "failed"
+                self.state, self.modern, self.protocol = "failed", False, ""
                 self.error = (f"no answer within {self.timeouts['connect_timeout']:g} s"
                               if isinstance(exc, (asyncio.TimeoutError, TimeoutError))
                               else str(exc) or type(exc).__name__)
@@ -4419,9 +4427,8 @@ class Terminal:
         if self.mcp:
             self.loop.run_until_complete(start_mcp(self.mcp, self.toolbox))
             for server in self.mcp:
-                self.say(f"MCP {server.name} ({server.transport}): " + (
-                    f"{len(server.tools)} tool(s)" if server.state == "ready"
-                    else self.c("31", f"{server.state}: {server.error}")))
+                line = server.summary()
+                self.say(line if server.state == "ready" else self.c("31", line))
         if self.cfg.provider == "demo":
             self.say(self.c("33", "Offline demo model: set ANTHROPIC_API_KEY, OPENAI_API_KEY "
                                   "or MINIMAX_API_KEY for a real one."))

@@ -3492,9 +3492,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Skills {application.skills.folder}: "
                       + ", ".join(application.skills.found), flush=True)
             for mcp in application.mcp_servers:
-                print(f"MCP {mcp.name} ({mcp.transport}): " + (
-                    f"{len(mcp.tools)} tool(s)" if mcp.state == "ready"
-                    else f"{mcp.state}: {mcp.error}"), flush=True)
+                print(mcp.summary(), flush=True)
             print(f"Mini Agent Web · model {cfg.label} · workspace "
                   f"{Path(args.workspace).resolve()} · db {db_label(args.db)}", flush=True)
             if cfg.provider == "demo":

@@ -4332,7 +4332,7 @@ def test_the_terminal_gets_all_of_it_config_mcp_skills_tools_and_stats(tmp_path,
         timeout=60, env=free_env())
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr
-    assert "Skills (" in out and "MCP t (stdio): 7 tool(s)" in out
+    assert "Skills (" in out and "MCP t (stdio, MCP 2026-07-28): 7 tool(s)" in out
     assert "MCP t (stdio, MCP 2026-07-28): ready" in out            # the SDK's: modern
     assert re.search(r"^echo +mcp:t +asks first$", out, re.M)
     assert re.search(r"^lookup +mcp:t *$", out, re.M)                 # read-only: no asking
