@@ -2745,6 +2745,12 @@ def mcp_content_text(content: list) -> str:
     return "\n".join(parts)
 
 
+def _retry_wait(cursor: dict[str, str], default_ms: int, most_ms: int) -> float:
+    """Seconds before a closed MCP stream is opened again: the `retry` the
+    stream set (0.1 s at least, `most_ms` at most), else `default_ms`."""
+    return min(max(int(cursor.get("retry", default_ms)), 100), most_ms) / 1000
+
+
 def _cut(exc: Exception) -> BaseException:
     """What cut an MCP stream: sse_events words a lost connection for the
     model's streams (an LLMError naming AGENT_LLM_READ_TIMEOUT); its cause
@@ -2783,7 +2789,8 @@ class McpServer:
 
     # -- life cycle ---------------------------------------------------------
     async def start(self) -> None:
-        """Connect, initialize and list the tools, within connect_timeout;
+        """Connect, learn the server's era (server/discover, else
+        initialize) and list the tools, within connect_timeout;
         on failure the state says why (and nothing is left running)."""
         async with self._lock:
             if self.state == "ready":
@@ -2815,7 +2822,8 @@ class McpServer:
                     read=self.timeouts["sse_read_timeout"]))
             if self.transport == "sse":
                 await self._open_sse()
-        modern = self.transport != "sse" and MCP_MODERN_VERSIONS and await self._discover()
+        can_be_modern = self.transport != "sse" and bool(MCP_MODERN_VERSIONS)
+        modern = can_be_modern and await self._discover()
         if not modern:
             try:
                 result = await self.request("initialize", {
@@ -2827,8 +2835,8 @@ class McpServer:
                     raise
                 # A modern server after all (a probe it was too slow to
                 # answer, say): once more in a version it names, if we can.
-                if not (any(v in MCP_MODERN_VERSIONS for v in supported)
-                        and self.transport != "sse" and await self._discover()):
+                if not (can_be_modern and any(v in MCP_MODERN_VERSIONS for v in supported)
+                        and await self._discover()):
                     raise no_shared_version(supported) from None
                 modern = True
         if modern:
@@ -3184,10 +3192,8 @@ class McpServer:
             except (httpx.HTTPError, LLMError) as exc:
                 log.info("MCP %s: its stream of unasked messages: %s", self.name, _cut(exc))
             # The stream's own `retry` when it set one (a server that closes
-            # it to be polled says when to come back; at least 0.1 s), else
-            # backing off.
-            await asyncio.sleep(min(max(int(cursor["retry"]), 100), 30_000) / 1000
-                                if "retry" in cursor else delay)
+            # it to be polled says when to come back), else backing off.
+            await asyncio.sleep(_retry_wait(cursor, int(delay * 1000), 30_000))
             delay = min(delay * 2, 30.0)
 
     async def _read_answer(self, response: httpx.Response, rid: int) -> None:
@@ -3210,7 +3216,7 @@ class McpServer:
                 future = self._waiting.get(rid)
                 if future is None or future.done() or "id" not in cursor or self.modern:
                     return                       # (2026-07-28 streams are not taken up again)
-                await asyncio.sleep(min(int(cursor.get("retry", 1000)), 10_000) / 1000)
+                await asyncio.sleep(_retry_wait(cursor, 1000, 10_000))
                 try:
                     response = await self._http.send(self._http.build_request(
                         "GET", self.spec["url"], headers={
