@@ -5928,6 +5928,62 @@ def test_sessions_are_renamed_searched_and_exported(server, llm):
     assert server.http("GET", f"/agent/sessions/{two}/export", token=False).status_code == 401
 
 
+def test_session_search_reads_the_messages_index_not_every_event(tmp_path):
+    """The search looks at each session's messages through their own index
+    (a text in no message would otherwise read every delta of every
+    session), finds what it found before, and a database made before the
+    index gets it at start-up."""
+    import agent_web as web
+
+    class Recording:                       # the statements list_sessions runs
+        def __init__(self, conn):
+            self.conn, self.statements = conn, []
+
+        def execute(self, sql, params=()):
+            self.statements.append((sql, params))
+            return self.conn.execute(sql, params)
+
+    async def go(fill: bool):
+        store = web.Store(tmp_path / "a.db")
+        await store.open()
+        for sid, said, streamed in [("s1", "Fix the Build", "compiler"),
+                                    ("s2", "write docs", "build log"),
+                                    ("s3", "100% done", "")] if fill else ():
+            await store.write(web.Store.create_session, sid, "auto")
+            await store.write(web.Store.append, [
+                (sid, {"type": "message", "role": "user", "ts": 1.0, "content": said}),
+                (sid, {"type": "delta", "message_id": "m", "channel": "text",
+                       "content": streamed + " zebra", "ts": 1.0}),
+                (sid, {"type": "message", "role": "assistant", "message_id": "m",
+                       "ts": 1.0, "content": f"{streamed}."})])
+
+        def search(conn, text):
+            rec = Recording(conn)
+            found = [s["session_id"] for s in web.Store.list_sessions(rec, text)]
+            (sql, params), = rec.statements
+            plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql,
+                                                              params))
+            return found, plan
+        got = {q: await store.read(search, q) for q in ("build", "COMPILER", "%", "zebra")}
+        store.close()
+        return got
+
+    got = arun(go(fill=True))
+    assert {q: sorted(found) for q, (found, _) in got.items()} == {
+        "build": ["s1", "s2"], "COMPILER": ["s1"], "%": ["s3"], "zebra": []}
+    for _, plan in got.values():
+        assert "SEARCH events USING INDEX events_message_text" in plan, plan
+        assert plan.count("events USING PRIMARY KEY") == 1, plan    # the newest seq alone
+
+    db = sqlite3.connect(tmp_path / "a.db")             # as a database made before it
+    db.execute("DROP INDEX events_message_text")
+    db.commit()
+    db.close()
+    again = arun(go(fill=False))
+    assert {q: found for q, (found, _) in again.items()} == {q: found for q, (found, _) in got.items()}
+    assert "SEARCH events USING INDEX events_message_text" in again["build"][1]
+
+
 def test_page_renames_searches_and_offers_downloads(server, page_for):
     page = page_for(server)
     send_in_page(page, "say: alpha centauri")
