@@ -671,7 +671,7 @@ class Store:
             # ms for 20,000 sessions, against 113 ms to gather every matching
             # session first).  Through the messages' own index: a text in no
             # message reads every message, but no delta (5,000 sessions of 400
-            # events: 323 ms through the key, 90 ms so; bench/search.py).
+            # events: 342 ms through the key, 128 ms so; bench/search.py).
             like = f"%{_like_escaped(text)}%"
             where.append("(title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM events "
                          "INDEXED BY events_message_text "
