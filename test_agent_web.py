@@ -3311,23 +3311,37 @@ def mcp_script(tmp_path) -> Path:
     return path
 
 
+@contextlib.contextmanager
 def mcp_over_http(script: Path, kind: str):
+    """The script's MCP server over HTTP ("http" or "sse") in a process of
+    its own, printing its port: its URL, until the block ends."""
     proc = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    port = int(proc.stdout.readline())
-    yield f"http://127.0.0.1:{port}/" + ("mcp" if kind == "http" else "sse")
-    proc.terminate()
-    proc.wait(10)
+    try:
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}/" + ("mcp" if kind == "http" else "sse")
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture
 def mcp_http(mcp_script):
-    yield from mcp_over_http(mcp_script, "http")
+    with mcp_over_http(mcp_script, "http") as url:
+        yield url
 
 
 @pytest.fixture
 def mcp_sse(mcp_script):
-    yield from mcp_over_http(mcp_script, "sse")
+    with mcp_over_http(mcp_script, "sse") as url:
+        yield url
+
+
+@pytest.fixture
+def serve_mcp():
+    """serve_mcp(script, kind): mcp_over_http for the rest of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda script, kind: stack.enter_context(mcp_over_http(script, kind))
 
 
 def mcp_spec(kind: str, where) -> tuple[dict, str]:
@@ -3449,7 +3463,8 @@ uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 '''
 
 
-def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path, monkeypatch):
+def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path, monkeypatch,
+                                                                    serve_mcp):
     """MCP 2025-11-25: a server may close a long call's answer stream after
     an event with an id; the client takes it up again (GET, Last-Event-ID,
     after the `retry` the stream set) and the call gets its answer, against
@@ -3457,8 +3472,7 @@ def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path, mo
     legacy_only(monkeypatch)          # resumption is the handshake era's (2026-07-28 has none)
     script = tmp_path / "resuming.py"
     script.write_text(RESUMING_MCP_SERVER)
-    servers = mcp_over_http(script, "http")
-    url = next(servers)
+    url = serve_mcp(script, "http")
 
     async def go():
         server, box = await mcp_toolbox(tmp_path, {"url": url}, "http", execute_timeout=20)
@@ -3466,10 +3480,7 @@ def test_an_mcp_answer_stream_closed_to_be_polled_is_taken_up_again(tmp_path, mo
             return await box.execute("long", {})
         finally:
             await server.close()
-    try:
-        assert arun(go()) == ("finished", False)
-    finally:
-        next(servers, None)
+    assert arun(go()) == ("finished", False)
 
 
 # A server of the handshake era only, written by hand as such servers behave
@@ -3550,15 +3561,15 @@ else:
 
 @pytest.mark.parametrize("kind,before", [("stdio", "error"), ("stdio", "silent"),
                                          ("stdio", "exit"), ("http", "400")])
-def test_a_server_of_the_handshake_era_only_is_spoken_to_with_initialize(tmp_path, kind, before):
+def test_a_server_of_the_handshake_era_only_is_spoken_to_with_initialize(
+        tmp_path, kind, before, serve_mcp):
     """The era probe (server/discover) to a legacy server: whatever it does
     with a request before initialize (an error, silence until half the
     connect time, exiting, an HTTP 400 with no modern error), the client
     falls back to initialize and the server's tools work, no _meta sent."""
     script = tmp_path / "legacy.py"
     script.write_text(LEGACY_MCP_SERVER)
-    servers = mcp_over_http(script, "http") if kind == "http" else iter([None])
-    where = next(servers)
+    where = serve_mcp(script, "http") if kind == "http" else None
     spec = ({"command": sys.executable, "args": [str(script), "stdio", before]}
             if kind == "stdio" else {"url": where.replace("/mcp", "/")})
 
@@ -3571,10 +3582,7 @@ def test_a_server_of_the_handshake_era_only_is_spoken_to_with_initialize(tmp_pat
                 "echo", {"text": "hi"})
         finally:
             await server.close()
-    try:
-        state, server, took, echoed = arun(go())
-    finally:
-        next(servers, None)
+    state, server, took, echoed = arun(go())
     assert state == ("ready", "")
     assert not server.modern and server.protocol == "2025-11-25"
     assert echoed == ("echo: hi", False)
@@ -3619,7 +3627,7 @@ else:
 
 @pytest.mark.parametrize("kind,era", [(k, e) for k, e in ERAS if k != "sse"])
 def test_a_server_of_a_revision_the_client_does_not_speak_is_reported_as_such(
-        tmp_path, kind, era, monkeypatch):
+        tmp_path, kind, era, monkeypatch, serve_mcp):
     """A modern server refuses a version it does not speak with -32022 and
     its own: whether the client probed with server/discover (modern) or
     opened with initialize (legacy only), the server is reported failed,
@@ -3628,8 +3636,7 @@ def test_a_server_of_a_revision_the_client_does_not_speak_is_reported_as_such(
         legacy_only(monkeypatch)
     script = tmp_path / "modern.py"
     script.write_text(MODERN_ONLY_MCP_SERVER)
-    servers = mcp_over_http(script, kind) if kind == "http" else iter([None])
-    where = next(servers)
+    where = serve_mcp(script, kind) if kind == "http" else None
     spec = ({"command": sys.executable, "args": [str(script), "stdio"]} if kind == "stdio"
             else {"url": where.replace("/mcp", "/")})
 
@@ -3637,10 +3644,7 @@ def test_a_server_of_a_revision_the_client_does_not_speak_is_reported_as_such(
         server, box = await mcp_toolbox(tmp_path, spec, kind)
         await server.close()
         return server, box.describe()
-    try:
-        server, info = arun(go())
-    finally:
-        next(servers, None)
+    server, info = arun(go())
     assert server.state == "failed"
     assert server.error == "the server speaks only MCP 2027-03-30; this client speaks " + (
         "2026-07-28, " if era == "modern" else "") + ", ".join(core.MCP_PROTOCOL_VERSIONS)
@@ -3842,7 +3846,7 @@ async def unlock(ctx: Context) -> str:
 
 @pytest.mark.parametrize("kind,era", ERAS)
 def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
-        tmp_path, kind, era, monkeypatch):
+        tmp_path, kind, era, monkeypatch, serve_mcp):
     """notifications/tools/list_changed: the tools are listed again and the
     toolbox offers the new list (the model's next step sees it).  Over
     Streamable HTTP it comes on the GET stream (legacy) or the
@@ -3853,8 +3857,7 @@ def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
         legacy_only(monkeypatch)
     script = tmp_path / "changing.py"
     script.write_text(CHANGING_MCP_SERVER)
-    servers = mcp_over_http(script, kind) if kind != "stdio" else iter([script])
-    where = next(servers)
+    where = serve_mcp(script, kind) if kind != "stdio" else script
     spec, transport = mcp_spec(kind, where)
 
     async def go():
@@ -3872,17 +3875,14 @@ def test_an_mcp_servers_new_tool_list_is_offered_when_it_says_its_tools_changed(
             return before, unlocked, after, await box.execute("secret", {}), box.describe()
         finally:
             await server.close()
-    try:
-        before, unlocked, after, secret, info = arun(go())
-    finally:
-        next(servers, None)                   # the HTTP server process ends
+    before, unlocked, after, secret, info = arun(go())
     assert before == {"unlock"} and unlocked == ("unlocked", False)
     assert after == {"secret"} and secret == ("the secret", False)
     assert info["mcp_servers"][0]["tools"] == 1
 
 
-def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(tmp_path,
-                                                                                  monkeypatch):
+def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(
+        tmp_path, monkeypatch, serve_mcp):
     """Streamable HTTP: a server may close its GET stream (the messages
     nobody asked for) on purpose, to be polled.  The client opens it again
     with the last event's id (Last-Event-ID), so a tool list that changed
@@ -3892,8 +3892,7 @@ def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(
     legacy_only(monkeypatch)          # the GET stream is the handshake era's
     script = tmp_path / "resuming.py"
     script.write_text(RESUMING_MCP_SERVER)
-    servers = mcp_over_http(script, "http")
-    url = next(servers)
+    url = serve_mcp(script, "http")
 
     async def go():
         server, box = await mcp_toolbox(tmp_path, {"url": url}, "http")
@@ -3906,10 +3905,7 @@ def test_the_stream_of_unasked_mcp_messages_is_taken_up_again_where_it_was_left(
             return announced, await box.execute("added", {}) if "added" in box.tools else None
         finally:
             await server.close()
-    try:
-        announced, added = arun(go())
-    finally:
-        next(servers, None)
+    announced, added = arun(go())
     assert announced == ("announced", False)
     assert added == ("added in the gap", False)
 
@@ -4054,15 +4050,15 @@ def where(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Regio
 ''' + MCP_SERVE
 
 
-def test_a_tools_arguments_marked_x_mcp_header_go_in_headers_the_sdks_server_checks(tmp_path):
+def test_a_tools_arguments_marked_x_mcp_header_go_in_headers_the_sdks_server_checks(
+        tmp_path, serve_mcp):
     """Modern Streamable HTTP: an argument the tool's schema marks
     `x-mcp-header` is mirrored into `Mcp-Param-*` (a non-ASCII value, or
     one with spaces at its ends, as =?base64?...?=), and the SDK's server,
     which rejects a call whose headers do not match its body, answers."""
     script = tmp_path / "headers.py"
     script.write_text(HEADERS_MCP_SERVER)
-    servers = mcp_over_http(script, "http")
-    url = next(servers)
+    url = serve_mcp(script, "http")
 
     async def go():
         server, box = await mcp_toolbox(tmp_path, {"url": url}, "http")
@@ -4073,10 +4069,7 @@ def test_a_tools_arguments_marked_x_mcp_header_go_in_headers_the_sdks_server_che
                 {"region": "=?base64?looks-encoded?=", "shard": 0})]
         finally:
             await server.close()
-    try:
-        modern, answers = arun(go())
-    finally:
-        next(servers, None)
+    modern, answers = arun(go())
     assert modern
     assert answers == [("q in us-west1 on 3", False), ("q in 東京  on 0", False),
                        (" in =?base64?looks-encoded?= on 0", False)]
@@ -4137,14 +4130,14 @@ async def together(n: int) -> str:
 '''
 
 
-def test_more_mcp_calls_at_once_than_an_http_pool_holds_all_go_in_together(tmp_path):
+def test_more_mcp_calls_at_once_than_an_http_pool_holds_all_go_in_together(
+        tmp_path, serve_mcp):
     """An MCP call over Streamable HTTP holds its connection while the tool
     runs: 110 calls at once (110 sessions using one server) all reach it,
     where httpx's default pool of 100 held the last 10 back."""
     script = tmp_path / "mcp_server.py"
     script.write_text(MCP_TEST_SERVER.replace("if __name__", TOGETHER_TOOL + "if __name__"))
-    urls = mcp_over_http(script, "http")
-    spec, transport = mcp_spec("http", next(urls))
+    spec, transport = mcp_spec("http", serve_mcp(script, "http"))
 
     async def go():
         server, box = await mcp_toolbox(tmp_path, spec, transport)
@@ -4153,10 +4146,7 @@ def test_more_mcp_calls_at_once_than_an_http_pool_holds_all_go_in_together(tmp_p
                                           for _ in range(110)])
         finally:
             await server.close()
-    try:
-        results = arun(go())
-    finally:
-        next(urls, None)
+    results = arun(go())
     assert {r for r in results} == {("together", False)}, results[0]
 
 def test_mcp_version_negotiation_and_paged_tool_lists(tmp_path):
