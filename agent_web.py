@@ -318,6 +318,26 @@ class DatabaseLock:
             self.fd = None
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def excerpt(content: str, text: str, before: int = 40, after: int = 80) -> dict:
+    """The words around `text` in `content`, found as LIKE finds it (case-
+    blind for ASCII only, so lowering keeps every index in place):
+    {"before", "text", "after"}, each plain text, cut with "…", white space
+    run together.  Not found that way (PostgreSQL's ILIKE is case-blind
+    beyond ASCII): the message's start, with no text marked."""
+    at = content.translate(_ASCII_LOWER).find(text.translate(_ASCII_LOWER))
+    size = len(text) if at >= 0 else 0
+    at = max(at, 0)
+    start, end = max(0, at - before), at + size + after
+    squeeze = functools.partial(re.sub, r"\s+", " ")
+    return {"before": ("…" if start > 0 else "") + squeeze(content[start:at]).lstrip(),
+            "text": content[at:at + size],
+            "after": squeeze(content[at + size:end]).rstrip()
+            + ("…" if end < len(content) else "")}
+
+
 def _like_escaped(text: str) -> str:
     """`text` as a LIKE pattern that matches only itself (with ESCAPE '\\')."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -688,6 +708,27 @@ class Store:
             + " ORDER BY updated_at DESC, id" + (" LIMIT ?" if limit is not None else ""),
             params + ([limit] if limit is not None else [])).fetchall()
         return [Store._session_row(r) for r in rows]
+
+    @staticmethod
+    def found_in(conn, session_ids: list[str], text: str) -> dict[str, dict]:
+        """Where a search's text is in each session: its newest message that
+        holds it (one probe of the messages' index a session), with the
+        words around it (see `excerpt`).  A session found by its title alone
+        has none."""
+        like = f"%{_like_escaped(text)}%"
+        found = {}
+        for session_id in session_ids:
+            row = conn.execute(
+                "SELECT seq, data FROM events INDEXED BY events_message_text "
+                "WHERE session_id = ? AND type = 'message' "
+                "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\' "
+                "ORDER BY seq DESC LIMIT 1", (session_id, like)).fetchone()
+            if row is not None:
+                ev = json.loads(row[1])
+                found[session_id] = {"seq": row[0], "role": ev.get("role"),
+                                     "message_id": ev.get("message_id"),
+                                     **excerpt(str(ev.get("content") or ""), text)}
+        return found
 
     @staticmethod
     def background_starts(conn, session_id: str) -> list[dict]:
@@ -2852,6 +2893,11 @@ class AgentWebApp:
         more = limit is not None and len(sessions) > limit
         if more:
             del sessions[limit:]
+        if text:
+            found = await self.store.read(Store.found_in,
+                                          [s["session_id"] for s in sessions], text)
+            for session in sessions:
+                session["found"] = found.get(session["session_id"])
         last = sessions[-1] if more else None
         answer = {"sessions": sessions,
                   "next": last and f"{last['updated_at']!r}|{last['session_id']}"}

@@ -5918,6 +5918,39 @@ def test_sessions_are_renamed_searched_and_exported(server, llm):
     assert server.http("GET", f"/agent/sessions/{two}/export", token=False).status_code == 401
 
 
+@both_stores
+def test_a_search_says_where_in_each_session_its_text_is(server):
+    """Each session a search finds says where: its newest message holding
+    the text (seq, role, message_id) and the words around it, the text as
+    written; a session found by its title alone says nothing."""
+    one = server.chat("say: the quick  Brown fox\njumps")["session_id"]
+    server.wait_status(one)
+    two = server.chat("say: " + "long " * 30 + "brown at last")["session_id"]
+    server.wait_status(two)
+    server.http("PATCH", f"/agent/sessions/{two}", {"title": "A brownish title"})
+    three = server.chat("say: nothing here")["session_id"]
+    server.wait_status(three)
+    server.http("PATCH", f"/agent/sessions/{three}", {"title": "brown in the title"})
+
+    def search(q):
+        r = server.http("GET", "/agent/sessions?limit=10&q=" + urllib.parse.quote(q))
+        assert r.status_code == 200
+        return {s["session_id"]: s["found"] for s in r.json()["sessions"]}
+    got = search("brown")
+    assert set(got) == {one, two, three} and got[three] is None
+    answer = [e for e in server.history(one)["events"]
+              if e["type"] == "message" and e["role"] == "assistant"][-1]
+    assert got[one] == {"seq": answer["seq"], "role": "assistant",
+                        "message_id": answer["message_id"],
+                        "before": "the quick ", "text": "Brown", "after": " fox jumps"}
+    assert got[two]["role"] == "assistant" and got[two]["text"] == "brown"
+    assert got[two]["before"].startswith("…") and got[two]["before"].endswith("long ")
+    assert got[two]["after"] == " at last"
+    asked = search("SAY: THE")[one]                  # the user's own message, any case
+    assert asked["role"] == "user" and asked["seq"] == 1 and asked["text"] == "say: the"
+    assert "found" not in server.http("GET", "/agent/sessions?limit=10").json()["sessions"][0]
+
+
 def test_session_search_reads_the_messages_index_not_every_event(tmp_path):
     """The search looks at each session's messages through their own index
     (a text in no message would otherwise read every delta of every
@@ -6739,6 +6772,34 @@ def test_page_long_session_opens_newest_first_and_loads_earlier(server, page_for
     print(f"5,000-event session opened in {opened:.2f} s")
 
 
+def test_page_search_shows_where_the_text_is_and_opens_the_session_there(server, page_for):
+    """A search result shows the words around its match, the match marked;
+    opening it loads the events back to the matched message (older than the
+    200 a session opens with), brings it into view and marks it."""
+    sid = seed_long_session(server.db, 2000, {12: "where did the quasar <b>go</b>?"})
+    page = page_for(server)
+    page.fill("#session-search", "QUASAR")
+    page.wait_for_selector("#sessions li .found mark")
+    where = page.locator("#sessions li .found")
+    assert where.inner_text() == "where did the quasar <b>go</b>?"
+    assert page.locator("#sessions li .found mark").inner_text() == "quasar"
+    assert page.locator("#sessions li .found b").count() == 0          # text, never markup
+    page.click(f"#sessions li[data-session-id='{sid}'] a")
+    page.wait_for_selector(".user.found-here")
+    found = page.locator(".user.found-here")
+    assert found.inner_text() == "where did the quasar <b>go</b>?"
+    assert found.get_attribute("data-seq") == "49"                     # exchange 12's
+    assert page.evaluate("""() => {
+        const box = document.getElementById("transcript").getBoundingClientRect();
+        const el = document.querySelector(".user.found-here").getBoundingClientRect();
+        return el.top >= box.top && el.bottom <= box.bottom; }""")
+    # Every event from 20 before the match to the newest (seq 29 on), no gap.
+    assert page.locator(".user").first.inner_text() == "question 7"
+    assert page.locator(".user").last.inner_text() == "question 499"
+    assert page.locator(".user").count() == 493
+    assert page.locator("#load-earlier").is_visible()
+
+
 def seed_session(db_path: Path, sid: str, title: str, events: list[dict]) -> str:
     """Write a session straight into a database (created if new): `events`
     get seq, session_id and ts as the store would give them."""
@@ -6756,10 +6817,12 @@ def seed_session(db_path: Path, sid: str, title: str, events: list[dict]) -> str
     return sid
 
 
-def seed_long_session(db_path: Path, n: int) -> str:
-    """A session of n events, 4 per exchange."""
+def seed_long_session(db_path: Path, n: int, said: dict[int, str] | None = None) -> str:
+    """A session of n events, 4 per exchange (`said`: exchange -> what its
+    user says instead of "question N")."""
     def exchange(i: int) -> list[dict]:
-        return [{"type": "message", "role": "user", "content": f"question {i}", "message_id": f"u{i}"},
+        return [{"type": "message", "role": "user", "content": (said or {}).get(i, f"question {i}"),
+                 "message_id": f"u{i}"},
                 {"type": "delta", "message_id": f"a{i}", "channel": "text", "content": f"answer {i}"},
                 {"type": "message", "role": "assistant", "content": f"answer {i}", "message_id": f"a{i}"},
                 {"type": "done", "status": "done", "summary": "", "steps": 1,

@@ -113,6 +113,7 @@ function t(key, vars = {}) {
 }
 
 const HISTORY_TAIL = 200;           // events shown when a session opens
+const REVEAL_BEFORE = 20;           // events shown before a search's match, when it is older
 const SESSION_PAGE = 100;           // sessions listed at first, and per "More sessions"
 const FOLD_LINES = 20;              // tool output longer than this starts folded
 const $ = (id) => document.getElementById(id);
@@ -672,7 +673,7 @@ function notice(text, kind = "info") {
 }
 
 // --------------------------------------------------------------- sessions ---
-async function openSession(sessionId, { push = true } = {}) {
+async function openSession(sessionId, { push = true, found = null } = {}) {
   const gen = ++state.generation;
   state.sessionId = sessionId;
   state.events = [];
@@ -712,16 +713,34 @@ async function openSession(sessionId, { push = true } = {}) {
   setStatus(data.status);
   state.loaded = true;
   highlightSession();
-  scrollToEnd(true);
+  if (!found) scrollToEnd(true);
   subscribe();
+  if (found) await reveal(found, gen);
   showBackground();          // after the history: it must not hold up the newest events
 }
 
-async function loadEarlier() {
+// A session opened from a search result: the message the search found is
+// brought into view (with the events since it, if the newest ones do not
+// reach back that far) and marked for a moment.
+async function reveal(found, gen) {
+  if (found.seq < (state.events[0]?.seq ?? 0)) {
+    await loadEarlier(Math.max(0, found.seq - 1 - REVEAL_BEFORE));
+    if (gen !== state.generation) return;
+  }
+  const el = found.role === "user"
+    ? $("events").querySelector(`.user[data-seq="${found.seq}"]`)
+    : $("events").querySelector(`[data-message-id="${CSS.escape(found.message_id || "")}"]`);
+  if (!el) return;
+  el.scrollIntoView({ block: "center" });
+  el.classList.add("found-here");
+  setTimeout(() => el.classList.remove("found-here"), 2500);
+}
+
+async function loadEarlier(from) {
   const first = state.events[0]?.seq;
   if (!first || first <= 1) return;
   const gen = state.generation;
-  const after = Math.max(0, first - 1 - HISTORY_TAIL);
+  const after = from ?? Math.max(0, first - 1 - HISTORY_TAIL);
   const data = await call("GET", `agent/chat?session_id=${encodeURIComponent(state.sessionId)}`
                           + `&after=${after}&limit=${first - 1 - after}`);
   if (gen !== state.generation) return;
@@ -779,7 +798,11 @@ function sessionItem(s) {
   a.href = `?session=${encodeURIComponent(s.session_id)}`;
   a.textContent = s.title || t("untitled");
   a.title = s.title;
-  a.addEventListener("click", (e) => { e.preventDefault(); openSession(s.session_id); closeDrawer(); });
+  a.addEventListener("click", (e) => {
+    e.preventDefault();
+    openSession(s.session_id, { found: s.found });
+    closeDrawer();
+  });
   const status = document.createElement("span");
   showStatus(status, s.status);
   const button = (kind, glyph, onClick) => {
@@ -797,6 +820,16 @@ function sessionItem(s) {
   actions.append(button("rename", "✎", () => renameSession(li, a, s.session_id, s.title)),
                  button("delete", "✕", () => deleteSession(s.session_id)));
   li.append(a, status, actions);
+  if (s.found) {
+    // Where the search's text is: the words around it, the text marked
+    // (each a text node: a message's words never become markup).
+    const where = document.createElement("div");
+    where.className = "found";
+    const mark = document.createElement("mark");
+    mark.textContent = s.found.text;
+    where.append(s.found.before, mark, s.found.after);
+    li.append(where);
+  }
   return li;
 }
 
@@ -1329,7 +1362,7 @@ function wire() {
   });
   $("new-session").addEventListener("click", () => { openSession(null); closeDrawer(); input.focus(); });
   $("more-sessions").addEventListener("click", moreSessions);
-  $("load-earlier").addEventListener("click", loadEarlier);
+  $("load-earlier").addEventListener("click", () => loadEarlier());
   $("files-panel").addEventListener("toggle", () => { if ($("files-panel").open) showFiles(); });
   $("files-up").addEventListener("click", () => showFiles(files.path.split("/").slice(0, -1).join("/")));
   $("files-input").addEventListener("change", (e) => { upload([...e.target.files]); e.target.value = ""; });
