@@ -14,7 +14,9 @@ query runs on the reader thread for texts:
   common    a word in nearly every message: the first page fills at once
   short     two letters, in many messages
 
-Each figure is the best of five, in ms.  --against DIR runs the same on
+Each figure is the best of five, in ms, and beside it (after "+") what
+saying where the text is in each session found costs (`Store.found_in`, a
+second read the route makes), where the code has it.  --against DIR runs the same on
 another checkout's code (say `git worktree add ../before HEAD~1`), on a copy
 of the same database.
 """
@@ -67,6 +69,12 @@ def build(path: Path, web, sessions: int, events: int) -> None:
     db.close()
 
 
+async def _timed(awaitable) -> float:
+    started = time.perf_counter()
+    await awaitable
+    return time.perf_counter() - started
+
+
 def measure(folder: Path, path: Path, label: str) -> None:
     sys.path.insert(0, str(folder))
     for name in ("agent_core", "agent_web"):
@@ -86,12 +94,17 @@ def measure(folder: Path, path: Path, label: str) -> None:
                 started = time.perf_counter()
                 found = await store.read(web.Store.list_sessions, text, 101)
                 best = min(best, time.perf_counter() - started)
-            times[name] = (best * 1000, len(found))
+            where = float("nan")
+            if hasattr(web.Store, "found_in"):
+                ids = [s["session_id"] for s in found]
+                where = min([await _timed(store.read(web.Store.found_in, ids, text))
+                             for _ in range(5)])
+            times[name] = (best * 1000, where * 1000, len(found))
         store.close()
         return opened, times
     opened, times = asyncio.run(go())
     print(f"{label:8} {opened * 1000:9.0f}  " + "  ".join(
-        f"{ms:8.1f} ({n:3})" for ms, n in times.values()))
+        f"{ms:6.1f} +{where:5.1f} ({n:3})" for ms, where, n in times.values()))
 
 
 def main() -> None:
@@ -111,7 +124,7 @@ def main() -> None:
         print(f"{args.sessions:,} sessions x {args.events} events built in "
               f"{time.perf_counter() - started:.0f} s; best of 5, ms (sessions found)")
         print(f"{'code':8} {'open ms':>9}  " + "  ".join(
-            f"{name + ' ' + repr(text):>14}" for name, text in TEXTS.items()))
+            f"{name + ' ' + repr(text):>20}" for name, text in TEXTS.items()))
         for folder, label in [(here, "this")] + (
                 [(args.against.resolve(), "against")] if args.against else []):
             copy = Path(tmp) / f"{label}.db"
