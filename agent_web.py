@@ -2875,7 +2875,8 @@ class AgentWebApp:
         return json_response(202, {"session_id": session["session_id"], "call_id": call_id})
 
     async def list_sessions(self, req: Request) -> Response:
-        """`?q=TEXT` keeps the sessions whose title or messages hold it.
+        """`?q=TEXT` keeps the sessions whose title or messages hold it, each
+        saying where (`found`, see Store.found_in).
         `?limit=N` (1-1000) gives the newest N and, when there are more, a
         `next` cursor: `?limit=N&after=CURSOR` gives the N after them.  Without
         `limit`, every session (and `next` null), as before."""

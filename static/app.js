@@ -724,7 +724,12 @@ async function openSession(sessionId, { push = true, found = null } = {}) {
 // reach back that far) and marked for a moment.
 async function reveal(found, gen) {
   if (found.seq < (state.events[0]?.seq ?? 0)) {
-    await loadEarlier(Math.max(0, found.seq - 1 - REVEAL_BEFORE));
+    try {
+      await loadEarlier(Math.max(0, found.seq - 1 - REVEAL_BEFORE));
+    } catch (err) {
+      notice(`${t("error_prefix")}: ${err.message}`, "error");
+      return;
+    }
     if (gen !== state.generation) return;
   }
   const el = found.role === "user"
