@@ -6481,6 +6481,9 @@ def test_page_queues_a_message_sent_during_a_run_and_stop_can_drop_it(server, pa
     users = page.locator(".user:not(.queued)").all_inner_texts()
     assert users == ["nap", "say: steer"]
     assert page.locator(".assistant").last.inner_text().strip() == "steer"
+    # One run: its steps go on counting past the message it read midway.
+    steps = [re.match(r"\S+ (\d+)", s)[1] for s in page.locator(".step").all_inner_texts()]
+    assert steps == ["1", "2"] and "2 step(s)" in page.locator(".done").inner_text()
     # Stop keeps what is queued (the dialog's answer), ✕ drops one.
     send_in_page(page, "slow")
     page.wait_for_selector(".assistant.streaming")

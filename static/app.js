@@ -219,7 +219,9 @@ class Transcript {
         if (ev.role === "user" && ev.queued_id) this.unqueue(ev.queued_id);
         if (ev.role === "user") {
           this.endStep(this.before);        // (a message read mid-run ends a step)
-          this.step = 0;
+          // A run's steps are counted from its first message on: one read
+          // mid-run (queued) goes on counting, as the run's `done` does.
+          if (this.runStart === null) this.step = 0;
           const el = this.add(div("user"));
           el.textContent = ev.content;
           el.dataset.seq = ev.seq;
