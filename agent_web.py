@@ -2876,7 +2876,7 @@ class AgentWebApp:
 
     async def list_sessions(self, req: Request) -> Response:
         """`?q=TEXT` keeps the sessions whose title or messages hold it, each
-        saying where (`found`, see Store.found_in).
+        saying where when a `limit` is given (`found`, see Store.found_in).
         `?limit=N` (1-1000) gives the newest N and, when there are more, a
         `next` cursor: `?limit=N&after=CURSOR` gives the N after them.  Without
         `limit`, every session (and `next` null), as before."""
@@ -2894,7 +2894,7 @@ class AgentWebApp:
         more = limit is not None and len(sessions) > limit
         if more:
             del sessions[limit:]
-        if text:
+        if text and limit is not None:       # (a page of them: not every session there is)
             found = await self.store.read(Store.found_in,
                                           [s["session_id"] for s in sessions], text)
             for session in sessions:

@@ -5949,6 +5949,7 @@ def test_a_search_says_where_in_each_session_its_text_is(server):
     asked = search("SAY: THE")[one]                  # the user's own message, any case
     assert asked["role"] == "user" and asked["seq"] == 1 and asked["text"] == "say: the"
     assert "found" not in server.http("GET", "/agent/sessions?limit=10").json()["sessions"][0]
+    assert "found" not in server.http("GET", "/agent/sessions?q=brown").json()["sessions"][0]
 
 
 def test_session_search_reads_the_messages_index_not_every_event(tmp_path):
