@@ -18,7 +18,9 @@ Each figure is the best of five, in ms, and beside it (after "+") what
 saying where the text is in each session found costs (`Store.found_in`, a
 second read the route makes), where the code has it.  --against DIR runs the same on
 another checkout's code (say `git worktree add ../before HEAD~1`), on a copy
-of the same database.
+of the same database.  --postgres: the same rows in PostgreSQL instead (the
+tests' throwaway cluster, a database for each code; "open" is then making
+the tables, before the rows are copied in).
 """
 from __future__ import annotations
 
@@ -75,7 +77,20 @@ async def _timed(awaitable) -> float:
     return time.perf_counter() - started
 
 
-def measure(folder: Path, path: Path, label: str) -> None:
+def copy_to_postgres(base: Path, dsn: str) -> None:
+    import psycopg
+    src = sqlite3.connect(base)
+    with psycopg.connect(dsn, autocommit=True) as pg, pg.cursor() as cur:
+        for table, columns in (("sessions", "id, title, status, approve_mode, created_at, "
+                                            "updated_at"),
+                               ("events", "session_id, seq, type, data")):
+            with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in src.execute(f"SELECT {columns} FROM {table}"):
+                    copy.write_row(row)
+        cur.execute("ANALYZE")
+
+
+def measure(folder: Path, path: Path, label: str, dsn: str | None = None) -> None:
     sys.path.insert(0, str(folder))
     for name in ("agent_core", "agent_web"):
         sys.modules.pop(name, None)
@@ -83,10 +98,12 @@ def measure(folder: Path, path: Path, label: str) -> None:
     sys.path.pop(0)
 
     async def go():
-        store = web.Store(path)
+        store = web.PgStore(dsn, "bench") if dsn else web.Store(path)
         started = time.perf_counter()
         await store.open()
         opened = time.perf_counter() - started
+        if dsn:
+            copy_to_postgres(path, dsn)
         times = {}
         for name, text in TEXTS.items():
             best = float("inf")
@@ -112,6 +129,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=5000)
     ap.add_argument("--events", type=int, default=400)
     ap.add_argument("--against", type=Path)
+    ap.add_argument("--postgres", action="store_true")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,12 +143,25 @@ def main() -> None:
               f"{time.perf_counter() - started:.0f} s; best of 5, ms (sessions found)")
         print(f"{'code':8} {'open ms':>9}  " + "  ".join(
             f"{name + ' ' + repr(text):>20}" for name, text in TEXTS.items()))
-        for folder, label in [(here, "this")] + (
-                [(args.against.resolve(), "against")] if args.against else []):
-            copy = Path(tmp) / f"{label}.db"
-            shutil.copy(base, copy)
-            measure(folder, copy, label)
-            copy.unlink()
+        cluster = None
+        if args.postgres:
+            sys.path.insert(0, str(here))
+            from test_agent_web import PostgresCluster
+            sys.path.pop(0)
+            cluster = PostgresCluster()
+        try:
+            for folder, label in [(here, "this")] + (
+                    [(args.against.resolve(), "against")] if args.against else []):
+                if cluster:
+                    measure(folder, base, label, cluster.database())
+                    continue
+                copy = Path(tmp) / f"{label}.db"
+                shutil.copy(base, copy)
+                measure(folder, copy, label)
+                copy.unlink()
+        finally:
+            if cluster:
+                cluster.close()
 
 
 if __name__ == "__main__":
