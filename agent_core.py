@@ -82,6 +82,7 @@ import stat
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -1756,6 +1757,21 @@ def _is_link(name: str, folder_fd: int) -> bool:
         return False
 
 
+# Workspace file I/O (the file tools, the notes, the server's file routes)
+# runs on threads of its own, not on asyncio's default executor: that one
+# also looks up host names (getaddrinfo) for every LLM and MCP connection,
+# so a workspace on a stalled disk or network mount would otherwise, once a
+# few reads hung there, stop every session's model as well.
+FILE_THREADS = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4),
+                                  thread_name_prefix="agent-files")
+
+
+async def in_file_thread(fn: Callable, *args) -> Any:
+    """asyncio.to_thread on FILE_THREADS (the caller's context goes along)."""
+    work = functools.partial(contextvars.copy_context().run, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(FILE_THREADS, work)
+
+
 class Toolbox:
     """The tools the model sees, bound to one workspace folder."""
 
@@ -2078,7 +2094,7 @@ class Toolbox:
                     size += len(row)
             return "\n".join(out) if out else "(empty file or offset past the end)"
 
-        return await asyncio.to_thread(read)
+        return await in_file_thread(read)
 
     async def write_file(self, args: dict) -> str:
         data = args["content"].encode("utf-8")      # before the file is emptied
@@ -2094,7 +2110,7 @@ class Toolbox:
             return Changed(f"Wrote {len(data)} bytes to {args['path']}",
                            unified_diff(args["path"], before, data))
 
-        return await asyncio.to_thread(write)
+        return await in_file_thread(write)
 
     async def edit_file(self, args: dict) -> str:
         def edit() -> str:
@@ -2127,7 +2143,7 @@ class Toolbox:
                                                        " (kept in its latin-1 encoding)"),
                            unified_diff(args["path"], raw, new, encoding))
 
-        return await asyncio.to_thread(edit)
+        return await in_file_thread(edit)
 
 
 # A file tool's result carries a unified diff of what it changed: the page
@@ -2367,7 +2383,7 @@ class Notes:
                 raise
             return f"Recorded note: {content} (category: {category})"
 
-        return await asyncio.to_thread(self._with_folder, add, True)
+        return await in_file_thread(self._with_folder, add, True)
 
     async def recall(self, args: dict) -> str:
         category = args.get("category")
@@ -2385,7 +2401,7 @@ class Notes:
                 f"   (recorded at {n.get('timestamp', 'unknown time')})"
                 for i, n in enumerate(notes, 1))
 
-        return await asyncio.to_thread(self._with_folder, read, False)
+        return await in_file_thread(self._with_folder, read, False)
 
 
 # =============================================================================

@@ -2983,7 +2983,7 @@ class AgentWebApp:
         nobody reads."""
         path = req.query("path", "") or ""
         try:
-            entries = await asyncio.to_thread(self.toolbox.list_folder, path)
+            entries = await core.in_file_thread(self.toolbox.list_folder, path)
         except (core.ToolError, OSError) as exc:
             raise self._file_error(exc, path) from None
         return json_response(200, {"path": path, "entries": entries[:FILES_LISTED],
@@ -2992,7 +2992,7 @@ class AgentWebApp:
     async def download_file(self, req: Request) -> Response:
         path = req.query("path") or ""
         try:
-            fd = await asyncio.to_thread(self.toolbox.open_file, path)
+            fd = await core.in_file_thread(self.toolbox.open_file, path)
         except (core.ToolError, OSError) as exc:
             raise self._file_error(exc, path) from None
         size = os.fstat(fd).st_size
@@ -3001,7 +3001,7 @@ class AgentWebApp:
             try:
                 left = size
                 while left > 0:
-                    piece = await asyncio.to_thread(os.read, fd, min(DOWNLOAD_PIECE, left))
+                    piece = await core.in_file_thread(os.read, fd, min(DOWNLOAD_PIECE, left))
                     if not piece:
                         break
                     left -= len(piece)
@@ -3019,18 +3019,18 @@ class AgentWebApp:
         if length.isdigit() and int(length) > MAX_UPLOAD_BYTES:     # before a file is made
             raise HTTPError(413, "too_large", f"an upload may be {MAX_UPLOAD_BYTES >> 20} MiB")
         try:
-            folder, fd, temp, name = await asyncio.to_thread(self.toolbox.open_new_file, path)
+            folder, fd, temp, name = await core.in_file_thread(self.toolbox.open_new_file, path)
         except (core.ToolError, OSError) as exc:
             raise self._file_error(exc, path) from None
         size, done = 0, False
         try:
             async for piece in req.pieces(MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT):
-                await asyncio.to_thread(_write_all, fd, piece)
+                await core.in_file_thread(_write_all, fd, piece)
                 size += len(piece)
             os.close(fd)
             fd = -1
-            await asyncio.to_thread(os.replace, temp, name, src_dir_fd=folder,
-                                    dst_dir_fd=folder)
+            await core.in_file_thread(functools.partial(os.replace, temp, name,
+                                                        src_dir_fd=folder, dst_dir_fd=folder))
             done = True
         finally:
             if fd >= 0:

@@ -2159,6 +2159,38 @@ def test_file_tools_refuse_a_fifo_instead_of_hanging(tmp_path):
         assert is_error and "not a regular file" in output, output
 
 
+def test_a_workspace_whose_reads_hang_does_not_stop_the_models_connections(tmp_path, llm):
+    """Workspace file I/O has threads of its own: with far more file tool
+    calls stuck in the disk than asyncio's default executor has threads, a
+    model reached by host name (looked up on that executor) still answers;
+    the reads end when the disk does."""
+    import dataclasses
+    box = core.Toolbox(tmp_path / "ws")
+    (tmp_path / "ws" / "f.txt").write_text("hi\n")
+    disk = threading.Event()
+    opened = box.open_file
+
+    def stalled(*args, **kwargs):            # a stalled network mount, say
+        disk.wait(30)
+        return opened(*args, **kwargs)
+    box.open_file = stalled
+    cfg = dataclasses.replace(cfg_for(llm), base_url=llm.url.replace("127.0.0.1", "localhost"))
+
+    async def go():
+        reads = [asyncio.create_task(box.execute("read_file", {"path": "f.txt"}))
+                 for _ in range(40)]
+        await asyncio.sleep(0.2)
+        try:
+            events = await asyncio.wait_for(run_agent(cfg, tmp_path / "other", "say: still here"),
+                                            10)
+        finally:
+            disk.set()
+        return events, await asyncio.gather(*reads)
+    events, reads = arun(go())
+    assert of(events, "message")[-1]["content"] == "still here"
+    assert reads == [("     1\thi", False)] * 40
+
+
 def test_a_folder_found_to_be_a_symlink_when_opened_is_refused_by_name(tmp_path):
     """The folders of a path are opened one by one, refusing symlinks; one
     found to be a symlink at that moment (it was swapped in after the path
