@@ -661,6 +661,13 @@ class Store:
         return gone == 1
 
     # -- reads (run on the reader thread) --------------------------------------
+    # A session's messages holding a LIKE pattern (ESCAPE '\\'), for the
+    # search: through the messages' own index, which SQLite's planner does
+    # not pick itself (schema.sql).  {} is the session: "?" or a column.
+    MESSAGES_HOLDING = ("FROM events INDEXED BY events_message_text "
+                        "WHERE session_id = {} AND type = 'message' "
+                        "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\'")
+
     SESSION_COLUMNS = f"id, title, status, approve_mode, created_at, updated_at, {LAST_SEQ}"
 
     @staticmethod
@@ -693,10 +700,8 @@ class Store:
             # message reads every message, but no delta (5,000 sessions of 400
             # events: 342 ms through the key, 128 ms so; bench/search.py).
             like = f"%{_like_escaped(text)}%"
-            where.append("(title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM events "
-                         "INDEXED BY events_message_text "
-                         "WHERE session_id = sessions.id AND type = 'message' "
-                         "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\'))")
+            where.append("(title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 "
+                         + Store.MESSAGES_HOLDING.format("sessions.id") + "))")
             params += [like, like]
         if after is not None:
             # (the first part lets SQLite walk the updated_at index from there)
@@ -719,10 +724,8 @@ class Store:
         found = {}
         for session_id in session_ids:
             row = conn.execute(
-                "SELECT seq, data FROM events INDEXED BY events_message_text "
-                "WHERE session_id = ? AND type = 'message' "
-                "AND json_extract(data, '$.content') LIKE ? ESCAPE '\\' "
-                "ORDER BY seq DESC LIMIT 1", (session_id, like)).fetchone()
+                "SELECT seq, data " + Store.MESSAGES_HOLDING.format("?")
+                + " ORDER BY seq DESC LIMIT 1", (session_id, like)).fetchone()
             if row is not None:
                 ev = json.loads(row[1])
                 found[session_id] = {"seq": row[0], "role": ev.get("role"),

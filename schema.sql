@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS events (
 
 -- The session search's index: each message's text under its session, so a
 -- search reads the messages alone instead of every event, deltas and all
--- (Store.list_sessions names it: SQLite's planner does not pick it itself).
+-- (Store.MESSAGES_HOLDING names it: SQLite's planner does not pick it itself).
 -- Partial: the streamed deltas, most rows by far, are not in it.
 CREATE INDEX IF NOT EXISTS events_message_text
     ON events (session_id, json_extract(data, '$.content')) WHERE type = 'message';
